@@ -1,0 +1,9 @@
+// CPU kernels of every op, attached to the schemas defined in diffusion_fast/ops/*.py.
+#include <torch/library.h>
+
+#include "group_norm_silu/group_norm_silu.h"
+
+TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
+  m.impl("group_norm_silu_fwd", &diffusion_fast::group_norm_silu_fwd_cpu);
+  m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cpu);
+}

@@ -1,0 +1,10 @@
+// CUDA kernels of every op, attached to the schemas defined in diffusion_fast/ops/*.py.
+// Compiled only when setup.py builds the CUDA part.
+#include <torch/library.h>
+
+#include "group_norm_silu/group_norm_silu.h"
+
+TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
+  m.impl("group_norm_silu_fwd", &diffusion_fast::group_norm_silu_fwd_cuda);
+  m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cuda);
+}

@@ -1,0 +1,19 @@
+"""diffusion_fast: custom Triton and C++/CUDA kernels for diffusion models.
+
+    import diffusion_fast as df
+    y = df.group_norm_silu(x, 32, weight, bias, pre_bias=temb)   # fused op
+    with df.use_backend("triton"): ...                           # force a backend
+    df.env_info()                                                # what loaded, and why not
+"""
+
+__version__ = "0.1.0"
+
+from diffusion_fast import backends
+from diffusion_fast.backends import BACKENDS, env_info, use_backend
+from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
+
+backends.load_extension()  # after the op schemas exist: _C registers kernels for them
+
+from diffusion_fast import nn  # noqa: E402
+
+__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn"]

@@ -1,0 +1,196 @@
+"""Which implementation runs an op: ``cuda``, ``triton`` or ``torch``.
+
+- ``cuda``: our compiled extension ``diffusion_fast._C`` (C++ kernels for CPU tensors,
+  CUDA kernels for GPU tensors; PyTorch's dispatcher picks by device).
+- ``triton``: kernels/ (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+- ``torch``: the plain PyTorch reference (``*_ref``), which runs anything.
+
+``auto`` tries them in that order and takes the first that supports the call. A user
+forces one with ``DIFFUSION_FAST_BACKEND=triton`` (read at import) or, per block of
+code, ``with diffusion_fast.use_backend("triton"):``. A forced backend that cannot run
+a call falls back to the next in order; every fallback warns once and is listed by
+``diffusion_fast.env_info()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import os
+import platform
+import warnings
+from typing import Callable, Iterator, Optional
+
+import torch
+
+__all__ = ["BACKENDS", "use_backend", "current", "select", "env_info"]
+
+BACKENDS = ("cuda", "triton", "torch")
+ENV_VAR = "DIFFUSION_FAST_BACKEND"
+LIBRARY = torch.library.Library("diffusion_fast", "DEF")
+log = logging.getLogger("diffusion_fast")
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+_default = _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+_stack: list = []  # innermost use_backend() last; a plain list so torch.compile can trace reads
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops called inside the block on ``name`` ("cuda", "triton", "torch" or "auto")."""
+    _stack.append(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _stack.pop()
+
+
+def current() -> str:
+    """The backend requested right now ("auto" unless forced)."""
+    return _stack[-1] if _stack else _default
+
+
+# ---------------------------------------------------------------------------
+# Loading: the extension at import (errors kept), triton on first use.
+# ---------------------------------------------------------------------------
+_state = {"extension": None, "extension_error": None, "triton": None, "triton_error": None}
+
+
+def load_extension() -> None:
+    """Import diffusion_fast._C, which registers its kernels with the dispatcher."""
+    try:
+        _state["extension"] = importlib.import_module("diffusion_fast._C")
+    except Exception as exc:  # a failed build must not break import
+        _state["extension_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def _triton_module():
+    if _state["triton"] is None and _state["triton_error"] is None:
+        try:
+            _state["triton"] = importlib.import_module("triton")
+        except Exception as exc:
+            _state["triton_error"] = f"{type(exc).__name__}: {exc}"
+    return _state["triton"]
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_INTERPRET = triton_interpret()
+
+
+def extension_unsupported(op: str, x: torch.Tensor) -> Optional[str]:
+    """Why our extension cannot run ``diffusion_fast::op`` on x's device (None if it can)."""
+    if _state["extension"] is None:
+        return f"extension diffusion_fast._C did not load ({_state['extension_error']})"
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(x.device.type)
+    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(f"diffusion_fast::{op}", key):
+        return f"extension has no {x.device.type} kernel for {op} (built without CUDA?)"
+    return None
+
+
+def triton_unsupported(x: torch.Tensor) -> Optional[str]:
+    """Why Triton cannot run on x's device (None if it can)."""
+    if x.device.type == "cpu" and not _INTERPRET:
+        return "Triton needs a GPU tensor (or TRITON_INTERPRET=1 on the CPU)"
+    if x.device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {x.device.type}"
+    if _triton_module() is None:
+        return f"triton is not importable ({_state['triton_error']})"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Selection
+# ---------------------------------------------------------------------------
+_fallbacks: dict = {}  # (op, wanted, reason) -> backend used instead
+
+
+def _order(requested: str, x: torch.Tensor) -> tuple:
+    auto = ("cuda", "triton", "torch") if x.device.type == "cuda" else ("cuda", "torch")
+    if requested == "auto":
+        return auto
+    return (requested,) + tuple(b for b in BACKENDS if b != requested and (b in auto or b == "torch"))
+
+
+def select(op: str, x: torch.Tensor, unsupported: Callable[[str, torch.Tensor], Optional[str]]) -> str:
+    """The backend that runs ``op`` on x: the requested one, or the next that supports it.
+
+    ``unsupported(backend, x)`` returns why a backend cannot run the call, or None.
+    """
+    requested = current()
+    order = _order(requested, x)
+    for backend in order:
+        reason = unsupported(backend, x)
+        if reason is None:
+            if backend != order[0]:
+                _note_fallback(op, order[0], reason_first, backend)
+            return backend
+        if backend == order[0]:
+            reason_first = reason
+    raise RuntimeError(f"diffusion_fast: no backend can run {op}")  # unreachable: torch runs anything
+
+
+def _note_fallback(op: str, wanted: str, reason: str, used: str) -> None:
+    key = (op, wanted, reason)
+    if key in _fallbacks:
+        return
+    _fallbacks[key] = used
+    msg = f"diffusion_fast: {op} falls back from {wanted} to {used}: {reason}"
+    log.info(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def fallbacks() -> list:
+    """Every fallback seen so far, as dicts (op, wanted, reason, used)."""
+    return [dict(op=o, wanted=w, reason=r, used=u) for (o, w, r), u in _fallbacks.items()]
+
+
+# ---------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------
+def env_info() -> dict:
+    """Versions, device, which backends loaded and why the others did not."""
+    from diffusion_fast import __version__
+
+    cuda = torch.cuda.is_available()
+    _triton_module()
+    triton = _state["triton"]
+    ext = _state["extension"]
+    ext_cuda = ext is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "diffusion_fast::group_norm_silu_fwd", "CUDA")
+    return {
+        "diffusion_fast": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": getattr(triton, "__version__", None),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "cuda_available": cuda,
+        "requested_backend": current(),
+        "backends": {
+            "cuda": {
+                "loaded": ext is not None,
+                "cpu_kernels": ext is not None,
+                "cuda_kernels": ext_cuda,
+                "error": _state["extension_error"],
+            },
+            "triton": {
+                "loaded": triton is not None,
+                "interpret": _INTERPRET,
+                "usable_on": ("cuda" if cuda else "") + (" cpu (interpreter)" if _INTERPRET else "") or None,
+                "error": _state["triton_error"],
+            },
+            "torch": {"loaded": True, "error": None},
+        },
+        "fallbacks": fallbacks(),
+    }

@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules whose forward runs our fused ops."""
+
+from diffusion_fast.nn.group_norm_silu import FusedGroupNormSiLU
+
+__all__ = ["FusedGroupNormSiLU"]

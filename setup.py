@@ -1,0 +1,76 @@
+"""Build diffusion_fast and its compiled extension ``diffusion_fast._C``.
+
+Install without build isolation so the torch already in the environment is
+used (and never downloaded again):
+
+    pip install --no-build-isolation -e .
+
+Environment variables:
+    DIFFUSION_FAST_SKIP_CUDA=1   build the C++ CPU kernels only (fast local builds).
+    TORCH_CUDA_ARCH_LIST         CUDA architectures (default "8.0;9.0": A100 and H100/H200).
+    MAX_JOBS                     parallel compile jobs (read by torch's ninja build).
+"""
+
+import glob
+import importlib.util
+import os
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _cuda_wanted() -> bool:
+    if os.environ.get("DIFFUSION_FAST_SKIP_CUDA", "0") not in ("", "0"):
+        return False
+    return CUDA_HOME is not None and torch.version.cuda is not None
+
+
+def _wheel_cuda_includes() -> list:
+    """torch's CUDA 13 wheels ship cuBLAS/cuSPARSE headers in site-packages/nvidia/cu13/include."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    found = []
+    for base in spec.submodule_search_locations:
+        for sub in ("cu13", "cu12"):
+            inc = os.path.join(base, sub, "include")
+            if os.path.isdir(inc):
+                found.append(inc)
+    return found
+
+
+def _sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+
+
+def _extension():
+    cxx_flags = ["-O3", "-fno-math-errno"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _cuda_wanted():
+        return CppExtension(
+            "diffusion_fast._C",
+            _sources("*.cpp"),
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    return CUDAExtension(
+        "diffusion_fast._C",
+        _sources("*.cpp") + _sources("*.cu"),
+        include_dirs=include_dirs + _wheel_cuda_includes(),
+        define_macros=[("DIFFUSION_FAST_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+        },
+    )
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
