@@ -191,7 +191,7 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
 def _unsupported(backend: str, x: Tensor) -> Optional[str]:
     """Why ``backend`` cannot run this call (None when it can); the reference runs anything."""
     if backend == "cuda":
-        return backends.extension_unsupported(OPS["cuda"] + "_fwd", x)
+        return backends.extension_unsupported(x)
     if backend == "triton":
         if x.dtype == torch.float64:
             return "Triton kernels do not take float64"
@@ -220,7 +220,8 @@ def group_norm_silu(
     _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu)
     backend = backends.select("group_norm_silu", x, _unsupported)
     if backend == "torch":
-        return group_norm_silu_ref(x, num_groups, weight, bias, eps, pre_bias=pre_bias, scale=scale, shift=shift, silu=silu)
+        y = group_norm_silu_ref(x, num_groups, weight, bias, eps, pre_bias=pre_bias, scale=scale, shift=shift, silu=silu)
+        return _like_layout(y, x) if is_channels_last(x) else y
     n, c = x.shape[0], x.shape[1]
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()

@@ -1,0 +1,31 @@
+"""Test setup: Triton runs in its interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before any @triton.jit is defined and before diffusion_fast
+reads it at import, so it is set here, first. CUDA tests carry the ``cuda`` mark and are
+skipped without a GPU; on a GPU machine ``pytest -m cuda`` runs them all.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import diffusion_fast  # noqa: E402,F401
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,61 @@
+"""Shared test helpers: backend/device matrix, float64 comparison, layouts."""
+
+import pytest
+import torch
+
+import diffusion_fast
+from diffusion_fast import backends
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (backend, device): our extension and the reference on both devices; Triton on the GPU,
+# and on the CPU through its interpreter where there is no GPU.
+BACKEND_DEVICES = [
+    pytest.param("torch", "cpu", id="torch-cpu"),
+    pytest.param("cuda", "cpu", id="ext-cpu"),
+    pytest.param("triton", "cpu", id="triton-interp",
+                 marks=pytest.mark.skipif(not backends.triton_interpret(), reason="TRITON_INTERPRET not set")),
+    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
+    pytest.param("cuda", "cuda", id="ext-cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
+]
+
+# Max error allowed, relative to the largest magnitude of the float64 reference.
+TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
+
+
+def dtypes_for(backend: str, device: str) -> list:
+    """Dtypes each backend must support on each device."""
+    if backend == "triton" and device == "cpu":
+        return [torch.float32, torch.float16]  # interpreter: bf16 arithmetic is unreliable
+    low = [torch.float32, torch.float16, torch.bfloat16]
+    return low + ([torch.float64] if backend != "triton" else [])
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().clamp_min(1.0).item()
+    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]:.1g} x {scale:.3g} ({dtype})"
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """'contiguous', 'channels_last' (C innermost, any rank) or 'strided' (neither)."""
+    if layout == "channels_last":
+        return x.movedim(1, -1).contiguous().movedim(-1, 1)
+    if layout == "strided":
+        wide = torch.cat([x, x], dim=-1)  # every other element along the last dim
+        return wide[..., ::2].copy_(x)
+    return x.contiguous()
+
+
+def require_backend(backend: str, op: str, x: torch.Tensor, unsupported) -> None:
+    """Fail (not skip) when a backend that must run here cannot: a silent fallback is a bug."""
+    reason = unsupported(backend, x)
+    assert reason is None, f"backend {backend} cannot run {op} on {x.device}: {reason}"
+
+
+def run_backend(backend: str, fn, *args, **kwargs):
+    with diffusion_fast.use_backend(backend):
+        return fn(*args, **kwargs)

@@ -1,0 +1,303 @@
+"""group_norm_silu: every backend against the float64 reference, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKEND_DEVICES, assert_close, dtypes_for, require_backend, run_backend, to_layout
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import diffusion_fast
+from diffusion_fast.ops.group_norm_silu import _unsupported, group_norm_silu, group_norm_silu_ref, is_channels_last
+
+# (shape, num_groups), named by intent.
+CASES = {
+    "odd spatial": ((2, 8, 5, 7), 4),
+    "one group": ((2, 6, 4, 3), 1),
+    "groups == channels": ((2, 6, 3, 5), 6),
+    "batch 1, many elements per group": ((1, 16, 12, 12), 2),
+    "1-D spatial": ((3, 8, 11), 2),
+    "3-D spatial": ((2, 4, 3, 4, 5), 2),
+    "no spatial dims": ((4, 6), 3),
+    "minimal": ((1, 2, 1, 1), 1),
+}
+EXTRAS = {
+    "plain": dict(affine=False, pre_bias=False, scale_shift=False, silu=True),
+    "affine": dict(affine=True, pre_bias=False, scale_shift=False, silu=True),
+    "temb pre_bias": dict(affine=True, pre_bias=True, scale_shift=False, silu=True),
+    "scale_shift": dict(affine=True, pre_bias=False, scale_shift=True, silu=True),
+    "everything, no silu": dict(affine=True, pre_bias=True, scale_shift=True, silu=False),
+}
+
+
+def make_inputs(shape, dtype, device, layout, affine, pre_bias, scale_shift, param_dtype=None):
+    """Fresh random inputs with a non-zero mean (|mean| > std stresses the statistics)."""
+    n, c = shape[:2]
+    pd = param_dtype or dtype
+
+    def rand(*s, dt=dtype, mean=0.0, std=1.0):
+        return (torch.randn(*s, dtype=torch.float64) * std + mean).to(device=device, dtype=dt)
+
+    x = to_layout(rand(*shape, mean=3.0, std=2.0), layout)
+    args = dict(
+        weight=rand(c, dt=pd, mean=1.0) if affine else None,
+        bias=rand(c, dt=pd) if affine else None,
+        pre_bias=rand(n, c) if pre_bias else None,
+        scale=rand(n, c, std=0.5) if scale_shift else None,
+        shift=rand(n, c) if scale_shift else None,
+    )
+    return x, args
+
+
+def check_against_reference(backend, x, num_groups, kw, silu, dtype):
+    """y and every gradient from ``backend`` match the reference evaluated in float64."""
+    leaves = [x] + [t for t in kw.values() if t is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    y = run_backend(backend, group_norm_silu, x, num_groups, eps=1e-5, silu=silu, **kw)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if x.is_contiguous() or is_channels_last(x):
+        assert y.stride() == x.stride(), "output must keep the input's memory layout"
+    grad_y = torch.randn_like(y)
+    grads = torch.autograd.grad(y, leaves, grad_y)
+
+    leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+    x64, rest = leaves64[0], iter(leaves64[1:])
+    kw64 = {k: (None if v is None else next(rest)) for k, v in kw.items()}
+    y64 = group_norm_silu_ref(x64, num_groups, eps=1e-5, silu=silu, **kw64)
+    grads64 = torch.autograd.grad(y64, leaves64, grad_y.double())
+
+    assert_close(y, y64, dtype, "y")
+    names = ["x"] + [k for k, v in kw.items() if v is not None]
+    for name, g, g64, leaf in zip(names, grads, grads64, leaves):
+        assert g.dtype == leaf.dtype, f"grad_{name} dtype {g.dtype} != {leaf.dtype}"
+        assert_close(g, g64, dtype, f"grad_{name}")
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("extras", list(EXTRAS))
+def test_matches_reference(backend, device, case, extras):
+    shape, groups = CASES[case]
+    e = EXTRAS[extras]
+    for dtype in dtypes_for(backend, device):
+        x, kw = make_inputs(shape, dtype, device, "contiguous", e["affine"], e["pre_bias"], e["scale_shift"])
+        require_backend(backend, "group_norm_silu", x, _unsupported)
+        check_against_reference(backend, x, groups, kw, e["silu"], dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("case", ["odd spatial", "1-D spatial", "3-D spatial", "groups == channels"])
+def test_layouts(backend, device, layout, case):
+    shape, groups = CASES[case]
+    for dtype in dtypes_for(backend, device)[:2]:
+        x, kw = make_inputs(shape, dtype, device, layout, True, True, True)
+        check_against_reference(backend, x, groups, kw, True, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_mixed_precision_params(backend, device):
+    """fp16 activations with fp32 parameters (autocast-style): grads come back in fp32."""
+    x, kw = make_inputs((2, 8, 6, 5), torch.float16, device, "contiguous", True, True, True,
+                        param_dtype=torch.float32)
+    check_against_reference(backend, x, 4, kw, True, torch.float16)
+
+
+def test_gradcheck_extension_cpu():
+    x, kw = make_inputs((2, 6, 3, 4), torch.float64, "cpu", "contiguous", True, True, True)
+    require_backend("cuda", "group_norm_silu", x, _unsupported)
+    names = list(kw)
+
+    def f(x, *ts):
+        with diffusion_fast.use_backend("cuda"):
+            return group_norm_silu(x, 3, silu=True, **dict(zip(names, ts)))
+
+    inputs = [x.requires_grad_()] + [t.requires_grad_() for t in kw.values()]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def test_gradcheck_extension_channels_last():
+    x, kw = make_inputs((2, 4, 3, 3), torch.float64, "cpu", "channels_last", True, False, False)
+    require_backend("cuda", "group_norm_silu", x, _unsupported)
+
+    def f(x, w, b):
+        with diffusion_fast.use_backend("cuda"):
+            return group_norm_silu(x, 2, w, b)
+
+    assert torch.autograd.gradcheck(f, [x.requires_grad_(), kw["weight"].requires_grad_(),
+                                        kw["bias"].requires_grad_()], eps=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# Property test: random shapes, groups, dtypes, layouts and extras; zero mismatches.
+# ---------------------------------------------------------------------------
+@st.composite
+def random_case(draw):
+    groups = draw(st.integers(1, 4))
+    channels = groups * draw(st.integers(1, 4))
+    spatial = draw(st.lists(st.integers(1, 6), min_size=0, max_size=3))
+    shape = (draw(st.integers(1, 3)), channels, *spatial)
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "strided"] if spatial else ["contiguous"]))
+    flags = draw(st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()))
+    return shape, groups, layout, flags
+
+
+@pytest.mark.parametrize("backend,device,dtypes", [
+    pytest.param("cuda", "cpu", [torch.float32, torch.float16, torch.bfloat16, torch.float64], id="ext-cpu"),
+    pytest.param("triton", "cpu", [torch.float32, torch.float16], id="triton-interp",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter runs without a GPU")),
+    pytest.param("cuda", "cuda", [torch.float32, torch.float16, torch.bfloat16], id="ext-cuda", marks=pytest.mark.cuda),
+    pytest.param("triton", "cuda", [torch.float32, torch.float16, torch.bfloat16], id="triton-cuda",
+                 marks=pytest.mark.cuda),
+])
+def test_property_random_shapes(backend, device, dtypes):
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(case=random_case(), dtype=st.sampled_from(dtypes))
+    def check(case, dtype):
+        shape, groups, layout, (affine, pre_bias, scale_shift, silu) = case
+        x, kw = make_inputs(shape, dtype, device, layout, affine, pre_bias, scale_shift)
+        check_against_reference(backend, x, groups, kw, silu, dtype)
+
+    check()
+
+
+# ---------------------------------------------------------------------------
+# torch.library integration
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+def test_opcheck(backend, device):
+    from diffusion_fast.ops.group_norm_silu import OPS
+
+    x, kw = make_inputs((2, 4, 3, 5), torch.float32, device, "contiguous", True, True, True)
+    require_backend(backend, "group_norm_silu", x, _unsupported)
+    fwd = getattr(torch.ops.diffusion_fast, OPS[backend] + "_fwd").default
+    args = (x, kw["weight"], kw["bias"], kw["pre_bias"], kw["scale"], kw["shift"], 2, 1e-5, True)
+    torch.library.opcheck(fwd, args)
+    x_cl = to_layout(x, "channels_last")
+    torch.library.opcheck(fwd, (x_cl, None, None, None, None, None, 4, 1e-6, False))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "triton"])
+def test_torch_compile_fullgraph(backend, device):
+    """A res-block fragment compiles with fullgraph=True (no graph breaks) and matches eager."""
+    norm = diffusion_fast.nn.FusedGroupNormSiLU(2, 8).to(device)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(device)
+
+    def block(x, temb):
+        return conv(norm(x, pre_bias=temb)) + x
+
+    x = torch.randn(2, 8, 6, 6, device=device)
+    temb = torch.randn(2, 8, device=device)
+    with diffusion_fast.use_backend(backend):
+        expected = block(x, temb)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+        actual = compiled(x, temb)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_inductor_cpu():
+    """Inductor itself (not only aot_eager) compiles the op into a CPU graph, with backward."""
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+
+    def f(x, w, b):
+        return group_norm_silu(x, 4, w, b).square().sum()
+
+    with diffusion_fast.use_backend("cuda"):
+        require_backend("cuda", "group_norm_silu", x, _unsupported)
+        loss = torch.compile(f, fullgraph=True)(x, w, b)
+        grads = torch.autograd.grad(loss, (x, w, b))
+    expected = group_norm_silu_ref(x, 4, w, b).square().sum()
+    torch.testing.assert_close(loss, expected, atol=1e-4, rtol=1e-5)
+    for g, g_ref in zip(grads, torch.autograd.grad(expected, (x, w, b))):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# nn module
+# ---------------------------------------------------------------------------
+def test_module_loads_group_norm_checkpoint():
+    ref = torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ref.weight.normal_()
+        ref.bias.normal_()
+    fused = diffusion_fast.nn.FusedGroupNormSiLU(4, 16)
+    assert fused.load_state_dict(ref.state_dict()) is not None
+    assert set(fused.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 16, 4, 4)
+    torch.testing.assert_close(fused(x), F.silu(ref(x)), atol=1e-5, rtol=1e-5)
+    assert "silu=True" in repr(fused) and "eps=1e-05" in repr(fused)
+    shared = diffusion_fast.nn.FusedGroupNormSiLU.from_group_norm(ref, silu=False)
+    assert shared.weight is ref.weight
+    torch.testing.assert_close(shared(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Large tensors: offsets past 2**31 elements.
+# ---------------------------------------------------------------------------
+def _check_large(device, backend):
+    length = 2**28 + 3
+    x = torch.randn(2, 4, length, dtype=torch.float16, device=device)  # 2**31 + 24 elements
+    with diffusion_fast.use_backend(backend):
+        require_backend(backend, "group_norm_silu", x, _unsupported)
+        y = group_norm_silu(x, 2)
+    tail = slice(length - 4096, length)  # the very end of the last group
+    ref = group_norm_silu_ref(x[1:, 2:].double(), 1)
+    assert_close(y[1:, 2:, tail], ref[..., tail], torch.float16, "y (last group)")
+
+
+@pytest.mark.slow
+def test_large_tensor_extension_cpu():
+    _check_large("cpu", "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_large_tensor_cuda(backend):
+    _check_large("cuda", backend)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error that names the argument, on every backend.
+# ---------------------------------------------------------------------------
+BAD = [
+    ("integer x", lambda x: dict(x=x.long()), TypeError, "x"),
+    ("1-D x", lambda x: dict(x=x[0, 0, 0]), ValueError, "x"),
+    ("channels not divisible", lambda x: dict(num_groups=3), ValueError, "num_groups"),
+    ("num_groups zero", lambda x: dict(num_groups=0), ValueError, "num_groups"),
+    ("num_groups float", lambda x: dict(num_groups=2.0), TypeError, "num_groups"),
+    ("weight wrong length", lambda x: dict(weight=torch.ones(5)), ValueError, "weight"),
+    ("bias wrong dtype", lambda x: dict(bias=torch.ones(8, dtype=torch.int32)), TypeError, "bias"),
+    ("eps zero", lambda x: dict(eps=0.0), ValueError, "eps"),
+    ("eps negative", lambda x: dict(eps=-1e-5), ValueError, "eps"),
+    ("eps nan", lambda x: dict(eps=float("nan")), ValueError, "eps"),
+    ("eps inf", lambda x: dict(eps=float("inf")), ValueError, "eps"),
+    ("pre_bias wrong shape", lambda x: dict(pre_bias=torch.ones(2, 4)), ValueError, "pre_bias"),
+    ("scale wrong shape", lambda x: dict(scale=torch.ones(2, 8, 3)), ValueError, "scale"),
+    ("shift not a tensor", lambda x: dict(shift=[1.0]), TypeError, "shift"),
+    ("x not a tensor", lambda x: dict(x=x.tolist()), TypeError, "x"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton"])
+@pytest.mark.parametrize("name,change,exc,arg", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(backend, name, change, exc, arg):
+    x = torch.randn(2, 8, 4, 4)
+    call = dict(x=x, num_groups=4)
+    call.update(change(x))
+    with diffusion_fast.use_backend(backend), pytest.raises(exc, match=arg):
+        group_norm_silu(call.pop("x"), call.pop("num_groups"), **call)
+
+
+@pytest.mark.cuda
+def test_bad_input_device_mix():
+    x = torch.randn(2, 8, 4, 4, device="cuda")
+    with pytest.raises(ValueError, match="weight"):
+        group_norm_silu(x, 4, torch.ones(8))
+
+
+def test_bad_input_device_mix_meta():
+    """Device mix checked without a GPU: a meta-device weight beside a CPU x."""
+    with pytest.raises(ValueError, match="weight"):
+        group_norm_silu(torch.randn(2, 8, 4, 4), 4, torch.ones(8, device="meta"))

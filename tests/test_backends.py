@@ -1,0 +1,95 @@
+"""Backend choice: overrides, fallbacks that warn once, and env_info()."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import diffusion_fast
+from diffusion_fast import backends
+from diffusion_fast.ops.group_norm_silu import _unsupported
+
+
+def test_use_backend_nests_and_restores():
+    assert backends.current() == "auto"
+    with diffusion_fast.use_backend("torch"):
+        assert backends.current() == "torch"
+        with diffusion_fast.use_backend("cuda"):
+            assert backends.current() == "cuda"
+        assert backends.current() == "torch"
+    assert backends.current() == "auto"
+
+
+def test_use_backend_rejects_unknown_name():
+    with pytest.raises(ValueError, match="use_backend"):
+        with diffusion_fast.use_backend("tensorrt"):
+            pass
+
+
+def test_auto_prefers_extension_on_cpu():
+    x = torch.randn(2, 4, 3)
+    assert backends.select("group_norm_silu", x, _unsupported) == "cuda"
+
+
+def test_fallback_warns_once_and_is_reported(monkeypatch):
+    """A forced backend that cannot run the call falls back loudly, once."""
+    monkeypatch.setattr(backends, "_fallbacks", {})
+    monkeypatch.setitem(backends._state, "extension", None)
+    monkeypatch.setitem(backends._state, "extension_error", "ImportError: simulated build failure")
+    x = torch.randn(2, 4, 3)
+    with diffusion_fast.use_backend("cuda"):
+        with pytest.warns(RuntimeWarning, match="simulated build failure"):
+            y = diffusion_fast.group_norm_silu(x, 2)
+        with backends.warnings.catch_warnings():
+            backends.warnings.simplefilter("error")
+            diffusion_fast.group_norm_silu(x, 2)  # second time: silent
+    torch.testing.assert_close(y, diffusion_fast.group_norm_silu_ref(x, 2))
+    info = diffusion_fast.env_info()
+    assert info["fallbacks"] == [dict(op="group_norm_silu", wanted="cuda",
+                                      reason="extension diffusion_fast._C did not load "
+                                             "(ImportError: simulated build failure)", used="torch")]
+    assert info["backends"]["cuda"]["error"] == "ImportError: simulated build failure"
+
+
+def test_triton_on_cpu_without_interpreter_falls_back(monkeypatch):
+    monkeypatch.setattr(backends, "_fallbacks", {})
+    monkeypatch.setattr(backends, "_INTERPRET", False)
+    x = torch.randn(2, 4, 3)
+    with diffusion_fast.use_backend("triton"), pytest.warns(RuntimeWarning, match="Triton needs a GPU"):
+        assert backends.select("group_norm_silu", x, _unsupported) == "cuda"
+
+
+def test_env_info_reports_everything():
+    info = diffusion_fast.env_info()
+    for key in ("diffusion_fast", "torch", "triton", "device", "backends", "fallbacks", "requested_backend"):
+        assert key in info
+    ext = info["backends"]["cuda"]
+    assert ext["loaded"], ext["error"]
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("diffusion_fast::group_norm_silu_fwd", "CUDA")
+    assert ext["cuda_kernels"] == has_cuda_kernel
+    json.dumps(info)  # plain data
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_environment_variable_selects_backend():
+    out = _run("import diffusion_fast.backends as b; print(b.current())", DIFFUSION_FAST_BACKEND="torch")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "torch"
+
+
+def test_environment_variable_rejects_unknown_name():
+    out = _run("import diffusion_fast", DIFFUSION_FAST_BACKEND="fastest")
+    assert out.returncode != 0 and "DIFFUSION_FAST_BACKEND" in out.stderr
+
+
+def test_kernels_are_importable_from_the_package():
+    from diffusion_fast.kernels import group_norm_silu as kernels
+
+    assert callable(kernels.group_norm_silu_fwd) and callable(kernels.group_norm_silu_bwd)
