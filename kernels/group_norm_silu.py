@@ -1,0 +1,438 @@
+"""Triton kernels for fused GroupNorm + SiLU (``diffusion_fast.group_norm_silu``); launchers only.
+
+    h = x + pre_bias[n,c];  xhat = (h - mean[n,g]) * rstd[n,g];  zn = xhat * weight[c] + bias[c]
+    z = zn * (1 + scale[n,c]) + shift[n,c];  y = silu ? z * sigmoid(z) : z
+    backward, with k[c] = weight[c] * (1 + scale[n,c]) and means over the group's M = (C/G) * S:
+    dz = dy * (silu ? sig(z) * (1 + z * (1 - sig(z))) : 1);  dxhat = dz * k
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+
+x, y, dy, dx: (N, C, S) by canonical strides, NC*-contiguous (n*C*S + c*S + s) or channels-last
+(n*S*C + s*C + c). A group is a [C/G, S] slab walked in [BLOCK_C, BLOCK_S] tiles whose fast axis
+is the contiguous one. Each (n, g) is split over S into SPLIT programs of S_PER positions, so that
+few large groups still fill the GPU. Grid of every kernel: (N * G, SPLIT). Channels per group
+CPG = C / G is a constexpr so that the compiler sees channel alignment (vector loads when channels-last).
+
+Passes over memory:
+  forward   stats kernel reads x -> per-split (mean, M2) of h - pivot (pivot: the group's first h),
+            Chan-merged tile by tile, so |mean| >> std loses nothing (no E[x^2] - E[x]^2);
+            fwd kernel merges the splits, reads x again, writes y.          2 reads + 1 write of x-size
+  backward  reduce kernel reads x, dy -> per-(split, n, c) sums of dz, dz*xhat, xhat;
+            bwd kernel reads x, dy again, writes dx and the (n, c) grads.   4 reads + 1 write of x-size
+Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from diffusion_fast.ops.group_norm_silu import _like_layout, is_channels_last
+
+__all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd"]
+
+_TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile
+
+
+@triton.jit
+def _tile_offsets(c, s, C, S, CHANNELS_LAST: tl.constexpr):
+    """int64 offsets of the tile (c[:, None], s[None, :]) inside one sample."""
+    if CHANNELS_LAST:
+        offs = s[None, :].to(tl.int64) * C + c[:, None]
+    else:
+        offs = c[:, None].to(tl.int64) * S + s[None, :]
+    return offs
+
+
+@triton.jit
+def _load_opt(ptr, offs, mask, HAS: tl.constexpr, DEFAULT: tl.constexpr):
+    """ptr[offs] as fp32, or DEFAULT everywhere when the optional input is absent."""
+    if HAS:
+        v = tl.load(ptr + offs, mask=mask, other=DEFAULT).to(tl.float32)
+    else:
+        v = tl.zeros(offs.shape, tl.float32) + DEFAULT
+    return v
+
+
+@triton.jit
+def _pivot(x_ptr, pre_bias_ptr, n, c, C, S, HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """h = x + pre_bias at (n, c, s=0), a value near the group mean to center the sums on."""
+    if CHANNELS_LAST:
+        h = tl.load(x_ptr + c).to(tl.float32)
+    else:
+        h = tl.load(x_ptr + c.to(tl.int64) * S).to(tl.float32)
+    if HAS_PRE_BIAS:
+        h += tl.load(pre_bias_ptr + n * C + c).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
+                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """[BLOCK_C] fp32 weight, bias, pre_bias, 1 + scale, shift of channels c (nc = n * C + c)."""
+    w = _load_opt(weight_ptr, c, cm, HAS_WEIGHT, 1.0)
+    b = _load_opt(bias_ptr, c, cm, HAS_BIAS, 0.0)
+    pb = _load_opt(pre_bias_ptr, nc, cm, HAS_PRE_BIAS, 0.0)
+    sc1 = 1.0 + _load_opt(scale_ptr, nc, cm, HAS_SCALE, 0.0)
+    sh = _load_opt(shift_ptr, nc, cm, HAS_SHIFT, 0.0)
+    return w, b, pb, sc1, sh
+
+
+@triton.jit
+def _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU: tl.constexpr):
+    """Recompute xhat = (x + center) * rstd and z = xhat * k + b2; return (dz, xhat), 0 off-mask."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xhat = (x + center) * rstd
+    if SILU:
+        z = xhat * k + b2
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    return tl.where(mask, dz, 0.0), tl.where(mask, xhat, 0.0)
+
+
+@triton.jit
+def _group_norm_silu_stats_kernel(
+    x_ptr,          # (N, C, S) input, fp16/bf16/fp32, layout per CHANNELS_LAST
+    pre_bias_ptr,   # (N, C) any float dtype, or a dummy when not HAS_PRE_BIAS
+    part_mean_ptr,  # (N * G, SPLIT) fp32 out: mean of h - pivot over this split's elements
+    part_m2_ptr,    # (N * G, SPLIT) fp32 out: sum of squared deviations from that mean
+    C, S, G, S_PER, SPLIT,
+    CPG: tl.constexpr, HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    split = tl.program_id(1)
+    n = pid // G
+    x_ptr += n.to(tl.int64) * C * S
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
+    cnt = 0.0
+    mean = 0.0  # running mean of h - pivot
+    m2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        pb = _load_opt(pre_bias_ptr, n * C + c, cm, HAS_PRE_BIAS, 0.0)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+            h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pb[:, None]
+            # Chan et al.: merge this tile's (count, mean, M2) into the running (cnt, mean, m2);
+            # delta = tile mean - running mean, summed from small centered values
+            t_cnt = (tl.minimum(CPG - c0, BLOCK_C) * tl.minimum(s_hi - s0, BLOCK_S)).to(tl.float32)
+            dev = tl.where(mask, (h - pivot) - mean, 0.0)
+            delta = tl.sum(dev) / t_cnt
+            d = tl.where(mask, dev - delta, 0.0)
+            new_cnt = cnt + t_cnt
+            mean += delta * (t_cnt / new_cnt)
+            m2 += tl.sum(d * d) + delta * delta * (cnt * t_cnt / new_cnt)
+            cnt = new_cnt
+    tl.store(part_mean_ptr + pid * SPLIT + split, mean)
+    tl.store(part_m2_ptr + pid * SPLIT + split, m2)
+
+
+@triton.jit
+def _group_norm_silu_fwd_kernel(
+    x_ptr,          # (N, C, S) input, fp16/bf16/fp32, layout per CHANNELS_LAST
+    y_ptr,          # (N, C, S) output, x's dtype and layout
+    weight_ptr,     # (C,) any float dtype, or a dummy when not HAS_WEIGHT (same for the next four)
+    bias_ptr,       # (C,)
+    pre_bias_ptr,   # (N, C)
+    scale_ptr,      # (N, C)
+    shift_ptr,      # (N, C)
+    part_mean_ptr,  # (N * G, SPLIT) fp32 per-split means from the stats kernel
+    part_m2_ptr,    # (N * G, SPLIT) fp32 per-split M2 from the stats kernel
+    mean_ptr,       # (N, G) fp32 out (written by split 0)
+    rstd_ptr,       # (N, G) fp32 out (written by split 0)
+    C, S, G, S_PER, SPLIT, eps,
+    CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_P2: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    split = tl.program_id(1)
+    n = pid // G
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    y_ptr += base
+    # merge the splits: mean = pivot + sum_j cnt_j mean_j / sum_j cnt_j, M2 = sum_j M2_j + cnt_j (mean_j - mean)^2
+    pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
+    j = tl.arange(0, SPLIT_P2)
+    jm = j < SPLIT
+    j_cnt = tl.where(jm, tl.minimum(S - j * S_PER, S_PER).to(tl.float32) * CPG, 0.0)
+    j_mean = tl.load(part_mean_ptr + pid * SPLIT + j, mask=jm, other=0.0)
+    j_m2 = tl.load(part_m2_ptr + pid * SPLIT + j, mask=jm, other=0.0)
+    total = tl.sum(j_cnt)
+    mean = tl.sum(j_cnt * j_mean) / total
+    var = tl.sum(j_m2 + j_cnt * (j_mean - mean) * (j_mean - mean)) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    mean += pivot
+    tl.store(mean_ptr + pid, mean, mask=split == 0)
+    tl.store(rstd_ptr + pid, rstd, mask=split == 0)
+
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
+                                            c, n * C + c, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
+                                            HAS_SCALE, HAS_SHIFT)
+        # z = (x + (pre_bias - mean)) * a + b2, with a = rstd * w * (1 + scale), b2 = b * (1 + scale) + shift
+        center = (pb - mean)[:, None]
+        a = (rstd * w * sc1)[:, None]
+        b2 = (b * sc1 + sh)[:, None]
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+            z = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + center) * a + b2
+            if SILU:
+                z = z * tl.sigmoid(z)
+            tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_norm_silu_bwd_reduce_kernel(
+    dy_ptr,         # (N, C, S) upstream gradient, x's dtype and layout
+    x_ptr,          # (N, C, S) forward input
+    weight_ptr,     # (C,) or a dummy when not HAS_WEIGHT (same for the next four)
+    bias_ptr,       # (C,)
+    pre_bias_ptr,   # (N, C)
+    scale_ptr,      # (N, C)
+    shift_ptr,      # (N, C)
+    mean_ptr,       # (N, G) fp32 from the forward
+    rstd_ptr,       # (N, G) fp32 from the forward
+    sum_dz_ptr,     # (SPLIT, N, C) fp32 out: sum_s dz over this split
+    sum_dzx_ptr,    # (SPLIT, N, C) fp32 out: sum_s dz * xhat
+    sum_x_ptr,      # (SPLIT, N, C) fp32 out: sum_s xhat (only when HAS_PRE_BIAS)
+    N, C, S, G, S_PER,
+    CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    split = tl.program_id(1)
+    n = pid // G
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    dy_ptr += base
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        nc = n * C + c
+        w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
+                                            c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
+                                            HAS_SCALE, HAS_SHIFT)
+        center = (pb - mean)[:, None]
+        k = (w * sc1)[:, None]
+        b2 = (b * sc1 + sh)[:, None]
+        acc_dz = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        acc_x = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+            dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU)
+            acc_dz += dz
+            acc_dzx += dz * xhat
+            if HAS_PRE_BIAS:
+                acc_x += xhat
+        out = split * N * C + nc
+        tl.store(sum_dz_ptr + out, tl.sum(acc_dz, axis=1), mask=cm)
+        tl.store(sum_dzx_ptr + out, tl.sum(acc_dzx, axis=1), mask=cm)
+        if HAS_PRE_BIAS:
+            tl.store(sum_x_ptr + out, tl.sum(acc_x, axis=1), mask=cm)
+
+
+@triton.jit
+def _group_norm_silu_bwd_kernel(
+    dy_ptr,         # (N, C, S) upstream gradient, x's dtype and layout
+    x_ptr,          # (N, C, S) forward input
+    dx_ptr,         # (N, C, S) out: grad of x, x's dtype and layout
+    weight_ptr,     # (C,) or a dummy when not HAS_WEIGHT (same for the next four)
+    bias_ptr,       # (C,)
+    pre_bias_ptr,   # (N, C)
+    scale_ptr,      # (N, C)
+    shift_ptr,      # (N, C)
+    mean_ptr,       # (N, G) fp32 from the forward
+    rstd_ptr,       # (N, G) fp32 from the forward
+    sum_dz_ptr,     # (N, C) fp32: A = sum_s dz
+    sum_dzx_ptr,    # (N, C) fp32: B = sum_s dz * xhat
+    sum_x_ptr,      # (N, C) fp32: X = sum_s xhat (only when HAS_PRE_BIAS)
+    d_weight_ptr,   # (N, C) fp32 out: (1 + scale) * B, summed over n by the launcher
+    d_bias_ptr,     # (N, C) fp32 out: (1 + scale) * A, summed over n by the launcher
+    d_pre_bias_ptr, # (N, C) out, pre_bias's dtype: sum_s dx = rstd * (k A - S m1 - m2 X)
+    d_scale_ptr,    # (N, C) out, scale's dtype: sum_s dz * zn = w B + b A
+    d_shift_ptr,    # (N, C) out, shift's dtype: A
+    C, S, G, S_PER, inv_m,  # inv_m = 1 / (CPG * S)
+    CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    split = tl.program_id(1)
+    n = pid // G
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    dy_ptr += base
+    dx_ptr += base
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    # group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
+    m1 = 0.0
+    m2 = 0.0
+    for c0 in range(0, CPG, BLOCK_C):
+        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        k = (_load_opt(weight_ptr, c, cm, HAS_WEIGHT, 1.0)
+             * (1.0 + _load_opt(scale_ptr, n * C + c, cm, HAS_SCALE, 0.0)))
+        m1 += tl.sum(k * tl.load(sum_dz_ptr + n * C + c, mask=cm, other=0.0))
+        m2 += tl.sum(k * tl.load(sum_dzx_ptr + n * C + c, mask=cm, other=0.0))
+    m1 *= inv_m
+    m2 *= inv_m
+
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        nc = n * C + c
+        w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
+                                            c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
+                                            HAS_SCALE, HAS_SHIFT)
+        k = w * sc1
+        # per-(n, c) gradients, written once by split 0
+        first = cm & (split == 0)
+        A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
+        B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
+        if HAS_WEIGHT:
+            tl.store(d_weight_ptr + nc, sc1 * B, mask=first)
+        if HAS_BIAS:
+            tl.store(d_bias_ptr + nc, sc1 * A, mask=first)
+        if HAS_PRE_BIAS:
+            X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
+            d_pb = rstd * (k * A - S * m1 - m2 * X)
+            tl.store(d_pre_bias_ptr + nc, d_pb.to(d_pre_bias_ptr.dtype.element_ty), mask=first)
+        if HAS_SCALE:
+            tl.store(d_scale_ptr + nc, (w * B + b * A).to(d_scale_ptr.dtype.element_ty), mask=first)
+        if HAS_SHIFT:
+            tl.store(d_shift_ptr + nc, A.to(d_shift_ptr.dtype.element_ty), mask=first)
+
+        center = (pb - mean)[:, None]
+        b2 = (b * sc1 + sh)[:, None]
+        k = k[:, None]
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cm[:, None] & (s < s_hi)[None, :]
+            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+            dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU)
+            dx = rstd * (dz * k - m1 - xhat * m2)
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Launchers: reshape, allocate, launch.
+# ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: 4 per SM on a GPU, a few under the interpreter."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _config(x: torch.Tensor, G: int, channels_last: bool) -> dict:
+    """Split of each group over S, tile shape and warps; heuristics, no autotuning."""
+    N, C = x.shape[:2]
+    S, cpg = x.numel() // (N * C), C // G
+    # split only when N * G programs leave the device idle, keeping >= one tile per program
+    split = max(1, min(triton.cdiv(_target_programs(x.device), N * G), cpg * S // _TILE))
+    s_per = triton.cdiv(S, split)
+    if channels_last:  # channels are the contiguous axis
+        block_c = min(triton.next_power_of_2(cpg), _TILE)
+        block_s = min(triton.next_power_of_2(s_per), max(1, _TILE // block_c))
+    else:  # spatial is the contiguous axis; rows of channels pad cpg by at most 25%
+        block_s = min(triton.next_power_of_2(s_per), _TILE)
+        block_c = min(triton.next_power_of_2(cpg), max(1, _TILE // block_s))
+        while block_c > 1 and 4 * triton.cdiv(cpg, block_c) * block_c > 5 * cpg:
+            block_c //= 2
+    s_per = triton.cdiv(s_per, block_s) * block_s  # whole tiles per split
+    split = triton.cdiv(S, s_per)
+    return dict(S=S, CPG=cpg, S_PER=s_per, SPLIT=split, BLOCK_C=block_c, BLOCK_S=block_s,
+                CHANNELS_LAST=channels_last, num_warps=max(1, min(8, block_c * block_s // 256)))
+
+
+def _layout(x: torch.Tensor):
+    """x as NC*-contiguous or channels-last, and whether to address it channels-last (S == 1: either)."""
+    channels_last = is_channels_last(x)
+    if not (channels_last or x.is_contiguous()):
+        x = x.contiguous()
+    return x, channels_last or math.prod(x.shape[2:]) == 1
+
+
+def group_norm_silu_fwd(x, weight, bias, pre_bias, scale, shift, num_groups: int, eps: float, silu: bool):
+    """-> (y like x, mean (N, G) fp32, rstd (N, G) fp32)."""
+    x, channels_last = _layout(x)
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    y = torch.empty_like(x)
+    mean = torch.empty((N, G), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return y, mean.fill_(math.nan), rstd.fill_(math.nan)
+    cfg = _config(x, G, channels_last)
+    part_mean = torch.empty((N * G, cfg["SPLIT"]), device=x.device, dtype=torch.float32)
+    part_m2 = torch.empty_like(part_mean)
+    grid = (N * G, cfg["SPLIT"])
+    opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
+    has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
+               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    common = dict(C=C, G=G, **cfg)
+    _group_norm_silu_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"], **common)
+    _group_norm_silu_fwd_kernel[grid](x, y, *opt, part_mean, part_m2, mean, rstd, eps=eps, SILU=silu,
+                                      SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), **has, **common)
+    return y, mean, rstd
+
+
+def group_norm_silu_bwd(grad_y, x, weight, bias, pre_bias, scale, shift, mean, rstd, num_groups: int, silu: bool):
+    """-> (grad_x, grad_weight, grad_bias, grad_pre_bias, grad_scale, grad_shift); absent inputs get (0,)."""
+    x, channels_last = _layout(x)
+    grad_y = _like_layout(grad_y, x)
+    N, C, G = x.shape[0], x.shape[1], num_groups
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    grad_x = torch.empty_like(x)
+    opt_nc = (pre_bias, scale, shift)
+    nc_grads = [x.new_empty((0,)) if t is None else torch.empty((N, C), device=x.device, dtype=t.dtype)
+                for t in opt_nc]
+    if x.numel() == 0:
+        wb = [x.new_empty((0,)) if t is None else torch.zeros_like(t) for t in (weight, bias)]
+        return (grad_x, *wb, *(g.zero_() for g in nc_grads))
+    cfg = _config(x, G, channels_last)
+    grid = (N * G, cfg["SPLIT"])
+    opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
+    has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
+               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
+    # per-split sums of dz, dz * xhat (and xhat with pre_bias), then summed over splits
+    sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
+    _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N, **common)
+    sums = sums.sum(1)
+    wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
+    _group_norm_silu_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
+                                      wb[0], wb[1], *(x if t is None else g for t, g in zip(opt_nc, nc_grads)),
+                                      inv_m=1.0 / (cfg["CPG"] * cfg["S"]), **common)
+    grad_weight = x.new_empty((0,)) if weight is None else wb[0].sum(0).to(weight.dtype)
+    grad_bias = x.new_empty((0,)) if bias is None else wb[1].sum(0).to(bias.dtype)
+    return (grad_x, grad_weight, grad_bias, *nc_grads)
