@@ -1,0 +1,7 @@
+"""Models built from diffusion_fast's fused blocks, with the papers' configs and checkpoint converters."""
+
+from diffusion_fast.models.attention import attention
+from diffusion_fast.models.convert import ddpm_unet_from_diffusers, diffusers_config, to_diffusers_state_dict
+from diffusion_fast.models.ddpm_unet import DDPMUNet
+
+__all__ = ["DDPMUNet", "attention", "ddpm_unet_from_diffusers", "diffusers_config", "to_diffusers_state_dict"]

@@ -1,0 +1,152 @@
+"""Building blocks of the DDPM UNet (Ho et al. 2020, Appendix B; official ``diffusion_tf/models/unet.py``).
+
+Tensors are NCHW. Every GroupNorm followed by swish is one ``FusedGroupNormSiLU`` call, and
+the res block's time-embedding add ``h + temb_proj(swish(temb))`` is that call's ``pre_bias``.
+Attention goes through ``diffusion_fast.models.attention.attention``.
+
+Initialisation follows the official code: weights ``variance_scaling(scale, "fan_avg",
+"uniform")`` (Xavier-uniform for scale 1), biases 0, and the layers it creates with
+``init_scale=0`` (each res block's last conv, the attention output projection, the
+UNet's last conv) get scale 1e-10, i.e. they start at (almost exactly) zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from diffusion_fast.models.attention import attention
+from diffusion_fast.nn import FusedGroupNormSiLU
+
+__all__ = ["timestep_embedding", "conv2d", "linear", "ResnetBlock", "AttnBlock", "Downsample", "Upsample"]
+
+
+def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, Sec. 3.5).
+
+    t: (N,) any real dtype. Returns (N, dim), computed in ``dtype`` (float32, as the official
+    code and diffusers do; float64 for float64 models):
+    ``[sin(t w_0), ..., sin(t w_{h-1}), cos(t w_0), ..., cos(t w_{h-1})]`` with h = dim // 2 and
+    ``w_k = 10000^(-k / (h - 1))``, zero-padded by one column when dim is odd. Same as the
+    official ``nn.get_timestep_embedding`` and diffusers' ``Timesteps(dim, flip_sin_to_cos=False,
+    downscale_freq_shift=1)``.
+    """
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=dtype, device=t.device) / (half - 1)
+    args = t.to(dtype)[:, None] * torch.exp(exponent)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
+
+
+def _variance_scaling_(layer: nn.Module, scale: float) -> nn.Module:
+    """Official ``default_init``: uniform(±sqrt(3 scale / fan_avg)), scale 0 → 1e-10; bias 0."""
+    scale = 1e-10 if scale == 0 else scale
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(layer.weight)
+    limit = math.sqrt(3.0 * scale / ((fan_in + fan_out) / 2.0))
+    with torch.no_grad():
+        layer.weight.uniform_(-limit, limit)
+        layer.bias.zero_()
+    return layer
+
+
+def conv2d(in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1, padding: Optional[int] = None,
+           init_scale: float = 1.0) -> nn.Conv2d:
+    """Conv2d with the official initialisation; padding defaults to kernel // 2 ("SAME", stride 1)."""
+    pad = kernel // 2 if padding is None else padding
+    return _variance_scaling_(nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad), init_scale)
+
+
+def linear(in_features: int, out_features: int, *, init_scale: float = 1.0) -> nn.Linear:
+    """Linear layer (the official ``dense`` / ``nin``) with the official initialisation."""
+    return _variance_scaling_(nn.Linear(in_features, out_features), init_scale)
+
+
+class ResnetBlock(nn.Module):
+    """Wide-ResNet block with a time-embedding bias (official ``resnet_block``).
+
+        h = conv1(swish(GN1(x)))                                  # conv 3x3, in_ch -> out_ch
+        h = conv2(dropout(swish(GN2(h + temb_proj(swish(temb))))))  # conv 3x3, init ~0
+        return shortcut(x) + h                                    # 1x1 conv (nin_shortcut) iff in_ch != out_ch
+
+    forward(x: (N, in_ch, H, W), temb_act: (N, temb_ch) = swish(temb), computed once per
+    UNet call) -> (N, out_ch, H, W), x's dtype.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, *, dropout: float = 0.0, num_groups: int = 32,
+                 eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = FusedGroupNormSiLU(num_groups, in_ch, eps)
+        self.conv1 = conv2d(in_ch, out_ch)
+        self.temb_proj = linear(temb_ch, out_ch)
+        self.norm2 = FusedGroupNormSiLU(num_groups, out_ch, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = conv2d(out_ch, out_ch, init_scale=0.0)
+        self.nin_shortcut = conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: Tensor, temb_act: Tensor) -> Tensor:
+        h = self.conv1(self.norm1(x))
+        h = self.norm2(h, pre_bias=self.temb_proj(temb_act))
+        h = self.conv2(self.dropout(h))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (official ``attn_block``).
+
+        h = GN(x)                              # no swish
+        q, k, v = h Wq, h Wk, h Wv             # 1x1 ("nin"), C -> C, per position
+        return x + proj_out(softmax(q kᵀ / sqrt(C)) v)   # proj_out 1x1, init ~0
+
+    forward(x: (N, C, H, W)) -> (N, C, H, W), x's dtype.
+    """
+
+    def __init__(self, ch: int, *, num_groups: int = 32, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = FusedGroupNormSiLU(num_groups, ch, eps, silu=False)
+        self.q = linear(ch, ch)
+        self.k = linear(ch, ch)
+        self.v = linear(ch, ch)
+        self.proj_out = linear(ch, ch, init_scale=0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, hgt, wid = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
+        q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (N, 1, HW, C)
+        h = self.proj_out(attention(q, k, v).squeeze(1))
+        return x + h.transpose(1, 2).reshape(n, c, hgt, wid)
+
+
+class Downsample(nn.Module):
+    """Halve H and W: conv 3x3 stride 2 with TensorFlow "SAME" padding (one zero row/column
+    after, none before, for even sizes), or 2x2 average pooling when ``with_conv=False``.
+
+    forward(x: (N, C, H, W), H and W even) -> (N, C, H/2, W/2).
+    """
+
+    def __init__(self, ch: int, *, with_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = conv2d(ch, ch, 3, stride=2, padding=0) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.conv is None:
+            return F.avg_pool2d(x, 2, 2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Double H and W by nearest-neighbour repetition, then conv 3x3 when ``with_conv``.
+
+    forward(x: (N, C, H, W)) -> (N, C, 2H, 2W).
+    """
+
+    def __init__(self, ch: int, *, with_conv: bool = True) -> None:
+        super().__init__()
+        self.conv = conv2d(ch, ch) if with_conv else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return x if self.conv is None else self.conv(x)
