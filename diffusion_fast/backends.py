@@ -127,16 +127,14 @@ def select(op: str, x: torch.Tensor, unsupported: Callable[[str, torch.Tensor], 
 
     ``unsupported(backend, x)`` returns why a backend cannot run the call, or None.
     """
-    requested = current()
-    order = _order(requested, x)
-    for backend in order:
-        reason = unsupported(backend, x)
-        if reason is None:
-            if backend != order[0]:
-                _note_fallback(op, order[0], reason_first, backend)
+    order = _order(current(), x)
+    first_reason = unsupported(order[0], x)
+    if first_reason is None:
+        return order[0]
+    for backend in order[1:]:
+        if unsupported(backend, x) is None:
+            _note_fallback(op, order[0], first_reason, backend)
             return backend
-        if backend == order[0]:
-            reason_first = reason
     raise RuntimeError(f"diffusion_fast: no backend can run {op}")  # unreachable: torch runs anything
 
 
@@ -145,6 +143,8 @@ def _note_fallback(op: str, wanted: str, reason: str, used: str) -> None:
     if key in _fallbacks:
         return
     _fallbacks[key] = used
+    if torch.compiler.is_compiling():
+        return  # recorded for env_info(); a warning here would break a fullgraph trace
     msg = f"diffusion_fast: {op} falls back from {wanted} to {used}: {reason}"
     log.info(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)

@@ -93,3 +93,16 @@ def test_kernels_are_importable_from_the_package():
     from diffusion_fast.kernels import group_norm_silu as kernels
 
     assert callable(kernels.group_norm_silu_fwd) and callable(kernels.group_norm_silu_bwd)
+
+
+def test_fallback_inside_torch_compile_keeps_the_graph_whole(monkeypatch):
+    """A fallback first met while tracing is recorded for env_info() without a graph break."""
+    monkeypatch.setattr(backends, "_fallbacks", {})
+    monkeypatch.setitem(backends._state, "extension", None)
+    monkeypatch.setitem(backends._state, "extension_error", "ImportError: simulated")
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 3)
+    compiled = torch.compile(lambda t: diffusion_fast.group_norm_silu(t, 2), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), diffusion_fast.group_norm_silu_ref(x, 2))
+    assert [f["used"] for f in diffusion_fast.env_info()["fallbacks"]] == ["torch"]
+    torch._dynamo.reset()

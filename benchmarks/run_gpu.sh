@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Build, test and benchmark diffusion_fast on one GPU machine (torch and Triton preinstalled,
+# no network), in under 10 minutes. Every step is logged to OUTDIR/<step>.log, with a summary
+# in OUTDIR/summary.txt. A failing step does not stop the others; the exit status is non-zero
+# if any step failed or ran out of time.
+#
+#   benchmarks/run_gpu.sh OUTDIR        e.g. benchmarks/results/h100-2025-01-31
+#
+# Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
+# BUILD_CAP_S (default 300) and TEST_CAP_S (default 180); the benches share what is left.
+set -u -o pipefail
+
+OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+BUDGET_S=${BUDGET_S:-570}
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+failed=()
+
+left() { echo $((BUDGET_S - SECONDS)); }
+
+# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left), output to NAME.log.
+step() {
+    local name=$1 cap=$2
+    shift 2
+    local t
+    t=$(left)
+    ((cap < t)) && t=$cap
+    if ((t < 20)); then
+        echo "SKIP  $name: out of time" | tee -a "$OUT/summary.txt"
+        failed+=("$name")
+        return 1
+    fi
+    echo "RUN   $name (limit ${t}s): $*" | tee -a "$OUT/summary.txt"
+    local t0=$SECONDS rc=0
+    timeout --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    echo "DONE  $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+    ((rc == 0)) || failed+=("$name")
+    return $rc
+}
+
+: >"$OUT/summary.txt"
+step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; nvcc --version || echo 'nvcc not on PATH'"
+
+ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>>"$OUT/summary.txt")
+echo "TORCH_CUDA_ARCH_LIST=${ARCH:-unknown}" | tee -a "$OUT/summary.txt"
+export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0}
+step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
+step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
+step tests "${TEST_CAP_S:-180}" $PY -m pytest tests -q -rs --junitxml="$OUT/pytest.xml"
+
+benches=(benchmarks/bench_*.py)
+for i in "${!benches[@]}"; do
+    name=$(basename "${benches[$i]}" .py)
+    share=$(($(left) / (${#benches[@]} - i)))  # this bench's share of the time left
+    # --budget-s: stop starting cases with time to spare to write the results.
+    step "$name" "$share" $PY "${benches[$i]}" --device cuda --out "$OUT" --budget-s $((share * 3 / 4))
+done
+
+echo "total ${SECONDS}s; failed: ${failed[*]:-none}" | tee -a "$OUT/summary.txt"
+((${#failed[@]} == 0))
