@@ -3,8 +3,11 @@
 #include <torch/library.h>
 
 #include "group_norm_silu/group_norm_silu.h"
+#include "sampler_steps/sampler_steps.h"
 
 TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
   m.impl("group_norm_silu_fwd", &diffusion_fast::group_norm_silu_fwd_cuda);
   m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cuda);
+  m.impl("ddpm_step", &diffusion_fast::sampler_step_cuda);  // one kernel, two names
+  m.impl("ddim_step", &diffusion_fast::sampler_step_cuda);
 }

@@ -11,9 +11,11 @@ __version__ = "0.1.0"
 from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
+from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
 from diffusion_fast import nn  # noqa: E402
 
-__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn"]
+__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn",
+           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]

@@ -1,0 +1,153 @@
+// CPU kernel of ddpm_step / ddim_step (see sampler_steps.h), and the argument checks shared
+// with the CUDA file. Work is split by noise tile (1024 elements, csrc/philox.h) over
+// at::parallel_for. Per tile: Philox for its 256 counters (AVX2/AVX-512 when present,
+// philox_x86.h), then Box-Muller and the element loops, branch-free loops over contiguous
+// runs of 256 written for the auto-vectorizer.
+#include "sampler_steps/sampler_steps.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <limits>
+
+#include "philox.h"
+#include "philox_x86.h"
+
+namespace diffusion_fast {
+
+void check_sampler_step(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
+                        const std::optional<at::Tensor>& noise, int64_t step) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "sampler_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.is_contiguous(), "sampler_step: x must be contiguous");
+  const auto check_like_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), "sampler_step: ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "sampler_step: ", name, " must have x's dtype ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes() == x.sizes(), "sampler_step: ", name, " must have x's shape ", x.sizes(), ", got ",
+                t.sizes());
+    TORCH_CHECK(t.is_contiguous(), "sampler_step: ", name, " must be contiguous");
+  };
+  check_like_x(eps, "eps");
+  if (noise.has_value() && noise->defined()) check_like_x(*noise, "noise");
+  const auto coef_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef.device() == x.device(), "sampler_step: coef is on ", coef.device(), " but x is on ", x.device());
+  TORCH_CHECK(coef.scalar_type() == coef_dtype, "sampler_step: coef must be ", coef_dtype, " for ", dtype,
+              " x, got ", coef.scalar_type());
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == kSamplerCoefs && coef.is_contiguous(),
+              "sampler_step: coef must be a contiguous (", kSamplerCoefs, ",) tensor, got shape ", coef.sizes());
+  TORCH_CHECK(step >= 0 && step <= std::numeric_limits<uint32_t>::max(),
+              "sampler_step: step must be in [0, 2**32), got ", step);
+}
+
+namespace {
+
+enum class Noise { kNone, kPhilox, kGiven };
+
+template <typename acc_t>
+struct StepCoefs {
+  acc_t a, b, c1, c2, c3, sigma, clip;
+};
+
+// The Box-Muller loop is worth wider vectors than the x86-64 baseline (SSE2): GCC builds it for
+// each listed target and picks one at load time (an ifunc; the rest of the file stays baseline).
+// Elsewhere (clang, MSVC, other CPUs) the loop is built for the baseline only.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DF_VECTOR_CLONES
+#endif
+
+template <typename acc_t>
+DF_VECTOR_CLONES void box_muller_tile(const uint32_t* __restrict__ r, acc_t* __restrict__ z) {
+  constexpr int64_t n = philox::kTileCounters;
+  for (int64_t j = 0; j < n; ++j) {
+    philox::box_muller4<acc_t>(r[j], r[j + n], r[j + 2 * n], r[j + 3 * n], z[j], z[j + n], z[j + 2 * n], z[j + 3 * n]);
+  }
+}
+
+// z[k * 256 + j]: the noise of element 1024 * tile + 256 * k + j.
+template <typename acc_t>
+void tile_noise(int64_t tile, uint32_t step, uint32_t key_lo, uint32_t key_hi, acc_t* z) {
+  static const philox::TileFn philox_tile = philox::philox_tile_fn();
+  const uint64_t first = static_cast<uint64_t>(tile) * philox::kTileCounters;
+  alignas(64) uint32_t r[philox::kTileElements];
+  philox_tile(static_cast<uint32_t>(first), static_cast<uint32_t>(first >> 32), step, key_lo, key_hi, r);
+  box_muller_tile<acc_t>(r, z);
+}
+
+// One contiguous run of `len` elements; z is the matching run of noise (unused for kNone).
+template <Noise kNoise, typename scalar_t, typename acc_t>
+void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, const acc_t* __restrict__ z_gen,
+              const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out,
+              int64_t len, const StepCoefs<acc_t>& k) {
+  for (int64_t i = 0; i < len; ++i) {
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t ev = static_cast<acc_t>(eps[i]);
+    const acc_t x0 = std::min(std::max(k.a * xv - k.b * ev, -k.clip), k.clip);
+    acc_t o = k.c1 * x0 + k.c2 * xv + k.c3 * ev;
+    if constexpr (kNoise == Noise::kPhilox) o += k.sigma * z_gen[i];
+    if constexpr (kNoise == Noise::kGiven) o += k.sigma * static_cast<acc_t>(z_given[i]);
+    out[i] = static_cast<scalar_t>(o);
+    if (x0_out != nullptr) x0_out[i] = static_cast<scalar_t>(x0);
+  }
+}
+
+template <Noise kNoise, typename scalar_t, typename acc_t>
+void sampler_step_kernel(const scalar_t* x, const scalar_t* eps, const scalar_t* noise, scalar_t* out,
+                         scalar_t* x0_out, int64_t numel, const StepCoefs<acc_t>& k, uint64_t seed, uint32_t step) {
+  const int64_t tiles = (numel + philox::kTileElements - 1) / philox::kTileElements;
+  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
+  constexpr int64_t run = philox::kTileCounters;
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t z[philox::kTileElements];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      if constexpr (kNoise == Noise::kPhilox) tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
+      for (int64_t lane = 0; lane < 4; ++lane) {
+        const int64_t base = tile * philox::kTileElements + lane * run;
+        const int64_t len = std::min(run, numel - base);
+        if (len <= 0) break;
+        step_run<kNoise>(x + base, eps + base, z + lane * run, noise == nullptr ? nullptr : noise + base, out + base,
+                         x0_out == nullptr ? nullptr : x0_out + base, len, k);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const at::Tensor& eps,
+                                                    const at::Tensor& coef, const std::optional<at::Tensor>& noise,
+                                                    int64_t seed, int64_t step, std::optional<double> clip,
+                                                    bool return_x0) {
+  check_sampler_step(x, eps, coef, noise, step);
+  auto out = at::empty_like(x);
+  auto x0 = return_x0 ? at::empty_like(x) : x.new_empty({0});
+  const bool given = noise.has_value() && noise->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* c = coef.data_ptr<acc_t>();
+    const StepCoefs<acc_t> k{c[0], c[1], c[2], c[3], c[4], c[5],
+                             clip.has_value() ? static_cast<acc_t>(*clip) : std::numeric_limits<acc_t>::infinity()};
+    const scalar_t* noise_ptr = given ? noise->data_ptr<scalar_t>() : nullptr;
+    scalar_t* x0_ptr = return_x0 ? x0.data_ptr<scalar_t>() : nullptr;
+    const auto launch = [&](auto kernel) {
+      kernel(x.data_ptr<scalar_t>(), eps.data_ptr<scalar_t>(), noise_ptr, out.data_ptr<scalar_t>(), x0_ptr, x.numel(),
+             k, static_cast<uint64_t>(seed), static_cast<uint32_t>(step));
+    };
+    if (k.sigma == acc_t(0)) {
+      launch(sampler_step_kernel<Noise::kNone, scalar_t, acc_t>);
+    } else if (given) {
+      launch(sampler_step_kernel<Noise::kGiven, scalar_t, acc_t>);
+    } else {
+      launch(sampler_step_kernel<Noise::kPhilox, scalar_t, acc_t>);
+    }
+  });
+  return {out, x0};
+}
+
+}  // namespace diffusion_fast
