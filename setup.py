@@ -14,6 +14,7 @@ Environment variables:
 import glob
 import importlib.util
 import os
+import sys
 
 import torch
 from setuptools import setup
@@ -48,7 +49,14 @@ def _sources(pattern: str) -> list:
 
 
 def _extension():
-    cxx_flags = ["-O3", "-fno-math-errno"]
+    # -fno-trapping-math lets GCC vectorise the CPU kernels' branch-free selects.
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is an inline `#pragma omp parallel` (torch's OpenMP build): serial without -fopenmp.
+        # The module then shares the libgomp.so.1 that torch has already loaded.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _cuda_wanted():
         return CppExtension(
@@ -56,6 +64,7 @@ def _extension():
             _sources("*.cpp"),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     return CUDAExtension(
@@ -67,6 +76,7 @@ def _extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
+        extra_link_args=link_flags,
     )
 
 

@@ -1,0 +1,670 @@
+// CPU kernels of group_norm_silu (math, dtypes and layouts: group_norm_silu.h).
+//
+// Both directions run three stages over "units", blocks of <= ~16 KiB of x:
+//   1. partials, from one read of each unit: fwd, mean and M2 of h = x + pre_bias (two passes; the
+//      second hits L1/L2); bwd, per-channel sums of dz, dz * u and u.
+//   2. combine, per (n, g) group: merge the partials (fwd: Chan's formula, robust when |mean| >> std)
+//      into mean/rstd and per-(n, c) coefficients.
+//   3. apply: y = act(ca * u + cb) (fwd) or grad_x = cp * dz + cq * u + cr (bwd), u = x - mx = h - mean.
+// NCHW: a unit is a chunk of one channel row, or (fwd) several short rows of one group. Channels-last
+// (and S == 1): a unit is a block of positions of one sample with all C channels, vectorised over c.
+// With >= 4 segments (NCHW: a group; channels-last: a sample) per thread, each thread runs the three
+// stages segment by segment while it is in cache: the forward prefetches the next segment during
+// apply, the backward keeps dz in a scratch buffer instead of recomputing the sigmoid. Memory traffic
+// is then one read of x (and grad_y) and one write of the output; with fewer segments each stage is
+// its own parallel loop and the inputs are read twice.
+// Inner loops are plain C++ that GCC vectorises; they are compiled for AVX-512, AVX2+FMA and baseline
+// x86-64 and picked at run time (following ATEN_CPU_CAPABILITY), so the build needs no -march flag.
+#include "group_norm_silu/group_norm_silu.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/util/bit_cast.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace diffusion_fast {
+namespace {
+
+// ---------------------------------------------------------------------------
+// Element math, branch-free so that loops vectorise.
+// ---------------------------------------------------------------------------
+
+// 2^t for t in [-125, 125]: 2^n * p(f), n = round(t), |f| <= 1/2 (Cephes exp2f, rel. error < 2e-7).
+inline float exp2_approx(float t) {
+  const float round = 12582912.0f;  // 1.5 * 2^23: t + round holds round(t) in its low mantissa bits
+  const float k = t + round;
+  const float f = t - (k - round);
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.0f;
+  return p * c10::bit_cast<float>((c10::bit_cast<int32_t>(k) - (c10::bit_cast<int32_t>(round) - 127)) << 23);
+}
+
+// Bounds of exp2's argument in exp_neg, passed at run time: as compile-time constants, GCC splits the
+// vectorised loops into clamped/unclamped paths that each pay a division. Past them sigmoid(z) is 1
+// or < 5e-18 anyway; wider bounds make the selects produce denormals (microcode assists, ~10x slower).
+struct ExpBounds {
+  float lo = -125.0f, hi = 57.7f;  // e^-z in [2^-125, e^40]
+};
+
+// e^-z with -z * log2(e) clamped to the bounds (float); exact std::exp (double).
+inline float exp_neg(float z, ExpBounds eb) { return exp2_approx(std::min(std::max(z * -1.44269504f, eb.lo), eb.hi)); }
+inline double exp_neg(double z, ExpBounds) { return std::exp(-z); }
+
+// y = silu ? z * sigmoid(z) : z
+template <bool silu, typename A>
+inline A act(A z, ExpBounds eb) {
+  return silu ? z * (A(1) / (A(1) + exp_neg(z, eb))) : z;
+}
+
+// dz = dy * act'(z) = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for silu
+template <bool silu, typename A>
+inline A act_grad(A z, A dy, ExpBounds eb) {
+  if (!silu) return dy;
+  const A s = A(1) / (A(1) + exp_neg(z, eb));
+  return dy * s * (A(1) + z * (A(1) - s));
+}
+
+constexpr int kLanes = 32;        // accumulators per sum
+constexpr int64_t kBlock = 128;  // elements between prefetches in apply loops
+
+// Adds the kLanes lanes as a shallow tree (GCC keeps the first levels in vector registers).
+template <typename A>
+inline A reduce_lanes(const A* l) {
+  static_assert(kLanes == 32, "the tree below adds 32 lanes");
+  A t[8];
+  for (int j = 0; j < 8; ++j) t[j] = (l[j] + l[j + 8]) + (l[j + 16] + l[j + 24]);
+  return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
+}
+
+// Adds f(0), ..., f(n - 1) into kLanes independent lanes (vectorisable without -ffast-math).
+template <typename A, typename F>
+inline void lane_add(A* lanes, int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += f(i + j);
+  for (int j = 0; i < n; ++i, ++j) lanes[j] += f(i);
+}
+
+// ---------------------------------------------------------------------------
+// Work split.
+// ---------------------------------------------------------------------------
+struct Plan {
+  int64_t N, C, G, D, S;  // D = C / G channels per group
+  bool cl;                // C innermost (channels-last, or S == 1)
+  int64_t rows;           // NCHW: channel rows per unit (a divisor of D); 1 for cl
+  int64_t chunks;         // units per row block (NCHW) or per sample (cl)
+  int64_t len;            // spatial positions per unit and row (fewer in the last chunk)
+
+  int64_t units() const { return (cl ? N : N * C / rows) * chunks; }
+  int64_t count(int64_t k) const { return std::min(len, S - k * len); }
+  // Element offset of unit u; units tile memory in order.
+  int64_t offset(int64_t u) const {
+    const int64_t block = u / chunks, start = (u % chunks) * len;
+    return cl ? (block * S + start) * C : block * rows * S + start;
+  }
+  // Index of the per-channel partials of channel c of sample n in its k-th unit (cl, or rows == 1).
+  int64_t part(int64_t n, int64_t c, int64_t k) const { return cl ? (n * chunks + k) * C + c : (n * C + c) * chunks + k; }
+  // A segment is a run of whole groups and the units covering them: a group (NCHW) or a sample (cl).
+  int64_t segments() const { return cl ? N : N * G; }
+  int64_t seg_units() const { return cl ? chunks : D / rows * chunks; }
+  int64_t seg_groups() const { return cl ? G : 1; }
+};
+
+// row_blocks: NCHW units may span several channel rows of a group (partials per unit, not per channel).
+Plan make_plan(const GroupNormSiLUShape& s, bool row_blocks) {
+  Plan p{s.N, s.C, s.G, s.C / s.G, s.S, s.channels_last || s.S == 1, 1, 0, 0};
+  // ~16 KiB of fp32 per NCHW unit; >= 64 positions per cl unit (bounds the partials to numel / 32).
+  const int64_t target = p.cl ? std::max<int64_t>(64, 4096 / std::max<int64_t>(p.C, 1)) : 4096;
+  if (!p.cl && row_blocks)
+    for (int64_t r = std::min(p.D, target / std::max<int64_t>(p.S, 1)); r > 1; --r)
+      if (p.D % r == 0) {
+        p.rows = r;
+        break;
+      }
+  p.chunks = (p.S + target - 1) / target;
+  p.len = p.chunks == 0 ? 0 : (p.S + p.chunks - 1) / p.chunks;
+  return p;
+}
+
+// What the fused schedule gives a stage for one segment.
+template <typename A>
+struct Seg {
+  A* dz = nullptr;        // bwd: scratch for dz over the segment (else recomputed)
+  bool prefetch = false;  // fwd apply: prefetch the next segment, overlapping its loads with this one's math
+};
+
+// Hints the cache to fetch the bytes [addr, addr + bytes); prefetches never fault, addr may be past the data.
+inline void prefetch(uintptr_t addr, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(addr + b));
+#endif
+}
+
+// Runs stats(units), combine(groups), apply(units) over index ranges [begin, end): per segment on one
+// thread when there are enough segments (with a dz scratch buffer if use_scratch, prefetching the next
+// segment during apply if prefetch), else stage by stage.
+template <typename A, typename Stats, typename Combine, typename Apply>
+void schedule(const Plan& p, bool use_scratch, bool prefetch, const Stats& stats, const Combine& combine,
+              const Apply& apply) {
+  constexpr int64_t kGrain = 32768;          // elements per task, as ATen's
+  constexpr int64_t kMaxScratch = 1 << 17;  // segment elements to keep in cache (512 KiB of fp32)
+  const int64_t numel = p.N * p.C * p.S, units = p.units(), segments = p.segments();
+  if (units == 0) {
+    combine(0, p.N * p.G);
+    return;
+  }
+  if (segments >= 4 * at::get_num_threads()) {
+    const int64_t U = p.seg_units(), K = p.seg_groups(), seg_numel = numel / segments;
+    const bool keep = use_scratch && seg_numel <= kMaxScratch;
+    at::parallel_for(0, segments, kGrain / seg_numel + 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> scratch(keep ? seg_numel : 0);
+      const Seg<A> seg{keep ? scratch.data() : nullptr, prefetch && seg_numel <= kMaxScratch};
+      for (int64_t i = begin; i < end; ++i) {
+        stats(i * U, (i + 1) * U, seg);
+        combine(i * K, (i + 1) * K);
+        apply(i * U, (i + 1) * U, seg);
+      }
+    });
+  } else {
+    const int64_t grain = kGrain * units / numel + 1;
+    at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) { stats(b, e, Seg<A>{}); });
+    at::parallel_for(0, p.N * p.G, 64, combine);
+    at::parallel_for(0, units, grain, [&](int64_t b, int64_t e) { apply(b, e, Seg<A>{}); });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Data of one call. A is the accumulation type (double for double x, else float).
+// Per (n, c): u = x - mx = h - mean, z = ca * u + cb.
+// ---------------------------------------------------------------------------
+template <typename T, typename A>
+struct Args {
+  Plan p;
+  bool silu;
+  ExpBounds eb;
+  double eps;             // fwd
+  const T* x;             // (N, C, S) in the layout of p
+  const T* dy;            // bwd: grad_y, same layout
+  T* out;                 // y (fwd) or grad_x (bwd)
+  const A *w, *b;         // (C,) or null
+  const A *pb, *sc, *sh;  // (N, C) or null
+  A *mean, *rstd;         // (N, G)
+  A *mx, *ca, *cb;        // (N, C)
+  A *cp, *cq, *cr;        // (N, C) bwd: grad_x = cp * dz + cq * u + cr
+  A *p0, *p1, *p2;        // partials (Plan::part): fwd mean, M2; bwd sum dz, sum dz * u, sum u
+  A* g;                   // bwd (5, N, C): grads of pre_bias, scale, shift; weight, bias per n
+};
+
+// xhat = rstd * u; a one-element group has xhat == 0 exactly, which rstd = 0 keeps exact.
+template <typename T, typename A>
+A effective_rstd(const Args<T, A>& a, int64_t ng) {
+  return a.p.D * a.p.S > 1 ? a.rstd[ng] : A(0);
+}
+
+template <typename T, typename A>
+void set_coefficients(const Args<T, A>& a, int64_t n, int64_t c) {
+  const int64_t nc = n * a.p.C + c, ng = n * a.p.G + c / a.p.D;
+  const A scale1 = a.sc ? A(1) + a.sc[nc] : A(1);
+  a.mx[nc] = a.mean[ng] - (a.pb ? a.pb[nc] : A(0));
+  a.ca[nc] = effective_rstd(a, ng) * (a.w ? a.w[c] : A(1)) * scale1;
+  a.cb[nc] = (a.b ? a.b[c] : A(0)) * scale1 + (a.sh ? a.sh[nc] : A(0));
+}
+
+// ---------------------------------------------------------------------------
+// One spatial row of a channels-last unit (C channels, contiguous). __restrict lets GCC vectorise
+// over c without run-time overlap checks between the many arrays.
+// ---------------------------------------------------------------------------
+template <typename T, typename A>
+inline void cl_sum_row(int64_t C, const T* __restrict x, A* __restrict sum) {
+  for (int64_t c = 0; c < C; ++c) sum[c] += A(x[c]);
+}
+
+template <typename T, typename A>
+inline void cl_m2_row(int64_t C, const T* __restrict x, const A* __restrict mean, A* __restrict m2) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A d = A(x[c]) - mean[c];
+    m2[c] += d * d;
+  }
+}
+
+// The same for n positions of one NCHW channel (scalar coefficients).
+template <bool silu, typename T, typename A>
+inline void nchw_fwd_row(int64_t n, const T* __restrict x, A mx, A ca, A cb, T* __restrict y, ExpBounds eb) {
+  for (int64_t i = 0; i < n; ++i) y[i] = T(act<silu>(ca * (A(x[i]) - mx) + cb, eb));
+}
+
+template <bool silu, typename T, typename A>
+inline void cl_fwd_row(int64_t C, const T* __restrict x, const A* __restrict mx, const A* __restrict ca,
+                       const A* __restrict cb, T* __restrict y, ExpBounds eb) {
+  for (int64_t c = 0; c < C; ++c) y[c] = T(act<silu>(ca[c] * (A(x[c]) - mx[c]) + cb[c], eb));
+}
+
+// Adds dz, dz * u and u per channel into s0, s1, s2; stores dz too if keep.
+template <bool silu, bool keep, typename T, typename A>
+inline void cl_bwd_sums_row(int64_t C, const T* __restrict x, const T* __restrict dy, const A* __restrict mx,
+                            const A* __restrict ca, const A* __restrict cb, A* __restrict s0, A* __restrict s1,
+                            A* __restrict s2, A* __restrict dz_out, ExpBounds eb) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A xu = A(x[c]) - mx[c], dz = act_grad<silu>(ca[c] * xu + cb[c], A(dy[c]), eb);
+    if (keep) dz_out[c] = dz;
+    s0[c] += dz, s1[c] += dz * xu, s2[c] += xu;
+  }
+}
+
+// grad_x = cp * dz + cq * u + cr, dz read back if keep, else recomputed.
+template <bool silu, bool keep, typename T, typename A>
+inline void nchw_bwd_row(int64_t n, const T* __restrict x, const T* __restrict dy, const A* __restrict dz_in, A mx,
+                         A ca, A cb, A cp, A cq, A cr, T* __restrict dx, ExpBounds eb) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A xu = A(x[i]) - mx;
+    const A dz = keep ? dz_in[i] : act_grad<silu>(ca * xu + cb, A(dy[i]), eb);
+    dx[i] = T(cp * dz + cq * xu + cr);
+  }
+}
+
+template <bool silu, bool keep, typename T, typename A>
+inline void cl_bwd_row(int64_t C, const T* __restrict x, const T* __restrict dy, const A* __restrict dz_in,
+                       const A* __restrict mx, const A* __restrict ca, const A* __restrict cb, const A* __restrict cp,
+                       const A* __restrict cq, const A* __restrict cr, T* __restrict dx, ExpBounds eb) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A xu = A(x[c]) - mx[c];
+    const A dz = keep ? dz_in[c] : act_grad<silu>(ca[c] * xu + cb[c], A(dy[c]), eb);
+    dx[c] = T(cp[c] * dz + cq[c] * xu + cr[c]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward stages.
+// ---------------------------------------------------------------------------
+// Per unit: mean and M2 of h = x + pre_bias, two passes (the unit is in L1/L2 for the second).
+template <typename T, typename A>
+void fwd_stats(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A>) {
+  const Plan& p = a.p;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t cnt = p.count(u % p.chunks);
+    const T* x = a.x + p.offset(u);
+    if (!p.cl) {  // p.rows channel rows of cnt contiguous positions: one partial
+      const int64_t row0 = (u / p.chunks) * p.rows;
+      A lanes[kLanes] = {};
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const T* xr = x + r * p.S;
+        const A pb = a.pb ? a.pb[row0 + r] : A(0);
+        lane_add(lanes, cnt, [&](int64_t i) { return A(xr[i]) + pb; });
+      }
+      const A m = reduce_lanes(lanes) / A(p.rows * cnt);
+      std::fill(lanes, lanes + kLanes, A(0));
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const T* xr = x + r * p.S;
+        const A pb_m = (a.pb ? a.pb[row0 + r] : A(0)) - m;
+        lane_add(lanes, cnt, [&](int64_t i) { const A d = A(xr[i]) + pb_m; return d * d; });
+      }
+      a.p0[u] = m;
+      a.p1[u] = reduce_lanes(lanes);
+    } else {  // cnt positions x C channels: one partial per channel
+      const int64_t C = p.C;
+      A *m = a.p0 + u * C, *m2 = a.p1 + u * C;
+      std::fill(m, m + C, A(0));
+      std::fill(m2, m2 + C, A(0));
+      for (int64_t s = 0; s < cnt; ++s) cl_sum_row(C, x + s * C, m);
+      for (int64_t c = 0; c < C; ++c) m[c] /= A(cnt);
+      for (int64_t s = 0; s < cnt; ++s) cl_m2_row(C, x + s * C, m, m2);
+      if (a.pb)
+        for (int64_t c = 0; c < C; ++c) m[c] += a.pb[(u / p.chunks) * C + c];
+    }
+  }
+}
+
+// Chan's merge of the group's partials: mean, and M2 = sum of M2_i + count_i * (mean_i - mean)^2.
+template <typename T, typename A>
+void fwd_combine(const Args<T, A>& a, int64_t begin, int64_t end) {
+  const Plan& p = a.p;
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const int64_t n = ng / p.G, c0 = (ng % p.G) * p.D;
+    const auto for_pieces = [&](const auto& f) {  // f(count, partial index) over the group's partials
+      if (p.cl) {
+        for (int64_t c = c0; c < c0 + p.D; ++c)
+          for (int64_t k = 0; k < p.chunks; ++k) f(p.count(k), p.part(n, c, k));
+      } else {
+        const int64_t u0 = (n * p.C + c0) / p.rows * p.chunks;
+        for (int64_t u = u0; u < u0 + p.seg_units(); ++u) f(p.rows * p.count(u % p.chunks), u);
+      }
+    };
+    const double total = double(p.D * p.S);  // double: a group may hold ~1e9 elements in ~1e5 partials
+    double sum = 0, m2 = 0;
+    for_pieces([&](int64_t cnt, int64_t i) { sum += double(cnt) * a.p0[i]; });
+    const double mean = total > 0 ? sum / total : 0.0;
+    for_pieces([&](int64_t cnt, int64_t i) {
+      const double d = a.p0[i] - mean;
+      m2 += a.p1[i] + double(cnt) * d * d;
+    });
+    a.mean[ng] = A(mean);
+    a.rstd[ng] = A(1.0 / std::sqrt((total > 0 ? m2 / total : 0.0) + a.eps));
+    for (int64_t c = c0; c < c0 + p.D; ++c) set_coefficients(a, n, c);
+  }
+}
+
+template <bool silu, typename T, typename A>
+void fwd_apply_impl(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
+  const Plan& p = a.p;
+  const ExpBounds eb = a.eb;  // a local copy stays in registers
+  const int64_t ahead = seg.prefetch ? (p.offset(end) - p.offset(begin)) * sizeof(T) : 0;  // bytes
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t cnt = p.count(u % p.chunks), off = p.offset(u);
+    const T* x = a.x + off;
+    T* y = a.out + off;
+    const uintptr_t next = reinterpret_cast<uintptr_t>(x) + ahead;
+    if (!p.cl) {
+      for (int64_t r = 0; r < p.rows; ++r) {
+        const int64_t row = (u / p.chunks) * p.rows + r, o = r * p.S;
+        const A mx = a.mx[row], ca = a.ca[row], cb = a.cb[row];
+        for (int64_t i0 = 0; i0 < cnt; i0 += kBlock) {
+          const int64_t i1 = std::min(cnt, i0 + kBlock);
+          if (ahead) prefetch(next + (o + i0) * sizeof(T), (i1 - i0) * sizeof(T));
+          nchw_fwd_row<silu>(i1 - i0, x + o + i0, mx, ca, cb, y + o + i0, eb);
+        }
+      }
+    } else {
+      const int64_t C = p.C, nc = (u / p.chunks) * C;
+      const A *mx = a.mx + nc, *ca = a.ca + nc, *cb = a.cb + nc;
+      for (int64_t s = 0; s < cnt; ++s) {
+        if (ahead) prefetch(next + s * C * sizeof(T), C * sizeof(T));
+        cl_fwd_row<silu>(C, x + s * C, mx, ca, cb, y + s * C, eb);
+      }
+    }
+  }
+}
+
+template <typename T, typename A>
+void fwd_apply(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
+  a.silu ? fwd_apply_impl<true>(a, begin, end, seg) : fwd_apply_impl<false>(a, begin, end, seg);
+}
+
+// ---------------------------------------------------------------------------
+// Backward stages. Per element: u = x - mx, z = ca * u + cb, dz = act'(z) * dy. With a scratch
+// buffer (covering units [begin, end)), stats stores dz there and apply reads it back.
+// ---------------------------------------------------------------------------
+template <bool silu, bool keep, typename T, typename A>
+void bwd_stats_impl(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
+  const Plan& p = a.p;
+  const ExpBounds eb = a.eb;
+  const int64_t off0 = p.offset(begin);
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t cnt = p.count(u % p.chunks), off = p.offset(u);
+    const T *x = a.x + off, *dy = a.dy + off;
+    A* dzs = keep ? buf + (off - off0) : nullptr;
+    if (!p.cl) {  // kLanes lanes per sum, as lane_add
+      const int64_t row = u / p.chunks;
+      const A mx = a.mx[row], ca = a.ca[row], cb = a.cb[row];
+      A l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
+      const auto add = [&](int64_t i, int j) {
+        const A xu = A(x[i]) - mx, dz = act_grad<silu>(ca * xu + cb, A(dy[i]), eb);
+        if (keep) dzs[i] = dz;
+        l0[j] += dz, l1[j] += dz * xu, l2[j] += xu;
+      };
+      int64_t i = 0;
+      for (; i + kLanes <= cnt; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) add(i + j, j);
+      for (int j = 0; i < cnt; ++i, ++j) add(i, j);
+      a.p0[u] = reduce_lanes(l0), a.p1[u] = reduce_lanes(l1), a.p2[u] = reduce_lanes(l2);
+    } else {
+      const int64_t C = p.C, nc = (u / p.chunks) * C;
+      const A *mx = a.mx + nc, *ca = a.ca + nc, *cb = a.cb + nc;
+      A *s0 = a.p0 + u * C, *s1 = a.p1 + u * C, *s2 = a.p2 + u * C;
+      std::fill(s0, s0 + C, A(0));
+      std::fill(s1, s1 + C, A(0));
+      std::fill(s2, s2 + C, A(0));
+      for (int64_t s = 0; s < cnt; ++s)
+        cl_bwd_sums_row<silu, keep>(C, x + s * C, dy + s * C, mx, ca, cb, s0, s1, s2, keep ? dzs + s * C : nullptr, eb);
+    }
+  }
+}
+
+template <typename T, typename A>
+void bwd_stats(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
+  A* buf = seg.dz;
+  if (buf) return a.silu ? bwd_stats_impl<true, true>(a, begin, end, buf) : bwd_stats_impl<false, true>(a, begin, end, buf);
+  a.silu ? bwd_stats_impl<true, false>(a, begin, end, buf) : bwd_stats_impl<false, false>(a, begin, end, buf);
+}
+
+// dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = k * dz, k = (1 + scale) * w,
+// xhat = rstd * u: grad_x = cp * dz + cq * u + cr. Writes the per-(n, c) grads into a.g.
+template <typename T, typename A>
+void bwd_combine(const Args<T, A>& a, int64_t begin, int64_t end) {
+  const Plan& p = a.p;
+  const int64_t NC = p.N * p.C;
+  A *g_pre_bias = a.g, *g_scale = a.g + NC, *g_shift = a.g + 2 * NC, *g_weight = a.g + 3 * NC, *g_bias = a.g + 4 * NC;
+  for (int64_t ng = begin; ng < end; ++ng) {
+    const int64_t n = ng / p.G, c0 = (ng % p.G) * p.D;
+    const double rstd = effective_rstd(a, ng), total = double(p.D * p.S);
+    struct Sums {
+      double dz = 0, dzu = 0, u = 0, k = 0;  // sums of dz, dz * u, u over the channel; k = (1 + scale) * w
+    };
+    const auto channel = [&](int64_t c) {  // in double: a channel may hold ~1e9 elements in ~1e5 partials
+      Sums t;
+      for (int64_t k = 0; k < p.chunks; ++k) {
+        const int64_t i = p.part(n, c, k);
+        t.dz += a.p0[i], t.dzu += a.p1[i], t.u += a.p2[i];
+      }
+      const int64_t nc = n * p.C + c;
+      t.k = (a.sc ? 1.0 + a.sc[nc] : 1.0) * (a.w ? a.w[c] : A(1));
+      return t;
+    };
+    double m1 = 0, m2 = 0;  // means of dxhat and dxhat * xhat over the group
+    for (int64_t c = c0; c < c0 + p.D; ++c) {
+      const int64_t nc = n * p.C + c;
+      const Sums t = channel(c);
+      const double scale1 = a.sc ? 1.0 + a.sc[nc] : 1.0, dz_xhat = rstd * t.dzu;
+      g_scale[nc] = A((a.w ? a.w[c] : A(1)) * dz_xhat + (a.b ? a.b[c] : A(0)) * t.dz);  // sum dz * zn
+      g_shift[nc] = A(t.dz);
+      g_weight[nc] = A(scale1 * dz_xhat);
+      g_bias[nc] = A(scale1 * t.dz);
+      m1 += t.k * t.dz;
+      m2 += t.k * dz_xhat;
+    }
+    m1 = total > 0 ? m1 / total : 0.0;
+    m2 = total > 0 ? m2 / total : 0.0;
+    for (int64_t c = c0; c < c0 + p.D; ++c) {
+      const int64_t nc = n * p.C + c;
+      const Sums t = channel(c);
+      const double cp = rstd * t.k, cq = -rstd * rstd * m2, cr = -rstd * m1;
+      a.cp[nc] = A(cp), a.cq[nc] = A(cq), a.cr[nc] = A(cr);
+      g_pre_bias[nc] = A(cp * t.dz + cq * t.u + cr * double(p.S));  // sum dh
+    }
+  }
+}
+
+template <bool silu, bool keep, typename T, typename A>
+void bwd_apply_impl(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
+  const Plan& p = a.p;
+  const ExpBounds eb = a.eb;
+  const int64_t off0 = p.offset(begin);
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t cnt = p.count(u % p.chunks), off = p.offset(u);
+    const T *x = a.x + off, *dy = a.dy + off;
+    const A* dzs = keep ? seg.dz + (off - off0) : nullptr;
+    T* dx = a.out + off;
+    if (!p.cl) {
+      const int64_t row = u / p.chunks;
+      const A mx = a.mx[row], ca = a.ca[row], cb = a.cb[row], cp = a.cp[row], cq = a.cq[row], cr = a.cr[row];
+      nchw_bwd_row<silu, keep>(cnt, x, dy, dzs, mx, ca, cb, cp, cq, cr, dx, eb);
+    } else {
+      const int64_t C = p.C, nc = (u / p.chunks) * C;
+      const A *mx = a.mx + nc, *ca = a.ca + nc, *cb = a.cb + nc, *cp = a.cp + nc, *cq = a.cq + nc, *cr = a.cr + nc;
+      for (int64_t s = 0; s < cnt; ++s)
+        cl_bwd_row<silu, keep>(C, x + s * C, dy + s * C, keep ? dzs + s * C : nullptr, mx, ca, cb, cp, cq, cr,
+                               dx + s * C, eb);
+    }
+  }
+}
+
+template <typename T, typename A>
+void bwd_apply(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
+  if (seg.dz) return bwd_apply_impl<false, true>(a, begin, end, seg);
+  a.silu ? bwd_apply_impl<true, false>(a, begin, end, seg) : bwd_apply_impl<false, false>(a, begin, end, seg);
+}
+
+// ---------------------------------------------------------------------------
+// Instruction-set dispatch of the hot stages: name##_isa(args, begin, end, scratch).
+// ---------------------------------------------------------------------------
+enum class Isa { base, avx2, avx512 };
+
+#if defined(__x86_64__) && defined(__GNUC__)
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();  // ATen's choice, lowered by ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (cap == "AVX512" && avx512) return Isa::avx512;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2) return Isa::avx2;
+    return Isa::base;
+  }();
+  return isa;
+}
+
+// `flatten` inlines the whole stage into each wrapper, so it is compiled for the wrapper's target.
+#define DF_MULTIVERSION(name)                                                                          \
+  template <typename T, typename A>                                                                    \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten)) void name##_avx512(  \
+      const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {                                    \
+    name(a, begin, end, seg);                                                                          \
+  }                                                                                                    \
+  template <typename T, typename A>                                                                    \
+  __attribute__((target("avx2,fma"), flatten)) void name##_avx2(const Args<T, A>& a, int64_t begin,    \
+                                                                int64_t end, Seg<A> seg) {              \
+    name(a, begin, end, seg);                                                                          \
+  }                                                                                                    \
+  template <typename T, typename A>                                                                    \
+  __attribute__((flatten)) void name##_base(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) { \
+    name(a, begin, end, seg);                                                                          \
+  }                                                                                                    \
+  template <typename T, typename A>                                                                    \
+  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {                        \
+    switch (cpu_isa()) {                                                                               \
+      case Isa::avx512: return name##_avx512(a, begin, end, seg);                                      \
+      case Isa::avx2: return name##_avx2(a, begin, end, seg);                                          \
+      default: return name##_base(a, begin, end, seg);                                                 \
+    }                                                                                                  \
+  }
+#else
+#define DF_MULTIVERSION(name)                                                    \
+  template <typename T, typename A>                                              \
+  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) { \
+    name(a, begin, end, seg);                                                    \
+  }
+#endif
+
+DF_MULTIVERSION(fwd_stats)
+DF_MULTIVERSION(fwd_apply)
+DF_MULTIVERSION(bwd_stats)
+DF_MULTIVERSION(bwd_apply)
+
+// ---------------------------------------------------------------------------
+// Entry points.
+// ---------------------------------------------------------------------------
+template <typename A>
+const A* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<A>() : nullptr;
+}
+
+// Small optional tensors in the accumulation dtype (undefined when absent).
+at::Tensor to_acc(const OptTensor& t, at::ScalarType acc) {
+  return t.has_value() && t->defined() ? t->to(acc).contiguous() : at::Tensor();
+}
+
+at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
+    const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& pre_bias,
+    const OptTensor& scale, const OptTensor& shift, int64_t num_groups, double eps, bool silu) {
+  const auto shape = group_norm_silu_shape(x, weight, bias, pre_bias, scale, shift, num_groups);
+  const Plan p = make_plan(shape, /*row_blocks=*/true);
+  const auto acc = acc_type(x);
+  const auto acc_opts = x.options().dtype(acc);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({p.N, p.G}, acc_opts), rstd = at::empty({p.N, p.G}, acc_opts);
+  at::Tensor w = to_acc(weight, acc), b = to_acc(bias, acc), pb = to_acc(pre_bias, acc);
+  at::Tensor sc = to_acc(scale, acc), sh = to_acc(shift, acc);
+  at::Tensor coef = at::empty({3, p.N * p.C}, acc_opts);
+  at::Tensor parts = at::empty({2, p.N * p.C * p.chunks}, acc_opts);  // >= the partials needed
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_fwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    A *cf = coef.data_ptr<A>(), *pt = parts.data_ptr<A>();
+    const int64_t nc = p.N * p.C, np = nc * p.chunks;
+    const Args<scalar_t, A> a{p, silu, {}, eps, x.const_data_ptr<scalar_t>(), nullptr, y.data_ptr<scalar_t>(),
+                              ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(pb), ptr_or_null<A>(sc),
+                              ptr_or_null<A>(sh), mean.data_ptr<A>(), rstd.data_ptr<A>(), cf, cf + nc, cf + 2 * nc,
+                              nullptr, nullptr, nullptr, pt, pt + np, nullptr, nullptr};
+    schedule<A>(
+        p, false, true, [&](int64_t b0, int64_t b1, Seg<A> seg) { fwd_stats_isa(a, b0, b1, seg); },
+        [&](int64_t b0, int64_t b1) { fwd_combine(a, b0, b1); },
+        [&](int64_t b0, int64_t b1, Seg<A> seg) { fwd_apply_isa(a, b0, b1, seg); });
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& pre_bias, const OptTensor& scale, const OptTensor& shift, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool silu) {
+  const auto shape = group_norm_silu_shape(x, weight, bias, pre_bias, scale, shift, num_groups);
+  const Plan p = make_plan(shape, /*row_blocks=*/false);  // per-channel partials
+  const auto acc = acc_type(x);
+  const auto acc_opts = x.options().dtype(acc);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
+              "group_norm_silu_bwd: grad_y must match x in shape, dtype and device");
+  TORCH_CHECK(shape.channels_last ? grad_y.movedim(1, -1).is_contiguous() : grad_y.is_contiguous(),
+              "group_norm_silu_bwd: grad_y must have the memory layout of x, got strides ", grad_y.strides(),
+              " for x strides ", x.strides());
+  TORCH_CHECK(mean.sizes() == at::IntArrayRef({p.N, p.G}) && rstd.sizes() == mean.sizes(),
+              "group_norm_silu_bwd: mean and rstd must have shape (N, num_groups)");
+  TORCH_CHECK(mean.scalar_type() == acc && rstd.scalar_type() == acc && mean.device() == x.device() &&
+                  rstd.device() == x.device(),
+              "group_norm_silu_bwd: mean and rstd must be ", acc, " tensors on x's device");
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor grad_x = at::empty_like(x);
+  at::Tensor w = to_acc(weight, acc), b = to_acc(bias, acc), pb = to_acc(pre_bias, acc);
+  at::Tensor sc = to_acc(scale, acc), sh = to_acc(shift, acc);
+  at::Tensor coef = at::empty({6, p.N * p.C}, acc_opts);
+  at::Tensor parts = at::empty({3, p.N * p.C * p.chunks}, acc_opts);
+  at::Tensor g = at::empty({5, p.N, p.C}, acc_opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    A *cf = coef.data_ptr<A>(), *pt = parts.data_ptr<A>();
+    const int64_t nc = p.N * p.C, np = nc * p.chunks;
+    // mean/rstd are only read; Args shares one struct with the forward, which writes them.
+    const Args<scalar_t, A> a{p, silu, {}, 0.0, x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
+                              grad_x.data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(pb),
+                              ptr_or_null<A>(sc), ptr_or_null<A>(sh), const_cast<A*>(mean_c.const_data_ptr<A>()),
+                              const_cast<A*>(rstd_c.const_data_ptr<A>()), cf, cf + nc, cf + 2 * nc, cf + 3 * nc,
+                              cf + 4 * nc, cf + 5 * nc, pt, pt + np, pt + 2 * np, g.data_ptr<A>()};
+    for (int64_t n = 0; n < p.N; ++n)
+      for (int64_t c = 0; c < p.C; ++c) set_coefficients(a, n, c);
+    schedule<A>(  // prefetching the backward's two input streams measured no faster
+        p, silu, false, [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_stats_isa(a, b0, b1, seg); },
+        [&](int64_t b0, int64_t b1) { bwd_combine(a, b0, b1); },
+        [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_apply_isa(a, b0, b1, seg); });
+  });
+  const auto grad = [&](const OptTensor& t, const at::Tensor& v) {
+    return t.has_value() && t->defined() ? v.to(t->scalar_type(), false, /*copy=*/true) : at::empty({0}, x.options());
+  };
+  return {grad_x, grad(weight, g[3].sum(0)), grad(bias, g[4].sum(0)), grad(pre_bias, g[0]), grad(scale, g[1]),
+          grad(shift, g[2])};
+}
+
+}  // namespace diffusion_fast
