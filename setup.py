@@ -14,11 +14,32 @@ Environment variables:
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def _set_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has both nvcc and libcudart, unless the user set one.
+
+    torch guesses CUDA_HOME from the nvcc on PATH (dirname of its bin/); a wrapper script such
+    as /usr/local/bin/nvcc then yields /usr/local, where libcudart is missing and linking fails.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = ([os.path.dirname(os.path.dirname(nvcc))] if nvcc else []) + ["/usr/local/cuda"]
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        if has_nvcc and glob.glob(os.path.join(home, "lib*", "libcudart.so*")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_set_cuda_home()  # before torch.utils.cpp_extension reads it
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

@@ -21,7 +21,8 @@
 //     pass 2: y from the shared-memory copy. HBM traffic: one read of x, one write of y.
 //   split (N*G < #SMs): the spatial axis of each group is cut into `splits` tiles (blockIdx.y);
 //     launch 1 (kPass1) stores per-tile Welford partials, launch 2 (kPass2) merges them and writes y.
-// Backward, with xhat = (x - mx) * rstd, z = xhat * wsc + cb, wsc = w * (1 + scale):
+// Backward, with mx = mean - pre_bias (mean, rstd as saved by the forward), xhat = (x - mx) * rstd,
+// z = xhat * wsc + cb, wsc = w * (1 + scale):
 //     pass 1: read x and dy (kept in shared memory); dz = act'(z) * dy, dxhat = dz * wsc;
 //             per channel sum dz and sum dz*xhat; per group sum dxhat and sum dxhat*xhat;
 //     pass 2: dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat*xhat)); per channel sum dx.
