@@ -85,7 +85,7 @@ def _variants(device: torch.device) -> dict:
 
 def plan(device: str, quick: bool, dtypes, variants) -> list:
     """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
-    fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    fp32, bf16 = torch.float32, torch.bfloat16
     if quick:
         return [(v, s, d) for v in variants for s in QUICK_SHAPES for d in dtypes or [fp32]]
     if device == "cpu":

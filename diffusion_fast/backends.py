@@ -109,6 +109,18 @@ def triton_unsupported(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+def unsupported(backend: str, x: torch.Tensor) -> Optional[str]:
+    """Why ``backend`` cannot run an op on x (None when it can), for ops whose C++/CUDA kernels
+    take fp16/bf16/fp32/fp64 and whose Triton kernels take all but fp64; the reference runs anything."""
+    if backend == "cuda":
+        return extension_unsupported(x)
+    if backend == "triton":
+        if x.dtype == torch.float64:
+            return "Triton kernels do not take float64"
+        return triton_unsupported(x)
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------

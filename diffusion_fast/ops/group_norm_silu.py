@@ -188,15 +188,7 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
                 )
 
 
-def _unsupported(backend: str, x: Tensor) -> Optional[str]:
-    """Why ``backend`` cannot run this call (None when it can); the reference runs anything."""
-    if backend == "cuda":
-        return backends.extension_unsupported(x)
-    if backend == "triton":
-        if x.dtype == torch.float64:
-            return "Triton kernels do not take float64"
-        return backends.triton_unsupported(x)
-    return None
+_unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
 
 
 def group_norm_silu(

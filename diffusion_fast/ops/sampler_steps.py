@@ -225,15 +225,7 @@ def _check_inputs(fn, index_name, x, eps, coefficients, index, seed, clip_x0, cl
         raise ValueError(f"{fn}: clip_range must be finite and > 0, got {clip_range}")
 
 
-def _unsupported(backend: str, x: Tensor) -> Optional[str]:
-    """Why ``backend`` cannot run this call (None when it can); the reference runs anything."""
-    if backend == "cuda":
-        return backends.extension_unsupported(x)
-    if backend == "triton":
-        if x.dtype == torch.float64:
-            return "Triton kernels do not take float64"
-        return backends.triton_unsupported(x)
-    return None
+_unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
 
 
 def _step(fn, x, eps, coefficients, index, seed, clip, noise, return_x0):

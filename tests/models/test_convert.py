@@ -26,15 +26,6 @@ CIFAR10 = dict(SMALL, sample_size=32, block_out_channels=(128, 256, 256, 256),
                up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def unet2d(**config):
     """A randomly initialised UNet2DModel with non-trivial GroupNorm affines (ones/zeros by default)."""
     with warnings.catch_warnings():

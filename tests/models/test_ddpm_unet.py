@@ -27,15 +27,6 @@ MODEL_BACKENDS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These networks are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides):
     """8x8 inputs, two levels, attention at 4x4: every kind of block, cheap on a CPU."""
     return DDPMUNet.tiny(**{**dict(resolution=8, attn_resolutions=(4,)), **overrides})
