@@ -10,13 +10,7 @@ from diffusion_fast.models import DDPMUNet
 from diffusion_fast.training import EMA, PAPER_SETTINGS, Trainer, batches, random_hflip, uint8_to_model_range, warmup_lr
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The networks here are tiny: one intra-op thread is as fast, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is fastest
 
 
 def test_warmup_is_linear_from_zero():

@@ -1,13 +1,8 @@
-"""Model tests: the networks here are tiny, so one intra-op thread is as fast, and far faster
-on a busy machine."""
+"""Model tests: the networks here are tiny (see the one_thread fixture in tests/conftest.py)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _models_use_one_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
