@@ -880,6 +880,30 @@ void allow_smem(Kernel kernel, int64_t bytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
+// Runs `kernel` over grid (N*G, splits): one fused launch when splits == 1, else pass 1 then
+// pass 2 through a workspace of `ws_per_split` accumulators per (group, split) (args.ws).
+template <typename Kernel, typename Args>
+void launch_fused_or_split(Kernel kernel, Args& args, const Plan& p, int64_t groups, int64_t ws_per_split,
+                           const at::TensorOptions& acc_options, cudaStream_t stream) {
+  const dim3 grid(unsigned(groups), unsigned(p.g.splits));
+  if (p.g.splits == 1) {
+    allow_smem(kernel, p.smem);
+    kernel<<<grid, p.threads, p.smem, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  using Acc = std::remove_pointer_t<decltype(args.ws)>;
+  at::Tensor ws = at::empty({groups * p.g.splits * ws_per_split}, acc_options);
+  args.ws = ws.mutable_data_ptr<Acc>();
+  args.geo.cache_vecs = 0;
+  allow_smem(kernel, p.smem_split);
+  for (const int mode : {kPass1, kPass2}) {
+    args.mode = mode;
+    kernel<<<grid, p.threads, p.smem_split, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // Calls f(std::integral_constant<int, VEC>) for vec in {8, 4, 2, 1}, within 16 bytes of T.
 template <typename T, typename F>
 void with_vec(int vec, const F& f) {
@@ -948,24 +972,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
                                   param_of(w), param_of(b), param_of(pb), param_of(sc), param_of(sh),
                                   mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), nullptr, p.g,
                                   static_cast<A>(eps), silu, kFused};
-        const auto kernel = gns_fwd_kernel<scalar_t, A, VEC, CL>;
-        const dim3 grid(unsigned(s.N * s.G), unsigned(p.g.splits));
-        if (p.g.splits == 1) {
-          allow_smem(kernel, p.smem);
-          kernel<<<grid, p.threads, p.smem, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          at::Tensor ws = at::empty({s.N * s.G * p.g.splits * 3}, x.options().dtype(acc));
-          args.ws = ws.mutable_data_ptr<A>();
-          args.geo.cache_vecs = 0;
-          allow_smem(kernel, p.smem_split);
-          args.mode = kPass1;
-          kernel<<<grid, p.threads, p.smem_split, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          args.mode = kPass2;
-          kernel<<<grid, p.threads, p.smem_split, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        launch_fused_or_split(gns_fwd_kernel<scalar_t, A, VEC, CL>, args, p, s.N * s.G, /*ws_per_split=*/3,
+                              x.options().dtype(acc), stream);
       });
     });
   });
@@ -1038,24 +1046,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                   param_of(sc), param_of(sh), mean.const_data_ptr<A>(), rstd.const_data_ptr<A>(),
                                   nullptr, part.defined() ? part.mutable_data_ptr<A>() : nullptr, part_stride,
                                   need_ab, need_p, p.red_bytes, p.g, silu, kFused};
-        const auto kernel = gns_bwd_kernel<scalar_t, A, VEC, CL>;
-        const dim3 grid(unsigned(s.N * s.G), unsigned(p.g.splits));
-        if (p.g.splits == 1) {
-          allow_smem(kernel, p.smem);
-          kernel<<<grid, p.threads, p.smem, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          at::Tensor ws = at::empty({s.N * s.G * p.g.splits * 2}, x.options().dtype(acc));
-          args.ws = ws.mutable_data_ptr<A>();
-          args.geo.cache_vecs = 0;
-          allow_smem(kernel, p.smem_split);
-          args.mode = kPass1;
-          kernel<<<grid, p.threads, p.smem_split, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-          args.mode = kPass2;
-          kernel<<<grid, p.threads, p.smem_split, stream>>>(args);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
+        launch_fused_or_split(gns_bwd_kernel<scalar_t, A, VEC, CL>, args, p, s.N * s.G, /*ws_per_split=*/2,
+                              x.options().dtype(acc), stream);
         if (part.defined()) {
           const int threads = 256;
           const int blocks = int(std::max<int64_t>(1, std::min<int64_t>(ceil_div(s.C, threads), 65535)));
