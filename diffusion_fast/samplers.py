@@ -8,6 +8,10 @@ No host synchronisation per step: the coefficient table lives on the device and 
 Python ints, timesteps are Python ints, and the noise is generated inside the step kernel from
 (seed, step, element index). The starting noise x_T is the same Philox stream at step
 ``len(table)``, so one seed gives the same samples on every backend and device (to rounding).
+
+``cuda_graph=True`` (CUDA only) replays the model's forward from a CUDA graph captured once per
+shape and kept with the model (``diffusion_fast.cuda_graphs``): each step then costs a graph
+replay, one fused step kernel and one copy, whatever the model's kernel count.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from diffusion_fast.cuda_graphs import graphed
 from diffusion_fast.diffusion.schedules import linear_betas
 from diffusion_fast.ops.philox import philox_normal_ref
 from diffusion_fast.ops.sampler_steps import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
@@ -39,19 +44,32 @@ def _check_shape(shape) -> tuple:
     return tuple(shape)
 
 
+def _denoiser(model: Callable[[Tensor, Tensor], Tensor], cuda_graph: bool, device: torch.device) -> Callable:
+    if not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+    if not cuda_graph:
+        return model
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
+    return graphed(model)
+
+
 @torch.no_grad()
 def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int], *, betas: Optional[Tensor] = None,
                 variance: str = "fixedlarge", clip_x0: bool = True, seed: int = 0, device=None,
-                dtype: torch.dtype = torch.float32, progress: Optional[Callable[[int], None]] = None) -> Tensor:
+                dtype: torch.dtype = torch.float32, progress: Optional[Callable[[int], None]] = None,
+                cuda_graph: bool = False) -> Tensor:
     """Ancestral sampling x_T -> x_0 with one fused ``ddpm_step`` per timestep.
 
     ``betas``: (T,) schedule (default: the paper's linear 1e-4 -> 0.02, T = 1000). ``variance``:
     "fixedlarge" or "fixedsmall"; ``clip_x0`` clips the predicted x0 to [-1, 1] as the official
     sampler does; no noise is added at t = 0. ``progress(t)`` is called after each step.
+    ``cuda_graph``: replay the model from a CUDA graph (see the module docstring).
     Returns x_0 of ``shape`` in ``dtype``.
     """
     shape = _check_shape(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    model = _denoiser(model, cuda_graph, device)
     betas = linear_betas() if betas is None else betas
     table = ddpm_coefficients(betas.to(device), variance)
     steps = table.shape[0]
@@ -69,15 +87,17 @@ def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
 def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int], *, num_steps: int = 50,
                 eta: float = 0.0, alphas_cumprod: Optional[Tensor] = None, timesteps: Optional[Sequence[int]] = None,
                 clip_x0: bool = True, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
-                progress: Optional[Callable[[int], None]] = None) -> Tensor:
+                progress: Optional[Callable[[int], None]] = None, cuda_graph: bool = False) -> Tensor:
     """DDIM sampling with one fused ``ddim_step`` per step, for any η >= 0.
 
     ``timesteps`` (strictly decreasing) defaults to ``num_steps`` evenly spaced timesteps of T
     (diffusers' "leading" spacing: T/num_steps * [num_steps-1, ..., 0]). ``alphas_cumprod``
-    defaults to the paper's linear schedule. Returns x_0 of ``shape`` in ``dtype``.
+    defaults to the paper's linear schedule. ``cuda_graph`` as in ``sample_ddpm``.
+    Returns x_0 of ``shape`` in ``dtype``.
     """
     shape = _check_shape(shape)
     device = torch.device(device) if device is not None else torch.device("cpu")
+    model = _denoiser(model, cuda_graph, device)
     if alphas_cumprod is None:
         alphas_cumprod = torch.cumprod(1.0 - linear_betas(), 0)
     if timesteps is None:

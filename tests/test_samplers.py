@@ -88,3 +88,28 @@ def test_bad_shape(shape):
 def test_bad_num_steps():
     with pytest.raises(ValueError, match="num_steps"):
         sample_ddim(toy_model, (1, 1, 2, 2), num_steps=0)
+
+
+def test_cuda_graph_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sample_ddpm(toy_model, (1, 1, 2, 2), betas=BETAS, cuda_graph=True)
+    with pytest.raises(TypeError, match="cuda_graph"):
+        sample_ddim(toy_model, (1, 1, 2, 2), num_steps=2, cuda_graph="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_cuda_graph_replay_gives_the_eager_samples(sampler):
+    """The graphed loop replays one captured UNet forward per step: same samples, graph reused."""
+    from diffusion_fast.cuda_graphs import graphed
+
+    torch.manual_seed(0)
+    model = DDPMUNet.tiny(resolution=8, attn_resolutions=(4,)).eval().cuda()
+    run = {"ddpm": lambda g, seed: sample_ddpm(model, (2, 3, 8, 8), betas=BETAS, seed=seed, device="cuda",
+                                                cuda_graph=g),
+           "ddim": lambda g, seed: sample_ddim(model, (2, 3, 8, 8), num_steps=5, eta=1.0, seed=seed,
+                                                alphas_cumprod=torch.cumprod(1 - BETAS, 0), device="cuda",
+                                                cuda_graph=g)}[sampler]
+    for seed in (1, 2):  # the second call replays the graph captured by the first
+        torch.testing.assert_close(run(True, seed), run(False, seed), atol=1e-5, rtol=1e-5)
+    assert len(graphed(model)._graphs) == 1
