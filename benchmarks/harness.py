@@ -105,7 +105,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few small shapes, short timing (smoke runs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", help=f"comma list of {','.join(DTYPES)} (default: the bench's set)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list to run (default: all available)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list to run, from {','.join(PROVIDERS)} and the bench's own (default: all available)")
     p.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     args = p.parse_args(argv)
@@ -114,7 +115,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
         if unknown := [d for d in names if d not in DTYPES]:
             p.error(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
         args.dtypes = [DTYPES[d] for d in names]
-    args.providers = {s.strip() for s in args.providers.split(",")}
+    if args.providers is not None:
+        args.providers = {s.strip() for s in args.providers.split(",")}
     return args
 
 
@@ -286,8 +288,13 @@ class Harness:
         self.skipped.append(dict(provider=provider, case=where, reason=reason.strip().splitlines()[0][:300]))
         print(f"  skip {provider} ({where}): {self.skipped[-1]['reason']}", flush=True)
 
-    def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable) -> None:
-        """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run."""
+    def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable,
+            others: Optional[dict] = None) -> None:
+        """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run.
+
+        ``others``: label -> callable, more providers timed like eager (no backend context),
+        e.g. a diffusers model; a callable that raises is skipped with its reason.
+        """
         if self.args.budget_s is not None and time.monotonic() - self.start > self.args.budget_s:
             return self.skip("all", case, f"time budget of {self.args.budget_s:.0f}s spent")
         try:
@@ -298,9 +305,11 @@ class Harness:
 
         providers = [("eager", eager, None), ("compile", None, None)]
         providers += [(label, ours, backend) for label, backend in self.our_backends()]
+        providers += [(label, f, None) for label, f in (others or {}).items()]
         timed = {}
         for label, f, backend in providers:
-            if not {label, backend} & self.args.providers:  # "cuda" also selects our C++ on CPU
+            wanted = self.args.providers
+            if wanted is not None and not {label, backend} & wanted:  # "cuda" also selects our C++ on CPU
                 continue
             try:
                 if label == "compile":

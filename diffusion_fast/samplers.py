@@ -44,6 +44,19 @@ def _check_shape(shape) -> tuple:
     return tuple(shape)
 
 
+def _start(shape: tuple, seed: int, step: int, device: torch.device, dtype: torch.dtype,
+           x_init: Optional[Tensor]) -> Tensor:
+    """x_T: the caller's ``x_init`` (copied, cast to ``dtype``) or the Philox stream (seed, step)."""
+    if x_init is None:
+        return initial_noise(shape, seed, step, device, dtype)
+    if not isinstance(x_init, Tensor) or not x_init.is_floating_point():
+        raise TypeError(f"x_init must be a floating tensor, got {type(x_init).__name__}")
+    same_device = x_init.device.type == device.type and device.index in (None, x_init.device.index)
+    if tuple(x_init.shape) != shape or not same_device:
+        raise ValueError(f"x_init must have shape {shape} on {device}, got {tuple(x_init.shape)} on {x_init.device}")
+    return x_init.to(dtype=dtype, copy=True)
+
+
 def _denoiser(model: Callable[[Tensor, Tensor], Tensor], cuda_graph: bool, device: torch.device) -> Callable:
     if not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
@@ -58,13 +71,14 @@ def _denoiser(model: Callable[[Tensor, Tensor], Tensor], cuda_graph: bool, devic
 def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int], *, betas: Optional[Tensor] = None,
                 variance: str = "fixedlarge", clip_x0: bool = True, seed: int = 0, device=None,
                 dtype: torch.dtype = torch.float32, progress: Optional[Callable[[int], None]] = None,
-                cuda_graph: bool = False) -> Tensor:
+                cuda_graph: bool = False, x_init: Optional[Tensor] = None) -> Tensor:
     """Ancestral sampling x_T -> x_0 with one fused ``ddpm_step`` per timestep.
 
     ``betas``: (T,) schedule (default: the paper's linear 1e-4 -> 0.02, T = 1000). ``variance``:
     "fixedlarge" or "fixedsmall"; ``clip_x0`` clips the predicted x0 to [-1, 1] as the official
     sampler does; no noise is added at t = 0. ``progress(t)`` is called after each step.
-    ``cuda_graph``: replay the model from a CUDA graph (see the module docstring).
+    ``cuda_graph``: replay the model from a CUDA graph (see the module docstring). ``x_init``:
+    start from this x_T (of ``shape``, on ``device``) instead of the seed's Philox noise.
     Returns x_0 of ``shape`` in ``dtype``.
     """
     shape = _check_shape(shape)
@@ -73,7 +87,7 @@ def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
     betas = linear_betas() if betas is None else betas
     table = ddpm_coefficients(betas.to(device), variance)
     steps = table.shape[0]
-    x = initial_noise(shape, seed, steps, device, dtype)
+    x = _start(shape, seed, steps, device, dtype, x_init)
     t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
     for t in reversed(range(steps)):
         eps = model(x, t_batch.fill_(t))
@@ -87,12 +101,13 @@ def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
 def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int], *, num_steps: int = 50,
                 eta: float = 0.0, alphas_cumprod: Optional[Tensor] = None, timesteps: Optional[Sequence[int]] = None,
                 clip_x0: bool = True, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
-                progress: Optional[Callable[[int], None]] = None, cuda_graph: bool = False) -> Tensor:
+                progress: Optional[Callable[[int], None]] = None, cuda_graph: bool = False,
+                x_init: Optional[Tensor] = None) -> Tensor:
     """DDIM sampling with one fused ``ddim_step`` per step, for any η >= 0.
 
     ``timesteps`` (strictly decreasing) defaults to ``num_steps`` evenly spaced timesteps of T
     (diffusers' "leading" spacing: T/num_steps * [num_steps-1, ..., 0]). ``alphas_cumprod``
-    defaults to the paper's linear schedule. ``cuda_graph`` as in ``sample_ddpm``.
+    defaults to the paper's linear schedule. ``cuda_graph`` and ``x_init`` as in ``sample_ddpm``.
     Returns x_0 of ``shape`` in ``dtype``.
     """
     shape = _check_shape(shape)
@@ -106,7 +121,7 @@ def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
         stride = alphas_cumprod.numel() // num_steps
         timesteps = [i * stride for i in reversed(range(num_steps))]
     table = ddim_coefficients(alphas_cumprod.to(device), timesteps, eta)
-    x = initial_noise(shape, seed, table.shape[0], device, dtype)
+    x = _start(shape, seed, table.shape[0], device, dtype, x_init)
     t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
     for i, t in enumerate(timesteps):
         eps = model(x, t_batch.fill_(int(t)))

@@ -113,3 +113,16 @@ def test_cuda_graph_replay_gives_the_eager_samples(sampler):
     for seed in (1, 2):  # the second call replays the graph captured by the first
         torch.testing.assert_close(run(True, seed), run(False, seed), atol=1e-5, rtol=1e-5)
     assert len(graphed(model)._graphs) == 1
+
+
+def test_x_init_replaces_the_seed_noise():
+    shape = (2, 3, 4, 4)
+    x_T = initial_noise(shape, 9, 20, "cpu", torch.float32)
+    expected = sample_ddpm(toy_model, shape, betas=BETAS, seed=4)
+    start = initial_noise(shape, 4, 20, "cpu", torch.float32)
+    torch.testing.assert_close(sample_ddpm(toy_model, shape, betas=BETAS, seed=4, x_init=start), expected)
+    assert (sample_ddpm(toy_model, shape, betas=BETAS, seed=4, x_init=x_T) - expected).abs().max() > 0.1
+    with pytest.raises(ValueError, match="x_init"):
+        sample_ddim(toy_model, shape, num_steps=2, x_init=torch.randn(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="x_init"):
+        sample_ddim(toy_model, shape, num_steps=2, x_init=torch.zeros(shape, dtype=torch.long))
