@@ -259,6 +259,7 @@ class Harness:
         self.start = time.monotonic()
         self.rows: list = []
         self.skipped: list = []  # dicts: provider, case, reason
+        self.notes: list = []  # markdown lines a bench appends under the table
         env = diffusion_fast.env_info()
         self.llc = last_level_cache_bytes(self.device)
         self.copy_gbps, copy_bytes = copy_bandwidth_gbps(self.device, self.llc, args.quick)
@@ -393,6 +394,7 @@ class Harness:
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.max_abs_diff, '.1e')} |"
             )
+        lines += self.notes
         if self.skipped:
             lines += ["", "Skipped:"]
             groups: dict = {}

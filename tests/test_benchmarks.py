@@ -43,3 +43,19 @@ def test_group_norm_silu_bench_quick_cpu(tmp_path):
     for row in rows:
         if row["provider"] == "cpu":
             assert row["max_abs_diff"] < 1e-3
+
+
+def test_ddpm_bench_quick_cpu(tmp_path):
+    """The end-to-end bench runs the UNet forward and the sampling loop and reports images/s."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_ddpm.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_ddpm.json").read_text())["rows"]
+    assert {(r["variant"], r["provider"]) for r in rows} == {
+        (v, p) for v in ("tiny-forward", "tiny-sample") for p in ("eager", "cpu")}
+    for row in rows:
+        assert row["extra"]["images_per_s"] > 0 and row["extra"]["flops"] > 0
+        assert row["max_abs_diff"] < 1e-3  # DDIM eta = 0: every provider computes the same samples
+    assert "images/s" in (tmp_path / "bench_ddpm.md").read_text()
