@@ -41,7 +41,9 @@ import torch
 import torch.utils.benchmark as tbench
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` without an install
+try:
+    import diffusion_fast  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # run as `python benchmarks/bench_x.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
 import diffusion_fast  # noqa: E402

@@ -106,9 +106,13 @@ def batches(data: Tensor, batch_size: int, *, generator: Optional[torch.Generato
 class Trainer:
     """One optimizer step of L_simple at a time, with the paper's Adam, warmup, clipping, EMA and flips.
 
-    ``step(x0)``: x0 (B, C, H, W) float in [-1, 1] on the model's device; returns a dict with the
-    mean ``loss`` and pre-clipping ``grad_norm`` (0-d tensors, not synchronised) and the ``lr`` used.
+    ``step(x0, t=None, noise=None)``: x0 (B, C, H, W) float in [-1, 1] on the model's device (t
+    and noise drawn from the generator unless given); returns a dict with the mean ``loss`` and
+    pre-clipping ``grad_norm`` (0-d tensors, not synchronised) and the ``lr`` used.
     ``state_dict``/``load_state_dict`` cover model, EMA, optimizer and step count.
+
+    ``model`` may be wrapped in ``DistributedDataParallel``: gradients are then averaged over
+    ranks before clipping, and the EMA and state dicts hold the unwrapped module.
     """
 
     def __init__(self, model: nn.Module, schedule: DiffusionSchedule, *, lr: float = 2e-4, warmup: int = 5000,
@@ -124,14 +128,19 @@ class Trainer:
         self.lr, self.warmup, self.grad_clip, self.random_flip = lr, warmup, grad_clip, random_flip
         self.generator = generator
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-        self.ema = EMA(model, ema_decay)
+        self.ema = EMA(self.module, ema_decay)
         self.step_count = 0
 
-    def step(self, x0: Tensor) -> dict:
+    @property
+    def module(self) -> nn.Module:
+        """The model itself, unwrapped from DistributedDataParallel if it is wrapped."""
+        return getattr(self.model, "module", self.model)
+
+    def step(self, x0: Tensor, *, t: Optional[Tensor] = None, noise: Optional[Tensor] = None) -> dict:
         self.model.train()
         if self.random_flip:
             x0 = random_hflip(x0, generator=self.generator)
-        loss = loss_simple(self.model, self.schedule, x0, generator=self.generator).mean()
+        loss = loss_simple(self.model, self.schedule, x0, t=t, noise=noise, generator=self.generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -143,16 +152,16 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.module)
         self.step_count += 1
         return {"loss": loss.detach(), "grad_norm": grad_norm.detach(), "lr": lr}
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+        return {"model": self.module.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_count = state["step"]
