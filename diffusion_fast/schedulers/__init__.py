@@ -13,4 +13,4 @@ from diffusion_fast.schedulers.base import SchedulerConfig, SchedulerOutput
 from diffusion_fast.schedulers.ddim import DDIMScheduler
 from diffusion_fast.schedulers.ddpm import DDPMScheduler
 
-__all__ = ["DDPMScheduler", "DDIMScheduler", "SchedulerConfig", "SchedulerOutput"]
+__all__ = ["DDIMScheduler", "DDPMScheduler", "SchedulerConfig", "SchedulerOutput"]

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import numbers
 import os
-from collections.abc import Mapping
-from typing import List, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SchedulerConfig", "SchedulerOutput", "CONFIG_NAME"]
+__all__ = ["CONFIG_NAME", "SchedulerConfig", "SchedulerOutput"]
 
 CONFIG_NAME = "scheduler_config.json"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
@@ -100,7 +100,7 @@ def make_betas(cls: str, c: Mapping) -> Tensor:
         _choice(cls, "beta_schedule", c["beta_schedule"], BETA_SCHEDULES)
         for name in ("beta_start", "beta_end"):
             if isinstance(c[name], bool) or not isinstance(c[name], numbers.Real):
-                raise ValueError(f"{cls}: {name} must be a number, got {c[name]!r}")
+                raise TypeError(f"{cls}: {name} must be a number, got {c[name]!r}")
         start, end = float(c["beta_start"]), float(c["beta_end"])
         schedule = c["beta_schedule"]
         if schedule == "linear":
@@ -128,11 +128,13 @@ def _choice(cls: str, name: str, value, allowed: Sequence, why: str = "") -> Non
 
 def _flag(cls: str, name: str, value) -> None:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{cls}: {name} must be a bool, got {value!r}")
+        raise TypeError(f"{cls}: {name} must be a bool, got {value!r}")
 
 
 def _int(cls: str, name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{cls}: {name} must be an int, got {value!r}")
+    if value < low:
         raise ValueError(f"{cls}: {name} must be an int >= {low}, got {value!r}")
 
 
@@ -153,7 +155,7 @@ def check_common(cls: str, c: Mapping) -> None:
                          "where the step's 1/sqrt(alphas_cumprod) is infinite)")
 
 
-def spaced_timesteps(c: Mapping, num_inference_steps: int) -> List[int]:
+def spaced_timesteps(c: Mapping, num_inference_steps: int) -> list[int]:
     """diffusers' timestep spacings (Lin et al. 2024, "Common Diffusion Noise Schedules and
     Sample Steps are Flawed", Table 2), descending; numpy mirrors diffusers' rounding."""
     n, steps = c["num_train_timesteps"], num_inference_steps
@@ -175,7 +177,7 @@ class FusedScheduler:
     order = 1
     init_noise_sigma = 1.0
 
-    def _setup(self, fields: dict, seed: Optional[int]) -> None:
+    def _setup(self, fields: dict, seed: int | None) -> None:
         cls = type(self).__name__
         fields = dict(fields)
         if fields.get("trained_betas") is not None:  # JSON-able, so save_config and diffusers accept it
@@ -199,7 +201,7 @@ class FusedScheduler:
         return self._internal_dict
 
     @classmethod
-    def from_config(cls, config: Optional[Mapping] = None, **kwargs):
+    def from_config(cls, config: Mapping | None = None, **kwargs):
         """A scheduler from a config mapping (ours, or a diffusers scheduler's ``.config``, or a
         pipeline's ``scheduler_config.json`` as a dict). Fields of other schedulers and private
         keys are ignored; ``kwargs`` (config fields or ``seed``) override the config."""
@@ -213,7 +215,7 @@ class FusedScheduler:
         values = {k: v for k, v in config.items() if k in names and k not in defaulted}
         return cls(**{**values, **kwargs})
 
-    def save_config(self, save_directory: Union[str, os.PathLike]) -> str:
+    def save_config(self, save_directory: str | os.PathLike) -> str:
         """Write ``scheduler_config.json`` (diffusers' file name and format) into ``save_directory``."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
@@ -222,7 +224,7 @@ class FusedScheduler:
         return path
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], subfolder: Optional[str] = None, **kwargs):
+    def from_pretrained(cls, path: str | os.PathLike, subfolder: str | None = None, **kwargs):
         """Load from a local folder holding ``scheduler_config.json`` (a saved pipeline with
         ``subfolder="scheduler"``). Hub ids: ``from_config(diffusers.XScheduler.from_pretrained(id).config)``."""
         folder = os.path.join(path, subfolder) if subfolder else path
@@ -241,11 +243,11 @@ class FusedScheduler:
         return f"{type(self).__name__}({fields}, seed={self.seed!r})"
 
     # -- timesteps ------------------------------------------------------------
-    def _use_timesteps(self, timesteps: List[int], device) -> None:
+    def _use_timesteps(self, timesteps: list[int], device) -> None:
         """Make ``timesteps`` (descending ints in [0, T)) the schedule; tables are rebuilt lazily."""
         cls, n = type(self).__name__, self.config.num_train_timesteps
         bad = [t for t in timesteps if not 0 <= t < n]
-        if bad or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        if bad or any(a <= b for a, b in itertools.pairwise(timesteps)):
             raise ValueError(f"{cls}.set_timesteps: timesteps must be strictly decreasing ints in [0, {n}), got "
                              f"{timesteps[:3]}...{timesteps[-3:]} (timestep_spacing={self.config.timestep_spacing!r},"
                              f" steps_offset={self.config.steps_offset})")
@@ -279,6 +281,10 @@ class FusedScheduler:
         except KeyError:
             raise ValueError(f"{type(self).__name__}.step: timestep {t} is not one of scheduler.timesteps "
                              f"({self._timesteps[0]} ... {self._timesteps[-1]}, {len(self._timesteps)} steps)") from None
+
+    def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
+        """The model's input at ``timestep``: ``sample`` itself (DDPM/DDIM do not scale it)."""
+        return sample
 
     # -- step plumbing --------------------------------------------------------
     def _check_step_tensors(self, model_output, sample, variance_noise) -> None:

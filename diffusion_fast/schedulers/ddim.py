@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from diffusion_fast.ops.sampler_steps import ddim_coefficients, ddim_step
-from diffusion_fast.schedulers.base import FusedScheduler, SchedulerOutput, _flag, spaced_timesteps
+from diffusion_fast.schedulers.base import (
+    FusedScheduler,
+    SchedulerOutput,
+    _flag,
+    spaced_timesteps,
+)
 
 __all__ = ["DDIMScheduler"]
 
@@ -43,13 +47,13 @@ class DDIMScheduler(FusedScheduler):
                  set_alpha_to_one: bool = True, steps_offset: int = 0, prediction_type: str = "epsilon",
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
-                 rescale_betas_zero_snr: bool = False, *, seed: Optional[int] = None):
+                 rescale_betas_zero_snr: bool = False, *, seed: int | None = None):
         _flag("DDIMScheduler", "set_alpha_to_one", set_alpha_to_one)
         fields = {k: v for k, v in locals().items() if k not in ("self", "seed", "__class__")}
         self._setup(fields, seed)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_inference_steps: int, device: Union[str, torch.device] = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device = None) -> None:
         """``num_inference_steps`` timesteps spaced by ``config.timestep_spacing``; sets
         ``self.timesteps`` (int64, on ``device``)."""
         self._check_num_steps(num_inference_steps)
@@ -81,8 +85,8 @@ class DDIMScheduler(FusedScheduler):
         return self._for_prediction(torch.cat(parts), abar[ts], self.config.prediction_type)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
-             use_clipped_model_output: Optional[bool] = False, generator=None,
-             variance_noise: Optional[Tensor] = None, return_dict: bool = True) -> Union[SchedulerOutput, tuple]:
+             use_clipped_model_output: bool | None = False, generator=None,
+             variance_noise: Tensor | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
         """One fused DDIM step from ``timestep`` (an int or one-element tensor in ``self.timesteps``).
 
         ``model_output``: the model's prediction (``config.prediction_type``), shaped like

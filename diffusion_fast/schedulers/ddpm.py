@@ -14,13 +14,17 @@ which is ``ddpm_coefficients`` of the "effective" betas beta'. Noise: see ``diff
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
 
 import torch
 from torch import Tensor
 
 from diffusion_fast.ops.sampler_steps import ddpm_coefficients, ddpm_step
-from diffusion_fast.schedulers.base import FusedScheduler, SchedulerOutput, _choice, spaced_timesteps
+from diffusion_fast.schedulers.base import (
+    FusedScheduler,
+    SchedulerOutput,
+    _choice,
+    spaced_timesteps,
+)
 
 __all__ = ["DDPMScheduler"]
 
@@ -46,7 +50,7 @@ class DDPMScheduler(FusedScheduler):
                  clip_sample: bool = True, prediction_type: str = "epsilon", thresholding: bool = False,
                  dynamic_thresholding_ratio: float = 0.995, clip_sample_range: float = 1.0,
                  sample_max_value: float = 1.0, timestep_spacing: str = "leading", steps_offset: int = 0,
-                 rescale_betas_zero_snr: bool = False, *, seed: Optional[int] = None):
+                 rescale_betas_zero_snr: bool = False, *, seed: int | None = None):
         why = (" (diffusers' fixed_large_log step takes the square root of a log-variance, which is NaN)"
                if variance_type == "fixed_large_log" else "")
         _choice("DDPMScheduler", "variance_type", variance_type, VARIANCE_TYPES, why)
@@ -58,8 +62,8 @@ class DDPMScheduler(FusedScheduler):
     def variance_type(self) -> str:
         return self.config.variance_type
 
-    def set_timesteps(self, num_inference_steps: Optional[int] = None, device: Union[str, torch.device] = None,
-                      timesteps: Optional[List[int]] = None) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device = None,
+                      timesteps: list[int] | None = None) -> None:
         """Sampling timesteps: ``num_inference_steps`` spaced by ``config.timestep_spacing``, or a
         custom decreasing list ``timesteps``. Sets ``self.timesteps`` (int64, on ``device``)."""
         if (num_inference_steps is None) == (timesteps is None):
@@ -75,7 +79,7 @@ class DDPMScheduler(FusedScheduler):
             ts = spaced_timesteps(self.config, self.num_inference_steps)
         self._use_timesteps(ts, device)
 
-    def _use_timesteps(self, timesteps: List[int], device) -> None:
+    def _use_timesteps(self, timesteps: list[int], device) -> None:
         super()._use_timesteps(timesteps, device)
         self._rows = {t: len(timesteps) - 1 - i for i, t in enumerate(timesteps)}  # row k: k-th smallest timestep
 
@@ -99,7 +103,7 @@ class DDPMScheduler(FusedScheduler):
         return self._for_prediction(table, abar, self.config.prediction_type)
 
     def step(self, model_output: Tensor, timestep, sample: Tensor, generator=None, return_dict: bool = True, *,
-             variance_noise: Optional[Tensor] = None) -> Union[SchedulerOutput, tuple]:
+             variance_noise: Tensor | None = None) -> SchedulerOutput | tuple:
         """One fused DDPM step from ``timestep`` (an int or one-element tensor in ``self.timesteps``).
 
         ``model_output``: the model's prediction (``config.prediction_type``), shaped like
