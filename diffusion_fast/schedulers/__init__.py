@@ -6,10 +6,11 @@
 Same constructor fields, ``config``, ``set_timesteps``, ``timesteps``, ``step``, ``add_noise``
 as diffusers'; diffusers itself is never imported. How each step's noise is made (a
 ``generator`` reproduces diffusers' samples; without one, Philox noise in the kernel) is
-described in ``diffusion_fast.schedulers.base``.
+described in ``diffusion_fast.schedulers.base``; config fields in ``.config``.
 """
 
-from diffusion_fast.schedulers.base import SchedulerConfig, SchedulerOutput
+from diffusion_fast.schedulers.base import SchedulerOutput
+from diffusion_fast.schedulers.config import SchedulerConfig
 from diffusion_fast.schedulers.ddim import DDIMScheduler
 from diffusion_fast.schedulers.ddpm import DDPMScheduler
 

@@ -20,12 +20,8 @@ import torch
 from torch import Tensor
 
 from diffusion_fast.ops.sampler_steps import ddim_coefficients, ddim_step
-from diffusion_fast.schedulers.base import (
-    FusedScheduler,
-    SchedulerOutput,
-    _flag,
-    spaced_timesteps,
-)
+from diffusion_fast.schedulers.base import FusedScheduler, SchedulerOutput
+from diffusion_fast.schedulers.config import check_flag, spaced_timesteps
 
 __all__ = ["DDIMScheduler"]
 
@@ -48,7 +44,7 @@ class DDIMScheduler(FusedScheduler):
                  thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
                  clip_sample_range: float = 1.0, sample_max_value: float = 1.0, timestep_spacing: str = "leading",
                  rescale_betas_zero_snr: bool = False, *, seed: int | None = None):
-        _flag("DDIMScheduler", "set_alpha_to_one", set_alpha_to_one)
+        check_flag("DDIMScheduler", "set_alpha_to_one", set_alpha_to_one)
         fields = {k: v for k, v in locals().items() if k not in ("self", "seed", "__class__")}
         self._setup(fields, seed)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]

@@ -19,12 +19,8 @@ import torch
 from torch import Tensor
 
 from diffusion_fast.ops.sampler_steps import ddpm_coefficients, ddpm_step
-from diffusion_fast.schedulers.base import (
-    FusedScheduler,
-    SchedulerOutput,
-    _choice,
-    spaced_timesteps,
-)
+from diffusion_fast.schedulers.base import FusedScheduler, SchedulerOutput
+from diffusion_fast.schedulers.config import check_choice, spaced_timesteps
 
 __all__ = ["DDPMScheduler"]
 
@@ -53,7 +49,7 @@ class DDPMScheduler(FusedScheduler):
                  rescale_betas_zero_snr: bool = False, *, seed: int | None = None):
         why = (" (diffusers' fixed_large_log step takes the square root of a log-variance, which is NaN)"
                if variance_type == "fixed_large_log" else "")
-        _choice("DDPMScheduler", "variance_type", variance_type, VARIANCE_TYPES, why)
+        check_choice("DDPMScheduler", "variance_type", variance_type, VARIANCE_TYPES, why)
         fields = {k: v for k, v in locals().items() if k not in ("self", "seed", "why", "__class__")}
         self._setup(fields, seed)
         self.custom_timesteps = False
