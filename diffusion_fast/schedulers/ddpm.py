@@ -14,6 +14,7 @@ which is ``ddpm_coefficients`` of the "effective" betas beta'. Noise: see ``diff
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -66,8 +67,9 @@ class DDPMScheduler(FusedScheduler):
             raise ValueError("DDPMScheduler.set_timesteps: pass exactly one of num_inference_steps and timesteps")
         if timesteps is not None:
             ts = timesteps.tolist() if isinstance(timesteps, Tensor) else list(timesteps)
-            if any(isinstance(t, bool) or not isinstance(t, int) for t in ts) or not ts:
+            if not ts or any(isinstance(t, bool) or not isinstance(t, numbers.Integral) for t in ts):
                 raise ValueError(f"DDPMScheduler.set_timesteps: timesteps must be a non-empty list of ints, got {ts!r}")
+            ts = [int(t) for t in ts]
             self.num_inference_steps, self.custom_timesteps = None, True
         else:
             self._check_num_steps(num_inference_steps)
@@ -94,7 +96,8 @@ class DDPMScheduler(FusedScheduler):
         # ddpm_coefficients needs two rows; row 0 depends on betas[0] alone
         table = ddpm_coefficients(betas.repeat(2) if betas.numel() == 1 else betas, variance, dtype=torch.float64)
         table = table[: betas.numel()].clone()
-        if ascending[0] > 0:  # diffusers adds noise at the last step unless t = 0: sigma^2 = beta' or max(0, 1e-20)
+        if ascending[0] > 0:  # diffusers' last step adds noise unless t = 0: sigma^2 = beta' (fixed_large), else
+            # the posterior variance, 0 here, clamped to 1e-20
             table[0, 5] = math.sqrt(betas[0]) if large else 1e-10
         return self._for_prediction(table, abar, self.config.prediction_type)
 
