@@ -16,6 +16,7 @@ from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
 from diffusion_fast import nn  # noqa: E402
+from diffusion_fast import schedulers  # noqa: E402
 
-__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn",
+__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn", "schedulers",
            "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]
