@@ -4,6 +4,7 @@
     y = df.group_norm_silu(x, 32, weight, bias, pre_bias=temb)   # fused op
     with df.use_backend("triton"): ...                           # force a backend
     df.env_info()                                                # what loaded, and why not
+    report = df.patch(diffusers_unet)                            # speed up a model in place
 """
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
 from diffusion_fast import nn  # noqa: E402
+from diffusion_fast.patching import patch, unpatch  # noqa: E402
 
 __all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn",
-           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]
+           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients", "patch", "unpatch"]
