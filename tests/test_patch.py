@@ -68,12 +68,16 @@ def expected_calls(model) -> dict:
             "attention": sum(isinstance(m, Attention) for m in model.modules())}
 
 
-UNET_CONFIGS = [pytest.param(False, "default", id="plain-default"), pytest.param(True, "scale_shift", id="attn-scale_shift"),
-                pytest.param(True, "default", id="attn-default"), pytest.param(False, "scale_shift", id="plain-scale_shift")]
+UNET_CONFIGS = [(False, "default"), (True, "scale_shift"), (True, "default"), (False, "scale_shift")]
+# every backend x config, but the (slow) interpreter only on the first two, which cover both
+# time-embedding modes and attention
+UNET_CASES = [pytest.param(*bd.values, attn, shift, marks=bd.marks,
+                           id=f"{bd.id}-{'attn' if attn else 'plain'}-{shift}")
+              for bd in BACKEND_DEVICES for k, (attn, shift) in enumerate(UNET_CONFIGS)
+              if bd.id != "triton-interp" or k < 2]
 
 
-@pytest.mark.parametrize("attn,shift", UNET_CONFIGS)
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device,attn,shift", UNET_CASES)
 def test_unet_matches_unpatched_fp32(backend, device, attn, shift, spies):
     size = 8 if backend == "triton" else 16  # the interpreter is slow: tiny input
     model = tiny_unet(attn, shift).to(device)
@@ -367,14 +371,49 @@ def test_attention_skips():
     assert "qk_norm" in reasons["qk"] and "not one of diffusers' defaults" in reasons["custom"]
 
 
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8).eval()
+
+
+def tiny_cond_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                                cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8).eval()
+
+
+@pytest.mark.parametrize("name", ["vae", "cond_unet"])
+def test_other_diffusers_models(name):
+    """AutoencoderKL (Encoder/Decoder output pairs, temb-less resnets, the decoder's "group" norm
+    mode) and UNet2DConditionModel (self- and cross-attention processors)."""
+    if name == "vae":
+        model, args, counts = tiny_vae(), (torch.randn(2, 3, 16, 16),), {"resnet_block": 10, "attention": 2,
+                                                                          "group_norm_silu": 2}
+    else:
+        model, args = tiny_cond_unet(), (torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 24))
+        counts = {"resnet_block": 8, "attention": 8, "group_norm_silu": 1}
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(*(a.double() if a.is_floating_point() else a for a in args)).sample
+        baseline = model(*args).sample
+        report = df.patch(model)
+        actual = model(*args).sample
+    assert report.counts() == counts and report.skipped == []
+    assert_close(actual, reference, torch.float32, f"patched {name}", baseline=baseline)
+
+
 def test_bad_input():
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got str"):
         df.patch("unet")
-    with pytest.raises(ValueError, match="backend must be one of .* got 'fast'"):
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'fast'"):
         df.patch(nn.Linear(2, 2), backend="fast")
     with pytest.raises(ValueError, match="backend"):
         df.patch(nn.Linear(2, 2), backend=None)
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got int"):
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module, got int"):
         df.unpatch(3)
 
 

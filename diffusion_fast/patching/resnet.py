@@ -5,6 +5,7 @@ pairs run as ``group_norm_silu``, with the time embedding folded into the second
     e = time_emb_proj(silu(temb))                           # (N, C) or (N, 2C); no silu if skip_time_act
     "default":     h = silu(norm2(h + e))                   # e is the op's pre_bias
     "scale_shift": h = silu(norm2(h) * (1 + s) + t)         # s, t = e.chunk(2, dim=1): scale, shift
+    no time_emb_proj:  h = silu(norm2(h))                  # temb None ("default"), or ignored (VAE "group")
     out = (shortcut(updown(x)) + conv2(dropout(h))) / output_scale_factor
 
 Calls the fused forward cannot take (deprecated extra arguments, a ``temb`` that does not
@@ -30,6 +31,8 @@ KIND = "resnet_block"
 
 
 def _fusable_call(block: nn.Module, x: Tensor, temb: Optional[Tensor]) -> bool:
+    if block.time_embedding_norm not in ("default", "scale_shift"):
+        return True  # e.g. the VAE decoder's "group": no time_emb_proj, temb ignored
     if block.time_emb_proj is None:
         return temb is None and block.time_embedding_norm == "default"
     return temb is not None and temb.dim() == 2 and temb.shape[0] == x.shape[0]
@@ -71,8 +74,8 @@ def _problem(block: nn.Module) -> Optional[str]:
         return f"non_linearity {type(act).__name__} is not SiLU"
     if has_hooks(act):
         return "nonlinearity has hooks that a fused call would skip"
-    if block.time_embedding_norm not in ("default", "scale_shift"):
-        return f"time_embedding_norm {block.time_embedding_norm!r} is not 'default' or 'scale_shift'"
+    if block.time_embedding_norm not in ("default", "scale_shift") and block.time_emb_proj is not None:
+        return f"time_embedding_norm {block.time_embedding_norm!r} with a time_emb_proj"
     for name in ("norm1", "norm2"):
         problem = norm_problem(getattr(block, name))
         if problem is not None:
@@ -81,7 +84,7 @@ def _problem(block: nn.Module) -> Optional[str]:
 
 
 def _detail(block: nn.Module) -> str:
-    temb = {"default": "temb as pre_bias", "scale_shift": "temb as scale/shift"}[block.time_embedding_norm]
+    temb = "temb as scale/shift" if block.time_embedding_norm == "scale_shift" else "temb as pre_bias"
     parts = ["norm1+SiLU", "norm2+SiLU fused", temb if block.time_emb_proj is not None else "no temb"]
     parts += ["upsample kept"] if block.upsample is not None else []
     parts += ["downsample kept"] if block.downsample is not None else []
