@@ -110,7 +110,7 @@ def patch_sequential(seq: nn.Sequential, path: str, backend: str, report) -> Opt
     fused, problems = [], []
     i = 0
     while i < len(modules) - 1:
-        if isinstance(modules[i], nn.GroupNorm):
+        if isinstance(modules[i], nn.GroupNorm) and not isinstance(modules[i], FusedGroupNormSiLU):
             problem = norm_problem(modules[i]) or act_problem(modules[i + 1])
             if problem is None:
                 fused.append(i)
@@ -130,7 +130,7 @@ def patch_sequential(seq: nn.Sequential, path: str, backend: str, report) -> Opt
         report.skipped.append(Skipped(join(path, names[i]), KIND, problem))
     for i in fused:
         report.replaced.append(Replaced(join(path, names[i]), KIND,
-                                        f"{names[i]}: GroupNorm + {names[i + 1]}: SiLU run fused by {path or 'the'} Sequential"))
+                                        f"Sequential [{names[i]}] GroupNorm + [{names[i + 1]}] SiLU run fused"))
     if not fused:
         return None
     seq.forward = sequential_forward.__get__(seq)
