@@ -4,6 +4,7 @@
     y = df.group_norm_silu(x, 32, weight, bias, pre_bias=temb)   # fused op
     with df.use_backend("triton"): ...                           # force a backend
     df.env_info()                                                # what loaded, and why not
+    report = df.patch(diffusers_unet)                            # speed up a model in place
 """
 
 __version__ = "0.1.0"
@@ -17,6 +18,20 @@ backends.load_extension()  # after the op schemas exist: _C registers kernels fo
 
 from diffusion_fast import nn  # noqa: E402
 from diffusion_fast import schedulers  # noqa: E402
+from diffusion_fast.patching import patch, unpatch  # noqa: E402
 
-__all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn", "schedulers",
-           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]
+__all__ = [
+    "BACKENDS",
+    "env_info",
+    "use_backend",
+    "nn",
+    "schedulers",
+    "patch",
+    "unpatch",
+    "group_norm_silu",
+    "group_norm_silu_ref",
+    "ddpm_step",
+    "ddpm_coefficients",
+    "ddim_step",
+    "ddim_coefficients",
+]
