@@ -89,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None, help="output folder (default benchmarks/results/<device>-<date>)")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    b.add_argument("--providers", default=None, help="comma list, e.g. eager,compile,cuda (default: all)")
 
     sub.add_parser("info", help="versions, device, backends loaded and why others did not")
     return p
@@ -96,6 +97,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in checkpoints
     try:
         if args.command == "sample":
             return cmd_sample(args)
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
         print(json.dumps(diffusion_fast.env_info(), indent=2, default=str))
         return 0
     except (UsageError, ValueError, TypeError, ImportError, OSError) as exc:
-        print(f"diffusion-fast {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split())  # one line, whatever the exception's text
+        print(f"diffusion-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
     finally:
         distributed.teardown()
@@ -193,6 +196,6 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def command_line(argv=None) -> str:
-    return "diffusion-fast " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+def command_line(argv) -> str:
+    return "diffusion-fast " + " ".join(shlex.quote(a) for a in argv)
 

@@ -100,6 +100,7 @@ def cmd_bench(args) -> int:
     failed = []
     for name in names:
         cmd = [sys.executable, str(scripts[name]), "--device", device, "--out", str(out)] + ["--quick"] * args.quick
+        cmd += ["--providers", args.providers] if args.providers else []
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd, env=env).returncode != 0:
             failed.append(name)

@@ -46,7 +46,7 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if args.resume and out.is_file():
         ckpt = zoo.load_checkpoint(out)
-        if "trainer" not in ckpt or ckpt["config"] != config:
+        if "trainer" not in ckpt or ckpt["config"] != dict(model.config):
             raise UsageError(f"--resume: {out} has no trainer state for --model {args.model}")
         trainer.load_state_dict(ckpt["trainer"])
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(args.seed, ctx.rank) + 10_000 * trainer.step_count)
@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     def save() -> None:
         if ctx.is_main:
             zoo.save_checkpoint(out, kind=kind, model=trainer.module, ema=trainer.ema.module, schedule=schedule,
-                                data=dict(name=data_name, shape=list(want)), command=command_line(),
+                                data=dict(name=data_name, shape=list(want)), command=command_line(args.argv),
                                 steps=trainer.step_count, trainer=None if args.half else trainer.state_dict(),
                                 half=args.half)
 

@@ -70,7 +70,8 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle/zip errors of all kinds: not a readable checkpoint
-        raise ValueError(f"checkpoint {str(path)!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({type(exc).__name__}: {first[:200]})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} is not a diffusion_fast checkpoint (format {FORMAT})")
     missing = [k for k in ("kind", "config", "schedule", "data", "ema") if k not in ckpt]
