@@ -66,6 +66,10 @@ def clip_text_from_open_clip(source, *, model: Optional[CLIPTextEncoder] = None,
         if not all(hasattr(source, a) for a in ("encode_text", "token_embedding", "transformer", "ln_final")):
             raise TypeError(f"clip_text_from_open_clip: source must be an open_clip CLIP (text tower at the top "
                             f"level) or a state dict, got {type(source).__name__}")
+        if getattr(source, "text_pool_type", "argmax") != "argmax" or getattr(source, "attn_mask", 0) is None:
+            raise ValueError(f"clip_text_from_open_clip: source must pool at the largest token id with a causal "
+                             f"mask, as CLIP does; got text_pool_type={getattr(source, 'text_pool_type', None)!r}, "
+                             f"causal mask {'absent' if getattr(source, 'attn_mask', 0) is None else 'present'}")
         block = source.transformer.resblocks[0]
         heads = block.attn.num_heads if heads is None else heads
         quick_gelu = type(block.mlp.gelu).__name__ == "QuickGELU" if quick_gelu is None else quick_gelu

@@ -280,6 +280,11 @@ def test_full_clip_and_text_only_state_dicts_load(open_clip):
         assert guessed.config["heads"] == 1 and guessed.config["layers"] == 2 and guessed.config["embed_dim"] == 32
         assert not torch.allclose(guessed(tokens), expected, atol=1e-3)
     assert clip_text_from_open_clip(text_only, quick_gelu=False).config["quick_gelu"] is False
+    for other in (dict(pool_type="last"), dict(no_causal_mask=True)):  # same keys, another network
+        text = open_clip.model.CLIPTextCfg(vocab_size=1000, width=64, heads=4, layers=1, **other)
+        vision = open_clip.model.CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
+        with pytest.raises(ValueError, match="must pool at the largest token id with a causal mask"):
+            clip_text_from_open_clip(open_clip.model.CLIP(32, vision, text))
 
 
 def test_missing_unexpected_and_misshapen_keys_are_listed():
