@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness: the group_norm_silu bench, --quick, on the CPU.
+"""Smoke tests of the benchmark harness: the group_norm_silu and clip_text benches, --quick, on the CPU.
 
 torch.compile is left out: its first CPU compile alone can take ~20 s on a small machine.
 """
@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -59,3 +61,18 @@ def test_ddpm_bench_quick_cpu(tmp_path):
         assert row["extra"]["images_per_s"] > 0 and row["extra"]["flops"] > 0
         assert row["max_abs_diff"] < 1e-3  # DDIM eta = 0: every provider computes the same samples
     assert "images/s" in (tmp_path / "bench_ddpm.md").read_text()
+
+
+def test_clip_text_bench_quick_cpu(tmp_path):
+    pytest.importorskip("open_clip")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_clip_text.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_clip_text.json").read_text())["rows"]
+    assert {(r["provider"], r["shape"][0]) for r in rows} == {(p, b) for p in ("eager", "cpu") for b in (1, 2)}
+    for row in rows:
+        assert row["variant"] == "tiny" and row["shape"][1] == 77 and row["extra"]["flops"] > 0
+        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        assert row["max_abs_diff"] < 1e-4  # our encoder vs open_clip's on the same weights

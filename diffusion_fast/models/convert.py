@@ -201,21 +201,28 @@ def _config_from_state_dict(state: Mapping, resolution: Optional[int]) -> dict:
                 attn_resolutions=tuple(resolution // 2 ** i for i, a in enumerate(attn) if a), resolution=resolution)
 
 
-def _load_checked(model: DDPMUNet, state: Mapping) -> DDPMUNet:
-    """Copy diffusers-named ``state`` into ``model``; ValueError listing every mismatch."""
-    theirs_to_ours = {theirs: ours for ours, theirs in _key_map(model).items()}
-    own = model.state_dict()
-    missing = sorted(k for k in theirs_to_ours if k not in state)
-    unexpected = sorted(k for k in state if k not in theirs_to_ours)
-    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[ours].shape)}"
-                    for k, ours in theirs_to_ours.items() if k in state and state[k].shape != own[ours].shape)
+def check_state_dict(state: Mapping, expected: Mapping, header: str) -> None:
+    """ValueError (``header`` first) listing every key of ``expected`` (key -> shape) missing from
+    ``state``, every key of ``state`` not in ``expected``, and every shape that differs."""
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(shape)}"
+                    for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape))
     if missing or unexpected or shapes:
-        lines = [f"ddpm_unet_from_diffusers: checkpoint does not match DDPMUNet({model.extra_repr()})"]
+        lines = [header]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
                 more = f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else ""
                 lines.append(f"  {len(items)} {title}: " + ", ".join(items[:_LISTED]) + more)
         raise ValueError("\n".join(lines))
+
+
+def _load_checked(model: DDPMUNet, state: Mapping) -> DDPMUNet:
+    """Copy diffusers-named ``state`` into ``model``; ValueError listing every mismatch."""
+    theirs_to_ours = {theirs: ours for ours, theirs in _key_map(model).items()}
+    own = model.state_dict()
+    check_state_dict(state, {theirs: own[ours].shape for theirs, ours in theirs_to_ours.items()},
+                     f"ddpm_unet_from_diffusers: checkpoint does not match DDPMUNet({model.extra_repr()})")
     with torch.no_grad():
         for theirs, ours in theirs_to_ours.items():
             own[ours].copy_(state[theirs])
