@@ -33,7 +33,7 @@ PRETRAINED = {"digits": Path(__file__).parent / "pretrained" / "digits_ddpm.pt"}
 # name -> (kind, network config, data set, schedule); every DDPM here uses the paper's schedule shape.
 PAPER_SCHEDULE = dict(num_timesteps=1000, beta_start=1e-4, beta_end=0.02)
 MODELS = {
-    "ddpm-digits": ("ddpm", dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=2,
+    "ddpm-digits": ("ddpm", dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                  attn_resolutions=(4,), resolution=8, dropout=0.0), "digits", PAPER_SCHEDULE),
     "ddpm-tiny": ("ddpm", dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16),
                   None, PAPER_SCHEDULE),
