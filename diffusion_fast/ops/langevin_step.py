@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -42,8 +41,8 @@ FN = "langevin_step"
 # ---------------------------------------------------------------------------
 # Reference (plain PyTorch).
 # ---------------------------------------------------------------------------
-def langevin_step_ref(x: Tensor, score: Tensor, step_size: Union[float, Tensor], *, seed: int = 0, step: int = 0,
-                      noise: Optional[Tensor] = None, add_noise: bool = True, upcast: bool = True) -> Tensor:
+def langevin_step_ref(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: int = 0, step: int = 0,
+                      noise: Tensor | None = None, add_noise: bool = True, upcast: bool = True) -> Tensor:
     """Plain-PyTorch ``langevin_step``; ``upcast`` computes in float32 (or x's dtype if wider)."""
     compute = torch.promote_types(x.dtype, torch.float32) if upcast else x.dtype
     if isinstance(step_size, Tensor):
@@ -131,8 +130,8 @@ def _check_inputs(x, score, step_size, seed, step, noise, add_noise) -> None:
 _unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
 
 
-def langevin_step(x: Tensor, score: Tensor, step_size: Union[float, Tensor], *, seed: int = 0, step: int = 0,
-                  noise: Optional[Tensor] = None, add_noise: bool = True) -> Tensor:
+def langevin_step(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: int = 0, step: int = 0,
+                  noise: Tensor | None = None, add_noise: bool = True) -> Tensor:
     """One Langevin step x + alpha * score + sqrt(2 alpha) * z (module doc), fused into one kernel.
 
     ``x``, ``score``: one shape (B, ...), floating. ``step_size``: alpha > 0, a Python number or a
@@ -145,7 +144,8 @@ def langevin_step(x: Tensor, score: Tensor, step_size: Union[float, Tensor], *, 
     seed, step = int(seed), int(step)  # numpy ints too
     backend = backends.select(FN, x, _unsupported)
     if backend == "torch":
-        return langevin_step_ref(x, score, step_size, seed=seed, step=step, noise=noise, add_noise=add_noise)
+        out = langevin_step_ref(x, score, step_size, seed=seed, step=step, noise=noise, add_noise=add_noise)
+        return out.contiguous()  # as on the other backends
     if isinstance(step_size, Tensor):
         alpha, alpha_value = step_size.to(torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(1), 0.0
     else:
