@@ -110,13 +110,14 @@ def test_plain_langevin_dynamics():
 @pytest.mark.cuda
 def test_cuda_sampling_matches_cpu_and_never_syncs():
     sigmas = geometric_sigmas(1.0, 0.05, 4)
-    model = GaussianScore(0.1, 0.3, sigmas)
     x0 = torch.rand(2, 3, 8, 8)
-    cpu = annealed_langevin_dynamics(model, x0, sigmas, n_steps_each=3, step_lr=1e-3, seed=11)
-    annealed_langevin_dynamics(model, x0.cuda(), sigmas, n_steps_each=3, step_lr=1e-3, seed=11)  # warm-up
+    cpu = annealed_langevin_dynamics(GaussianScore(0.1, 0.3, sigmas), x0, sigmas, n_steps_each=3, step_lr=1e-3,
+                                     seed=11)
+    model, x0 = GaussianScore(0.1, 0.3, sigmas.cuda()), x0.cuda()  # the model's own table on the GPU
+    annealed_langevin_dynamics(model, x0, sigmas, n_steps_each=3, step_lr=1e-3, seed=11)  # warm-up
     torch.cuda.set_sync_debug_mode("error")
-    try:
-        gpu = annealed_langevin_dynamics(model, x0.cuda(), sigmas, n_steps_each=3, step_lr=1e-3, seed=11)
+    try:  # sigmas stay on the host: the sampler copies its tables to the GPU once, without a sync
+        gpu = annealed_langevin_dynamics(model, x0, sigmas, n_steps_each=3, step_lr=1e-3, seed=11)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
