@@ -2,6 +2,7 @@
 #include <torch/library.h>
 
 #include "group_norm_silu/group_norm_silu.h"
+#include "langevin_step/langevin_step.h"
 #include "sampler_steps/sampler_steps.h"
 
 TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
@@ -9,4 +10,5 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
   m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cpu);
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cpu);  // one kernel, two names
   m.impl("ddim_step", &diffusion_fast::sampler_step_cpu);
+  m.impl("langevin_step", &diffusion_fast::langevin_step_cpu);
 }

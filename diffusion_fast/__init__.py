@@ -13,6 +13,7 @@ from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
+from diffusion_fast.ops import langevin_step, langevin_step_ref
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
@@ -34,4 +35,6 @@ __all__ = [
     "ddpm_coefficients",
     "ddim_step",
     "ddim_coefficients",
+    "langevin_step",
+    "langevin_step_ref",
 ]

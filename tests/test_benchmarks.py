@@ -76,3 +76,22 @@ def test_clip_text_bench_quick_cpu(tmp_path):
         assert row["variant"] == "tiny" and row["shape"][1] == 77 and row["extra"]["flops"] > 0
         assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
         assert row["max_abs_diff"] < 1e-4  # our encoder vs open_clip's on the same weights
+
+
+def test_langevin_bench_quick_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_langevin.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads((tmp_path / "bench_langevin.json").read_text())
+    rows = data["rows"]
+    assert {r["variant"] for r in rows} == {"langevin", "langevin_table", "langevin_noise", "denoise"}
+    assert all(r["provider"] in ("eager", "cpu") and r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
+    ours = [r for r in rows if r["provider"] == "cpu"]
+    assert ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
+    for row in ours:
+        if row["variant"] in ("langevin_noise", "denoise"):  # like for like: the same values as eager
+            assert row["max_abs_diff"] < 1e-5

@@ -1,8 +1,7 @@
 // CPU kernel of ddpm_step / ddim_step (see sampler_steps.h), and the argument checks shared
 // with the CUDA file. Work is split by noise tile (1024 elements, csrc/philox.h) over
-// at::parallel_for. Per tile: Philox for its 256 counters (AVX2/AVX-512 when present,
-// philox_x86.h), then Box-Muller and the element loops, branch-free loops over contiguous
-// runs of 256 written for the auto-vectorizer.
+// at::parallel_for. Per tile: its noise (philox_cpu.h), then the element loops, branch-free
+// loops over contiguous runs of 256 written for the auto-vectorizer.
 #include "sampler_steps/sampler_steps.h"
 
 #include <ATen/Dispatch.h>
@@ -13,7 +12,7 @@
 #include <limits>
 
 #include "philox.h"
-#include "philox_x86.h"
+#include "philox_cpu.h"
 
 namespace diffusion_fast {
 
@@ -53,33 +52,6 @@ struct StepCoefs {
   acc_t a, b, c1, c2, c3, sigma, clip;
 };
 
-// The Box-Muller loop is worth wider vectors than the x86-64 baseline (SSE2): GCC builds it for
-// each listed target and picks one at load time (an ifunc; the rest of the file stays baseline).
-// Elsewhere (clang, MSVC, other CPUs) the loop is built for the baseline only.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DF_VECTOR_CLONES
-#endif
-
-template <typename acc_t>
-DF_VECTOR_CLONES void box_muller_tile(const uint32_t* __restrict__ r, acc_t* __restrict__ z) {
-  constexpr int64_t n = philox::kTileCounters;
-  for (int64_t j = 0; j < n; ++j) {
-    philox::box_muller4<acc_t>(r[j], r[j + n], r[j + 2 * n], r[j + 3 * n], z[j], z[j + n], z[j + 2 * n], z[j + 3 * n]);
-  }
-}
-
-// z[k * 256 + j]: the noise of element 1024 * tile + 256 * k + j.
-template <typename acc_t>
-void tile_noise(int64_t tile, uint32_t step, uint32_t key_lo, uint32_t key_hi, acc_t* z) {
-  static const philox::TileFn philox_tile = philox::philox_tile_fn();
-  const uint64_t first = static_cast<uint64_t>(tile) * philox::kTileCounters;
-  alignas(64) uint32_t r[philox::kTileElements];
-  philox_tile(static_cast<uint32_t>(first), static_cast<uint32_t>(first >> 32), step, key_lo, key_hi, r);
-  box_muller_tile<acc_t>(r, z);
-}
-
 // One contiguous run of `len` elements; z is the matching run of noise (unused for kNone).
 template <Noise kNoise, typename scalar_t, typename acc_t>
 void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, const acc_t* __restrict__ z_gen,
@@ -106,7 +78,7 @@ void sampler_step_kernel(const scalar_t* x, const scalar_t* eps, const scalar_t*
   at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
     alignas(64) acc_t z[philox::kTileElements];
     for (int64_t tile = begin; tile < end; ++tile) {
-      if constexpr (kNoise == Noise::kPhilox) tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
+      if constexpr (kNoise == Noise::kPhilox) philox::tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
       for (int64_t lane = 0; lane < 4; ++lane) {
         const int64_t base = tile * philox::kTileElements + lane * run;
         const int64_t len = std::min(run, numel - base);

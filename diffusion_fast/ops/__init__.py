@@ -1,6 +1,7 @@
 """Our ops: each module holds the reference, the torch.library schema and the public function."""
 
 from diffusion_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
+from diffusion_fast.ops.langevin_step import langevin_step, langevin_step_ref
 from diffusion_fast.ops.philox import philox_normal_ref
 from diffusion_fast.ops.sampler_steps import (
     ddim_coefficients,
@@ -13,4 +14,5 @@ from diffusion_fast.ops.sampler_steps import (
 
 __all__ = ["group_norm_silu", "group_norm_silu_ref",
            "ddpm_step", "ddpm_step_ref", "ddpm_coefficients", "ddim_step", "ddim_step_ref", "ddim_coefficients",
-           "philox_normal_ref"]
+           "philox_normal_ref",
+           "langevin_step", "langevin_step_ref"]

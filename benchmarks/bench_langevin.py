@@ -1,0 +1,104 @@
+"""Benchmark of the fused Langevin step (``diffusion_fast.langevin_step``) against its eager formula.
+
+    python benchmarks/bench_langevin.py                      # GPU (or CPU without one)
+    python benchmarks/bench_langevin.py --device cpu --out /tmp/bench_out
+    python benchmarks/bench_langevin.py --quick              # smoke run, tiny shapes
+
+Variants, each against its own eager formula (step size a = 6.2e-6 * (sigma_i / sigma_L)^2, NCSNv2's
+CIFAR-10 setting at the level sigma_i = 1):
+    langevin        x + a * score + sqrt(2a) * randn_like(x), a a Python float (the cheapest eager
+                    form); ours: Philox noise made in the kernel
+    langevin_table  the same with a read from a 0-d device tensor (the sampler's form: no host sync)
+    langevin_noise  a given noise tensor on both sides (fusion alone, no RNG)
+    denoise         x + a * score (add_noise=False: NCSN's final denoising step)
+
+"max abs diff" compares different noise streams (torch.randn vs Philox) in ``langevin`` and
+``langevin_table``; the other variants compare like for like.
+
+Bytes a fused kernel must move (E elements of s bytes): read x and score, write x': 3*E*s;
+langevin_noise also reads the noise: 4*E*s. FLOPs: ~4 per element for the update; the in-kernel
+noise adds one Philox4x32-10 per 4 elements (~40 integer ops per element) and one Box-Muller pair
+per 2 (log, sqrt, sin, cos): ~60-80 ops per element, so on a GPU the floor stays bytes /
+bandwidth, while on a CPU the RNG is the larger share.
+"""
+
+from __future__ import annotations
+
+import math
+
+import harness  # first: puts the repo root on sys.path when diffusion_fast is not installed
+import torch
+
+import diffusion_fast
+from diffusion_fast.ops.langevin_step import _unsupported
+
+SEED, STEP = 1234, 500
+STEP_SIZE = 6.2e-6 * (1.0 / 0.01) ** 2  # alpha_i at sigma_i = 1, sigma_L = 0.01
+
+# (B, C, H, W): one image and a sampling batch, at CIFAR-10 and 256x256 resolution.
+SHAPES = [(b, 3, h, h) for h in (32, 256) for b in (1, 128)]
+QUICK_SHAPES = [(2, 3, 8, 8)]
+
+
+def _variants(device: torch.device) -> dict:
+    """variant -> (eager, ours, number of tensor inputs (x, score[, noise]))."""
+    a = STEP_SIZE
+    scale = math.sqrt(2.0 * a)
+    a_table = torch.tensor([0.5, a], device=device)[1]  # a 0-d view into a device table
+
+    def eager(x, score):
+        return x + a * score + scale * torch.randn_like(x)
+
+    def eager_table(x, score):
+        return x + a_table * score + torch.sqrt(2.0 * a_table) * torch.randn_like(x)
+
+    def eager_noise(x, score, noise):
+        return x + a * score + scale * noise
+
+    def eager_denoise(x, score):
+        return x + a * score
+
+    step = diffusion_fast.langevin_step
+    return {
+        "langevin": (eager, lambda x, score: step(x, score, a, seed=SEED, step=STEP), 2),
+        "langevin_table": (eager_table, lambda x, score: step(x, score, a_table, seed=SEED, step=STEP), 2),
+        "langevin_noise": (eager_noise, lambda x, score, noise: step(x, score, a, noise=noise), 3),
+        "denoise": (eager_denoise, lambda x, score: step(x, score, a, add_noise=False), 2),
+    }
+
+
+def plan(device: str, quick: bool, dtypes, variants) -> list:
+    """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if quick:
+        return [(v, s, d) for v in variants for s in QUICK_SHAPES for d in dtypes or [fp32]]
+    main_dtypes = dtypes or ([fp32] if device == "cpu" else [fp32, bf16])
+    main = [("langevin", s, d) for d in main_dtypes for s in SHAPES]
+    side_shapes = [(128, 3, 32, 32)] if device == "cpu" else [(1, 3, 32, 32), (128, 3, 256, 256)]
+    side = [(v, s, d) for v in variants if v != "langevin" for s in side_shapes for d in dtypes or [fp32]]
+    return main + side
+
+
+def make_args(shape, dtype, device, n_inputs):
+    def make(requires_grad: bool) -> tuple:
+        return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_inputs))
+
+    return make
+
+
+def main(argv=None) -> None:
+    args = harness.parse_args(__doc__.splitlines()[0], argv)
+    bench = harness.Harness("bench_langevin", "langevin_step", args)
+    variants = _variants(bench.device)
+    for variant, shape, dtype in plan(args.device, args.quick, args.dtypes, variants):
+        eager, ours, n_inputs = variants[variant]
+        print(f"{variant} {list(shape)} {dtype}", flush=True)
+        s = torch.finfo(dtype).bits // 8
+        case = harness.Case(variant, shape, dtype, "fwd", make_args(shape, dtype, bench.device, n_inputs),
+                            (n_inputs + 1) * math.prod(shape) * s, extra={"step_size": STEP_SIZE})
+        bench.run(case, eager, ours, _unsupported)
+    bench.finish()
+
+
+if __name__ == "__main__":
+    main()

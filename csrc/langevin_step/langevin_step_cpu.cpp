@@ -1,0 +1,119 @@
+// CPU kernel of langevin_step (see langevin_step.h), and the argument checks shared with the
+// CUDA file. Work is split by noise tile (1024 elements, csrc/philox.h) over at::parallel_for.
+// Per tile: its noise (philox_cpu.h), then branch-free loops over its four contiguous runs of
+// 256 elements, written for the auto-vectorizer.
+#include "langevin_step/langevin_step.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "philox.h"
+#include "philox_cpu.h"
+
+namespace diffusion_fast {
+
+void check_langevin_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& alpha,
+                         const std::optional<at::Tensor>& noise, int64_t step, bool add_noise) {
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
+              "langevin_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
+  TORCH_CHECK(x.is_contiguous(), "langevin_step: x must be contiguous");
+  const auto check_like_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), "langevin_step: ", name, " is on ", t.device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t.scalar_type() == dtype, "langevin_step: ", name, " must have x's dtype ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.sizes() == x.sizes(), "langevin_step: ", name, " must have x's shape ", x.sizes(), ", got ",
+                t.sizes());
+    TORCH_CHECK(t.is_contiguous(), "langevin_step: ", name, " must be contiguous");
+  };
+  check_like_x(score, "score");
+  if (noise.has_value() && noise->defined()) {
+    check_like_x(*noise, "noise");
+    TORCH_CHECK(add_noise, "langevin_step: noise was given but add_noise is false");
+  }
+  if (alpha.has_value() && alpha->defined()) {
+    const auto alpha_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(alpha->device() == x.device(), "langevin_step: alpha is on ", alpha->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(alpha->scalar_type() == alpha_dtype, "langevin_step: alpha must be ", alpha_dtype, " for ", dtype,
+                " x, got ", alpha->scalar_type());
+    TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == 1, "langevin_step: alpha must be a (1,) tensor, got shape ",
+                alpha->sizes());
+  }
+  TORCH_CHECK(step >= 0 && step <= std::numeric_limits<uint32_t>::max(),
+              "langevin_step: step must be in [0, 2**32), got ", step);
+}
+
+namespace {
+
+enum class Noise { kNone, kPhilox, kGiven };
+
+// One contiguous run of `len` elements; z_gen (kPhilox) or z_given (kGiven) is its noise.
+template <Noise kNoise, typename scalar_t, typename acc_t>
+void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ score, const acc_t* __restrict__ z_gen,
+              const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out, int64_t len, acc_t alpha,
+              acc_t noise_scale) {
+  for (int64_t i = 0; i < len; ++i) {
+    acc_t o = static_cast<acc_t>(x[i]) + alpha * static_cast<acc_t>(score[i]);
+    if constexpr (kNoise == Noise::kPhilox) o += noise_scale * z_gen[i];
+    if constexpr (kNoise == Noise::kGiven) o += noise_scale * static_cast<acc_t>(z_given[i]);
+    out[i] = static_cast<scalar_t>(o);
+  }
+}
+
+template <Noise kNoise, typename scalar_t, typename acc_t>
+void langevin_step_kernel(const scalar_t* x, const scalar_t* score, const scalar_t* noise, scalar_t* out,
+                          int64_t numel, acc_t alpha, uint64_t seed, uint32_t step) {
+  const int64_t tiles = (numel + philox::kTileElements - 1) / philox::kTileElements;
+  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
+  const acc_t noise_scale = std::sqrt(acc_t(2) * alpha);
+  constexpr int64_t run = philox::kTileCounters;
+  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t z[kNoise == Noise::kPhilox ? philox::kTileElements : 1];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      if constexpr (kNoise == Noise::kPhilox) philox::tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
+      for (int64_t lane = 0; lane < 4; ++lane) {
+        const int64_t base = tile * philox::kTileElements + lane * run;
+        const int64_t len = std::min(run, numel - base);
+        if (len <= 0) break;
+        step_run<kNoise>(x + base, score + base, kNoise == Noise::kPhilox ? z + lane * run : nullptr,
+                         noise == nullptr ? nullptr : noise + base, out + base, len, alpha, noise_scale);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& alpha,
+                             double alpha_value, const std::optional<at::Tensor>& noise, int64_t seed, int64_t step,
+                             bool add_noise) {
+  check_langevin_step(x, score, alpha, noise, step, add_noise);
+  auto out = at::empty_like(x);
+  const bool given = noise.has_value() && noise->defined();
+  const bool alpha_in_memory = alpha.has_value() && alpha->defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t a = alpha_in_memory ? *alpha->data_ptr<acc_t>() : static_cast<acc_t>(alpha_value);
+    const auto launch = [&](auto kernel) {
+      kernel(x.data_ptr<scalar_t>(), score.data_ptr<scalar_t>(), given ? noise->data_ptr<scalar_t>() : nullptr,
+             out.data_ptr<scalar_t>(), x.numel(), a, static_cast<uint64_t>(seed), static_cast<uint32_t>(step));
+    };
+    if (!add_noise) {
+      launch(langevin_step_kernel<Noise::kNone, scalar_t, acc_t>);
+    } else if (given) {
+      launch(langevin_step_kernel<Noise::kGiven, scalar_t, acc_t>);
+    } else {
+      launch(langevin_step_kernel<Noise::kPhilox, scalar_t, acc_t>);
+    }
+  });
+  return out;
+}
+
+}  // namespace diffusion_fast
