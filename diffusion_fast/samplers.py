@@ -1,5 +1,5 @@
-"""Sampling loops over the fused step ops: ancestral DDPM (Ho et al. 2020, Alg. 2) and DDIM
-(Song et al. 2021, Eq. 12).
+"""Sampling loops over the fused step ops: ancestral DDPM (Ho et al. 2020, Alg. 2), DDIM
+(Song et al. 2021, Eq. 12) and (annealed) Langevin dynamics (Song & Ermon 2019, Alg. 1).
 
 One signature per algorithm, k-diffusion style: ``sample_*(model, shape, ..., seed=...)`` with
 ``model(x_t, t)`` predicting ε for x_t: (B, C, H, W) and t: (B,) int64 timesteps.
@@ -16,6 +16,8 @@ replay, one fused step kernel and one copy, whatever the model's kernel count.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,10 +25,11 @@ from torch import Tensor
 
 from diffusion_fast.cuda_graphs import graphed
 from diffusion_fast.diffusion.schedules import linear_betas
+from diffusion_fast.ops.langevin_step import langevin_step
 from diffusion_fast.ops.philox import philox_normal_ref
 from diffusion_fast.ops.sampler_steps import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
 
-__all__ = ["sample_ddpm", "sample_ddim", "initial_noise"]
+__all__ = ["sample_ddpm", "sample_ddim", "initial_noise", "langevin_dynamics", "annealed_langevin_dynamics"]
 
 
 def initial_noise(shape: Sequence[int], seed: int, step: int, device, dtype: torch.dtype) -> Tensor:
@@ -107,7 +110,7 @@ def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
 
     ``timesteps`` (strictly decreasing) defaults to ``num_steps`` evenly spaced timesteps of T
     (diffusers' "leading" spacing: T/num_steps * [num_steps-1, ..., 0]). ``alphas_cumprod``
-    defaults to the paper's linear schedule. ``cuda_graph`` and ``x_init`` as in ``sample_ddpm``.
+    defaults to the paper's linear schedule. ``cuda_graph``, ``x_init`` as in ``sample_ddpm``.
     Returns x_0 of ``shape`` in ``dtype``.
     """
     shape = _check_shape(shape)
@@ -136,14 +139,6 @@ def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
 # Score-model convention: ``model(x, labels)`` returns s(x, sigma_i) of x's shape for labels: (B,)
 # int64 indices i into the decreasing noise levels (see ``diffusion_fast.score_matching``).
 # ---------------------------------------------------------------------------
-import math  # this section's imports stay with it
-import numbers
-
-from diffusion_fast.ops.langevin_step import langevin_step
-
-__all__ += ["annealed_langevin_dynamics", "langevin_dynamics"]
-
-
 @torch.no_grad()
 def langevin_dynamics(score_fn: Callable[[Tensor], Tensor], x: Tensor, step_size: float | Tensor,
                       n_steps: int, *, seed: int = 0) -> Tensor:
