@@ -3,6 +3,7 @@
     import diffusion_fast as df
     y = df.group_norm_silu(x, 32, weight, bias, pre_bias=temb)   # fused op
     with df.use_backend("triton"): ...                           # force a backend
+    o = df.attention(q, k, v, causal=False)                      # (B, H, S, D) flash attention
     df.env_info()                                                # what loaded, and why not
 """
 
@@ -12,10 +13,11 @@ from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
+from diffusion_fast.ops import attention, attention_ref
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
 from diffusion_fast import nn  # noqa: E402
 
 __all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn",
-           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]
+           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients", "attention", "attention_ref"]

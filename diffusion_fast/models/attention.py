@@ -1,13 +1,15 @@
 """The one attention call every model in diffusion_fast goes through.
 
-Models call ``attention(q, k, v)`` and nothing else, so a faster attention op (a custom
-kernel, a different SDPA backend) replaces this function and every model picks it up.
+Models call ``attention(q, k, v)`` and nothing else, so that the attention op
+(``diffusion_fast.ops.attention``: our Triton flash kernel or PyTorch's SDPA, chosen per shape
+by the backend) serves every model.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from diffusion_fast.ops.attention import attention as _attention_op
 
 __all__ = ["attention"]
 
@@ -16,7 +18,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v, per batch and head (Vaswani et al. 2017, Eq. 1).
 
     q: (B, heads, L, d); k, v: (B, heads, S, d); same dtype and device. Returns (B, heads, L, d)
-    in q's dtype. Runs ``torch.nn.functional.scaled_dot_product_attention`` (no mask, no
-    dropout), which picks its own fused kernel per device and dtype.
+    in q's dtype. Runs ``diffusion_fast.attention`` (no mask), which follows
+    ``diffusion_fast.use_backend``: ``triton`` or ``torch`` (SDPA); ``auto`` picks per shape.
     """
-    return F.scaled_dot_product_attention(q, k, v)
+    return _attention_op(q, k, v)
