@@ -7,6 +7,7 @@ ours, unsupported)``; every provider is timed on the same rotating inputs:
     compile  ``torch.compile`` of that same function (``--compile-mode``; default mode)
     cuda     our extension, ``ours`` under ``use_backend("cuda")``; named ``cpu`` on CPU tensors
     triton   our Triton kernels, ``ours`` under ``use_backend("triton")``; GPU only
+    ...      any extra providers a bench passes (``run(..., extra=)``), e.g. each SDPA backend
 
 A backend of ours that cannot run a case (not built, no kernel, first call fails, or it
 falls back to another backend) is skipped with its reason in the output, never timed.
@@ -18,6 +19,7 @@ last-level cache, so no call finds the inputs the previous one left in cache.
 
 GB/s divides the bytes the bench says the op must move by the median time; ``frac_copy_bw``
 divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured once per run.
+TFLOP/s divides the FLOPs the bench counts (``Case.flops``; 0 = not counted) by the median time.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Case:
     make_args: Callable[[bool], tuple]  # requires_grad -> positional args of eager/ours
     nbytes: int  # bytes a fused implementation must read + write (counted by the bench)
     extra: dict = field(default_factory=dict)  # anything else worth recording, e.g. num_groups
+    flops: int = 0  # floating-point operations the op must do (counted by the bench; 0: not counted)
 
 
 @dataclass
@@ -86,6 +89,7 @@ class Row:
     ratio_to_compile: Optional[float]  # compile median / this median: > 1 means faster than compile
     bytes: int
     gbps: float
+    tflops: Optional[float]  # flops / median time, None when the bench does not count flops
     frac_copy_bw: Optional[float]  # gbps / measured copy_ bandwidth
     max_abs_diff: Optional[float]  # max |output - eager in fp32| (fwd: y; fwd+bwd: every grad)
     pool_sets: int  # input copies rotated through
@@ -105,7 +109,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few small shapes, short timing (smoke runs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", help=f"comma list of {','.join(DTYPES)} (default: the bench's set)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma list to run (default: all available)")
+    p.add_argument("--providers", help=f"comma list to run, from {','.join(PROVIDERS)} and the bench's own "
+                                       "(default: all available)")
     p.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     args = p.parse_args(argv)
@@ -114,7 +119,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
         if unknown := [d for d in names if d not in DTYPES]:
             p.error(f"--dtypes: unknown {unknown}; choose from {list(DTYPES)}")
         args.dtypes = [DTYPES[d] for d in names]
-    args.providers = {s.strip() for s in args.providers.split(",")}
+    if args.providers is not None:
+        args.providers = {s.strip() for s in args.providers.split(",")}
     return args
 
 
@@ -286,8 +292,13 @@ class Harness:
         self.skipped.append(dict(provider=provider, case=where, reason=reason.strip().splitlines()[0][:300]))
         print(f"  skip {provider} ({where}): {self.skipped[-1]['reason']}", flush=True)
 
-    def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable) -> None:
-        """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run."""
+    def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable,
+            extra: Optional[dict] = None) -> None:
+        """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run.
+
+        ``extra``: more providers, {label: (function, context)}, each function called like eager
+        inside ``context()`` (a context-manager factory, or None) when timed.
+        """
         if self.args.budget_s is not None and time.monotonic() - self.start > self.args.budget_s:
             return self.skip("all", case, f"time budget of {self.args.budget_s:.0f}s spent")
         try:
@@ -296,11 +307,13 @@ class Harness:
             return self.skip("all", case, f"eager reference failed: {type(exc).__name__}: {exc}")
         args0 = pool[0][0]
 
-        providers = [("eager", eager, None), ("compile", None, None)]
-        providers += [(label, ours, backend) for label, backend in self.our_backends()]
+        providers = [("eager", eager, None, None), ("compile", None, None, None)]
+        providers += [(label, ours, backend, None) for label, backend in self.our_backends()]
+        providers += [(label, f, None, context) for label, (f, context) in (extra or {}).items()]
         timed = {}
-        for label, f, backend in providers:
-            if not {label, backend} & self.args.providers:  # "cuda" also selects our C++ on CPU
+        for label, f, backend, context in providers:
+            wanted = self.args.providers
+            if wanted is not None and not {label, backend} & wanted:  # "cuda" also selects our C++ on CPU
                 continue
             try:
                 if label == "compile":
@@ -309,7 +322,10 @@ class Harness:
                 if backend is not None and (reason := unsupported(backend, args0[0])):
                     self.skip(label, case, reason)
                     continue
-                ctx = diffusion_fast.use_backend(backend) if backend else contextlib.nullcontext()
+                if backend is not None:
+                    ctx = diffusion_fast.use_backend(backend)
+                else:
+                    ctx = context() if context is not None else contextlib.nullcontext()
                 step = as_step(f, case.mode)
                 with ctx:
                     seen = len(backends.fallbacks())
@@ -347,7 +363,8 @@ class Harness:
                 median_ms=median, p25_ms=p25, p75_ms=p75,
                 ratio_to_eager=None if eager_ms is None else eager_ms / median,
                 ratio_to_compile=None if compile_ms is None else compile_ms / median,
-                bytes=case.nbytes, gbps=gbps, frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
+                bytes=case.nbytes, gbps=gbps, tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
+                frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
                 max_abs_diff=diff, pool_sets=pool_sets, extra=case.extra, **self.meta,
             ))
 
@@ -372,8 +389,8 @@ class Harness:
             f"Load average at start: {self.env['loadavg']}.",
             "",
             "| variant | shape | dtype | mode | provider | median ms | p25-p75 ms | x eager | x compile "
-            "| GB/s | % copy BW | max abs diff |",
-            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+            "| GB/s | % copy BW | TFLOP/s | max abs diff |",
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         variants = list(dict.fromkeys(r.variant for r in self.rows))  # in run order
         rows = sorted(self.rows, key=lambda r: (variants.index(r.variant), r.dtype, r.shape, MODES.index(r.mode)))
@@ -382,7 +399,7 @@ class Harness:
                 f"| {r.variant} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.mode} | {r.provider} "
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
-                f"| {_fmt(r.max_abs_diff, '.1e')} |"
+                f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
         if self.skipped:
             lines += ["", "Skipped:"]

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from diffusion_fast import backends
 
-__all__ = ["attention", "attention_ref", "table_key"]
+__all__ = ["attention", "attention_ref", "table_key", "auto_choice"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -152,16 +152,22 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def auto_choice(device_name: str, key: tuple) -> str:
+    """"triton" or "torch" for a GPU call: the table's winner for ``key`` (``table_key``), else
+    the default rule (the key's head-dim bucket is > 256 exactly when the head dim is)."""
+    table = _TABLES.get(device_name)
+    winner = table["winners"].get(key) if table is not None else None
+    return winner or ("triton" if key[0] > 256 else "torch")
+
+
 def _auto_order(q: Tensor, k: Tensor, causal: bool, mode: str) -> tuple:
     """Backends auto tries for this call, best first."""
     if q.device.type != "cuda":
         return ("torch",)
-    table = _TABLES.get(_device_name(q.device.index or 0))
     key = table_key(q.shape[-1], q.shape[-2], k.shape[-2], causal, q.dtype, mode)
-    winner = table["winners"].get(key) if table is not None else None
-    if winner is None:
-        winner = "triton" if q.shape[-1] > 256 else "torch"
-    return ("triton", "torch") if winner == "triton" else ("torch",)
+    if auto_choice(_device_name(q.device.index or 0), key) == "triton":
+        return ("triton", "torch")
+    return ("torch",)
 
 
 def _describe_auto() -> dict:
