@@ -14,7 +14,7 @@ FlashAttention. No score matrix is materialised: kernels hold [BLOCK_M, BLOCK_N]
 
 Large head dims (DDPM: D = 256, 512 with a single head) do not fit the resident tiles of the
 usual kernels, so D is padded to D_PAD = next power of 2 (>= 16; pad columns are masked) and
-the contractions over D (Q Kᵀ, dO Vᵀ) run in chunks of BLOCK_D = min(D_PAD, 128) columns,
+the contractions over D (Q Kᵀ, dO Vᵀ) run in chunks of BLOCK_D = min(D_PAD, 128) columns (64 for fp32),
 streamed from L2 per key tile; only the fp32 accumulators ([rows, D_PAD]: O, dQ, or dK and
 dV) stay resident. With D_PAD <= 128 (one chunk) the program's fixed tiles are loaded once.
 
@@ -44,26 +44,30 @@ __all__ = ["attention_fwd", "attention_bwd"]
 
 LOG2E = math.log2(math.e)
 
-# Block sizes per padded head dim for 2-byte dtypes; fp32 halves BLOCK_N (its tiles are twice
-# the bytes). Values: (BLOCK_M, BLOCK_N, num_warps, num_stages). SRAM budget (H100: 227 KB of
-# shared memory and 64K 32-bit registers per SM), fp16, for one program:
-#   forward, resident acc [BLOCK_M, D_PAD] fp32 in registers:
-#     D_PAD <= 64   Q 16 KB resident; K + V 16 KB per stage x 3 = 48 KB; acc 32 KB (64 regs/thread)
-#     D_PAD 128     Q 32 KB resident; K + V 32 KB per stage x 3 = 96 KB; acc 64 KB (64 regs/thread)
-#     D_PAD 256     2 chunks: Q + K chunk 32 KB per stage x 2 = 64 KB; V 32 KB; acc 64 KB (64 regs/thread)
-#     D_PAD 512     4 chunks: Q + K chunk 24 KB per stage x 2 = 48 KB; V 32 KB; acc 128 KB
-#                   (128 regs/thread at 8 warps: what caps BLOCK_M at 64)
-#   backward dK/dV, resident dK and dV [BLOCK_N, D_PAD] fp32; per query tile Q and dO [BLOCK_M, D_PAD]:
-#     D_PAD 256     dK + dV 64 KB (64 regs/thread); Q + dO 32 KB; chunks of K, Q, V, dO 8 KB each
-#     D_PAD 512     dK + dV 128 KB (128 regs/thread); Q + dO 64 KB; chunks 8 KB each
-#   backward dQ, resident dQ [BLOCK_M, D_PAD] fp32; per key tile K [BLOCK_N, D_PAD]:
-#     D_PAD 512     dQ 64 KB (64 regs/thread); K 32 KB; chunks 8 KB each
-# Chosen from these budgets, not autotuned (no GPU was at hand): benchmarks/bench_attention.py
-# measures them, and the auto backend only picks this kernel where it measured faster.
-_FWD = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (64, 32, 8, 2)}
-_BWD_DKDV = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 2), 512: (32, 32, 8, 2)}
-_BWD_DQ = {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (64, 32, 8, 2), 512: (32, 32, 8, 2)}
-_CHUNK = 128  # BLOCK_D: columns of D per chunk of a contraction over the head dim
+# Block sizes per padded head dim D_PAD and element size (2: fp16/bf16, 4: fp32), as
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); a contraction over D runs in chunks of
+# _CHUNK[size] columns (BLOCK_D = min(D_PAD, chunk)). Budget, H100 (227 KB shared memory,
+# 64K 32-bit registers per SM; at most 255 per thread), one program, 16-bit inputs:
+#   forward: resident acc [BLOCK_M, D_PAD] fp32, e.g. 64 x 512 x 4 = 128 KB = 128 regs/thread at
+#     8 warps (what caps BLOCK_M at 64 for D 512); per key tile Q and K chunks (64 x 128 and
+#     32 x 128 x 2 B = 24 KB) and V (32 x 512 x 2 B = 32 KB), x num_stages in flight
+#   dK/dV: resident dK, dV [BLOCK_N, D_PAD] fp32 (32 x 512: 128 KB); per query tile Q and dO
+#     [BLOCK_M, D_PAD] (2 x 32 KB) plus the K, Q, V, dO chunks of the two contractions
+#   dQ: resident dQ [BLOCK_M, D_PAD] fp32 (32 x 512: 64 KB); per key tile K [BLOCK_N, D_PAD]
+# fp32 dots run on FMA units (IEEE) or TF32, with fp32 operand tiles held in registers: hence
+# the smaller tiles and 64-column chunks (no hoisted Q). Checked by compiling every kernel,
+# dtype and D in {64, 80, 256, 320, 512} for sm_90a and sm_80 with Triton 3.8 and `ptxas -v`
+# (no GPU at hand to time them): <= 80 KB of shared memory each; register spills only at
+# D_PAD 512 (worst: the 16-bit forward, 255 registers + ~160 B/thread; BLOCK_M 32 would have
+# none, at twice the K/V reads) and <= 40 B/thread elsewhere. benchmarks/bench_attention.py
+# times them, and auto picks this kernel only where it measured faster (or for D > 256).
+_FWD = {2: {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2), 512: (64, 32, 8, 2)},
+        4: {32: (64, 32, 8, 3), 64: (64, 32, 8, 3), 128: (64, 32, 8, 2), 256: (32, 16, 8, 2), 512: (32, 16, 8, 2)}}
+_BWD_DKDV = {2: {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (32, 64, 8, 2), 256: (32, 32, 8, 2), 512: (32, 32, 8, 2)},
+             4: {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (32, 16, 8, 2), 256: (32, 16, 8, 2), 512: (16, 16, 8, 2)}}
+_BWD_DQ = {2: {32: (64, 64, 4, 2), 64: (64, 64, 4, 2), 128: (64, 32, 8, 2), 256: (64, 32, 8, 2), 512: (32, 32, 8, 2)},
+           4: {32: (32, 32, 4, 2), 64: (32, 32, 4, 2), 128: (64, 16, 8, 2), 256: (32, 16, 8, 2), 512: (32, 16, 8, 2)}}
+_CHUNK = {2: 128, 4: 64}  # columns of D per chunk of a contraction over the head dim
 _DELTA_TILE = 8192  # elements of one delta-kernel tile
 
 
@@ -90,11 +94,12 @@ def _dot_t(a_ptr, a_rows, n_a, stride_ar, stride_ad, b_ptr, b_rows, n_b, stride_
 
 
 @triton.jit
-def _valid(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] mask of the (query, key) pairs that exist and are not causally masked."""
-    valid = (offs_m[:, None] < SEQ_Q) & (offs_n[None, :] < SEQ_K)
+def _valid(m, n, SEQ_Q, SEQ_K, CAUSAL: tl.constexpr):
+    """Mask of the (query m, key n) pairs that exist and are not causally masked; m and n are
+    broadcastable index tiles ([M, 1] and [1, N] for S, [1, M] and [N, 1] for Sᵀ)."""
+    valid = (m < SEQ_Q) & (n < SEQ_K)
     if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
+        valid = valid & (n <= m)
     return valid
 
 
@@ -135,7 +140,7 @@ def _attention_fwd_kernel(
         else:
             s = _dot_t(q_ptr, offs_m, SEQ_Q, sq_m, sq_d, k_ptr, offs_n, SEQ_K, sk_n, sk_d, D,
                        BLOCK_M, BLOCK_N, D_PAD, BLOCK_D, PRECISION)
-        s = tl.where(_valid(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL), s * qk_scale, -float("inf"))
+        s = tl.where(_valid(offs_m[:, None], offs_n[None, :], SEQ_Q, SEQ_K, CAUSAL), s * qk_scale, -float("inf"))
         # key 0 is valid for every row (top-left causal), so the first tile makes m_new finite
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_new = tl.where(offs_m < SEQ_Q, m_new, 0.0)  # padding rows: keep exp2 finite
@@ -219,7 +224,7 @@ def _attention_bwd_dkdv_kernel(
                          BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION)
             dp_t = _dot_t(v_ptr, offs_n, SEQ_K, sv_n, sv_d, do_ptr, offs_m, SEQ_Q, sdo_m, sdo_d, D,
                           BLOCK_N, BLOCK_M, D_PAD, BLOCK_D, PRECISION)
-        valid_t = tl.trans(_valid(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL))
+        valid_t = _valid(offs_m[None, :], offs_n[:, None], SEQ_Q, SEQ_K, CAUSAL)
         p_t = tl.where(valid_t, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)  # Pᵀ [BLOCK_N, BLOCK_M]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -275,7 +280,7 @@ def _attention_bwd_dq_kernel(
                        BLOCK_M, BLOCK_N, D_PAD, BLOCK_D, PRECISION)
             dp = _dot_t(do_ptr, offs_m, SEQ_Q, sdo_m, sdo_d, v_ptr, offs_n, SEQ_K, sv_n, sv_d, D,
                         BLOCK_M, BLOCK_N, D_PAD, BLOCK_D, PRECISION)
-        valid = _valid(offs_m, offs_n, SEQ_Q, SEQ_K, CAUSAL)
+        valid = _valid(offs_m[:, None], offs_n[None, :], SEQ_Q, SEQ_K, CAUSAL)
         p = tl.where(valid, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -291,18 +296,18 @@ def _d_pad(d: int) -> int:
 
 
 def _blocks(table: dict, d: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options for head dim d (see the SRAM budget above the tables)."""
+    """Block sizes and launch options for head dim d and dtype (see the budget above the tables)."""
     d_pad = _d_pad(d)
-    block_m, block_n, warps, stages = table[max(32, d_pad)]
-    if dtype == torch.float32:
-        block_n = max(16, block_n // 2)
-    return dict(D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=min(d_pad, _CHUNK),
+    size = 4 if dtype == torch.float32 else 2
+    block_m, block_n, warps, stages = table[size][max(32, d_pad)]
+    return dict(D_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=min(d_pad, _CHUNK[size]),
                 num_warps=warps, num_stages=stages)
 
 
 def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for fp32 inputs: IEEE unless PyTorch's matmul precision allows TF32."""
-    return "tf32" if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest" else "ieee"
+    """tl.dot input precision: for fp32, IEEE unless PyTorch's matmul precision allows TF32;
+    fp16/bf16 dots are exact products with fp32 sums either way ("tf32" is Triton's default)."""
+    return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):

@@ -15,7 +15,7 @@ Backends (``diffusion_fast.backends``):
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention``, which picks its own
   flash / memory-efficient / math kernel. ``attention_ref`` is the plain formula for tests.
 - ``cuda``: there is no C++/CUDA kernel; a forced ``cuda`` falls back (warned once) to auto's choice.
-``auto``: torch on CPU tensors; on GPU tensors, the winner of triton vs torch for the call's
+``auto``: torch on CPU tensors (and float64); on GPU tensors, the winner of triton vs torch for the call's
 (head-dim bucket, sequence bucket, causal, dtype, fwd or fwd+bwd) in the table that
 ``benchmarks/bench_attention.py`` wrote for this GPU (``benchmarks/results/*/bench_attention_table.json``,
 or the files in ``DIFFUSION_FAST_ATTENTION_TABLE``), else triton for D > 256 (PyTorch's flash
@@ -161,8 +161,8 @@ def auto_choice(device_name: str, key: tuple) -> str:
 
 
 def _auto_order(q: Tensor, k: Tensor, causal: bool, mode: str) -> tuple:
-    """Backends auto tries for this call, best first."""
-    if q.device.type != "cuda":
+    """Backends auto tries for this call, best first (triton only where it takes the input)."""
+    if q.device.type != "cuda" or q.dtype == torch.float64 or q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
         return ("torch",)
     key = table_key(q.shape[-1], q.shape[-2], k.shape[-2], causal, q.dtype, mode)
     if auto_choice(_device_name(q.device.index or 0), key) == "triton":

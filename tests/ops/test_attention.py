@@ -132,10 +132,10 @@ def test_small_blocks_many_tiles(monkeypatch, device, shape, dtype):
     several times, with the causal skip and ragged tails, at interpreter-sized shapes."""
     from diffusion_fast.kernels import attention as kernels
 
-    small = {p: (16, 16, 4, 1) for p in (32, 64, 128, 256, 512)}
+    small = {size: {p: (16, 16, 4, 1) for p in (32, 64, 128, 256, 512)} for size in (2, 4)}
     for table in ("_FWD", "_BWD_DKDV", "_BWD_DQ"):
         monkeypatch.setattr(kernels, table, small)
-    monkeypatch.setattr(kernels, "_CHUNK", 32)
+    monkeypatch.setattr(kernels, "_CHUNK", {2: 32, 4: 32})
     q, k, v = make_qkv(shape, dtype, device)
     require_backend("triton", "attention", q, _unsupported)
     check_against_reference("triton", q, k, v, shape[-1], dtype)
