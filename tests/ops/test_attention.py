@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 
 import pytest
 import torch
@@ -249,7 +250,7 @@ def test_table_drives_auto(monkeypatch, tmp_path):
     new.write_text(json.dumps(table("2026-02-01", "triton")))
     (tmp_path / "broken.json").write_text("{")
     paths = [old, new, tmp_path / "broken.json"]
-    monkeypatch.setenv(attention_module.TABLE_ENV, ":".join(map(str, paths)))
+    monkeypatch.setenv(attention_module.TABLE_ENV, os.pathsep.join(map(str, paths)))
     tables, errors = attention_module._load_tables()
     assert tables["Test GPU"]["path"] == str(new) and len(errors) == 1 and "broken.json" in errors[0]
     monkeypatch.setattr(attention_module, "_TABLES", tables)
