@@ -137,14 +137,18 @@ def _order(requested: str, x: torch.Tensor, auto: Optional[tuple]) -> tuple:
 
 
 def select(op: str, x: torch.Tensor, unsupported: Callable[[str, torch.Tensor], Optional[str]],
-           auto: Optional[tuple] = None) -> str:
+           auto: Optional[tuple] = None, implemented: tuple = BACKENDS) -> str:
     """The backend that runs ``op`` on x: the requested one, or the next that supports it.
 
     ``unsupported(backend, x)`` returns why a backend cannot run the call, or None. ``auto``:
     the op's own order of backends for this call (default: cuda, triton on GPU tensors, torch);
-    a forced backend that cannot run falls back along it.
+    a forced backend that cannot run falls back along it. A request for a backend the op does
+    not have at all (not in ``implemented``, e.g. cuda for attention) is served like "auto",
+    without a fallback warning: forcing cuda on a model keeps its ops without C++ kernels on
+    their best backend.
     """
-    order = _order(current(), x, auto)
+    requested = current()
+    order = _order(requested if requested in implemented else "auto", x, auto)
     first_reason = unsupported(order[0], x)
     if first_reason is None:
         return order[0]

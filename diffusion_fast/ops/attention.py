@@ -14,7 +14,8 @@ Backends (``diffusion_fast.backends``):
   head dim split into chunks so that D = 512 fits on chip; ops ``attention_triton_fwd/_bwd``.
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention``, which picks its own
   flash / memory-efficient / math kernel. ``attention_ref`` is the plain formula for tests.
-- ``cuda``: there is no C++/CUDA kernel; a forced ``cuda`` falls back (warned once) to auto's choice.
+- ``cuda``: there is no C++/CUDA kernel; a ``cuda`` request (e.g. a whole model run with
+  ``use_backend("cuda")``) gets auto's choice, without a fallback warning.
 ``auto``: torch on CPU tensors (and float64); on GPU tensors, the winner of triton vs torch for the call's
 (head-dim bucket, sequence bucket, causal, dtype, fwd or fwd+bwd) in the table that
 ``benchmarks/bench_attention.py`` wrote for this GPU (``benchmarks/results/*/bench_attention_table.json``,
@@ -68,6 +69,7 @@ FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tenso
 BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
               "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
 OPS = {"triton": "attention_triton"}
+IMPLEMENTED = ("triton", "torch")  # backends this op has; a cuda request runs auto's choice
 
 backends.LIBRARY.define(OPS["triton"] + "_fwd" + FWD_SCHEMA)
 backends.LIBRARY.define(OPS["triton"] + "_bwd" + BWD_SCHEMA)
@@ -179,7 +181,8 @@ def _describe_auto() -> dict:
         source = (f"{table['path']} ({len(table['winners'])} keys; other keys: {DEFAULT_RULE})" if table
                   else f"no benchmark table for {name}: {DEFAULT_RULE}")
     return dict(rule="CPU: torch. GPU: the winner of triton vs torch per (head_dim bucket, seq bucket, causal, "
-                     f"dtype, fwd|fwd+bwd) from bench_attention's table for this GPU model, else {DEFAULT_RULE}",
+                     f"dtype, fwd|fwd+bwd) from bench_attention's table for this GPU model, else {DEFAULT_RULE}. "
+                     "No cuda (C++) kernel: a cuda request gets this same choice",
                 source=source, tables={n: t["path"] for n, t in _TABLES.items()}, table_errors=_TABLE_ERRORS)
 
 
@@ -225,7 +228,7 @@ def _check_inputs(q, k, v, causal, scale) -> None:
 
 def _unsupported(backend: str, q: Tensor) -> Optional[str]:
     """Why ``backend`` cannot run attention on q (None when it can)."""
-    if backend == "cuda":
+    if backend not in IMPLEMENTED:
         return "no C++/CUDA kernel for attention (it runs on triton or PyTorch's SDPA)"
     if backend == "triton" and q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
         return f"Triton attention takes batch * heads <= {MAX_BATCH_HEADS}, got {q.shape[0] * q.shape[1]}"
@@ -242,7 +245,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     auto = _auto_order(q, k, causal, "fwd+bwd" if grad else "fwd")
-    backend = backends.select("attention", q, _unsupported, auto=auto)
+    backend = backends.select("attention", q, _unsupported, auto=auto, implemented=IMPLEMENTED)
     if backend == "torch":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
     return torch.ops.diffusion_fast.attention_triton_fwd(q, k, v, causal, scale)[0]
