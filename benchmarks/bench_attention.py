@@ -80,7 +80,7 @@ def counts(b, h, sq, sk, d, causal, dtype, mode) -> tuple:
 
 
 def providers(causal: bool):
-    """eager, ours, and the extra providers {label: (function, context factory)}."""
+    """eager, ours, and the other providers {label: (function, context factory)}."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def eager(q, k, v):
@@ -95,9 +95,9 @@ def providers(causal: bool):
     def forced(name: str):
         return lambda: sdpa_kernel(getattr(SDPBackend, name))
 
-    extra = {"sdpa": (ours, lambda: diffusion_fast.use_backend("torch"))}
-    extra.update({label: (sdpa, forced(name)) for label, name in SDPA_BACKENDS.items()})
-    return eager, ours, extra
+    others = {"sdpa": (ours, lambda: diffusion_fast.use_backend("torch"))}
+    others.update({label: (sdpa, forced(name)) for label, name in SDPA_BACKENDS.items()})
+    return eager, ours, others
 
 
 def make_args(shape, dtype, device):
@@ -146,14 +146,14 @@ def main(argv=None) -> None:
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     bench = harness.Harness("bench_attention", "attention", args)
     for (variant, b, h, sq, sk, d, causal), dtype in plan(args.device, args.quick, args.dtypes):
-        eager, ours, extra = providers(causal)
+        eager, ours, others = providers(causal)
         shape = (b, h, sq, sk, d)
         for mode in harness.MODES:
             print(f"{variant} {list(shape)} {dtype} {mode}", flush=True)
             flops, nbytes = counts(*shape, causal, dtype, mode)
             case = harness.Case(variant, shape, dtype, mode, make_args(shape, dtype, bench.device), nbytes,
                                 extra={"causal": causal}, flops=flops)
-            bench.run(case, eager, ours, _unsupported, extra=extra)
+            bench.run(case, eager, ours, _unsupported, others=others)
     bench.finish()
     write_table(bench)
 

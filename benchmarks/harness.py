@@ -7,7 +7,7 @@ ours, unsupported)``; every provider is timed on the same rotating inputs:
     compile  ``torch.compile`` of that same function (``--compile-mode``; default mode)
     cuda     our extension, ``ours`` under ``use_backend("cuda")``; named ``cpu`` on CPU tensors
     triton   our Triton kernels, ``ours`` under ``use_backend("triton")``; GPU only
-    ...      any extra providers a bench passes (``run(..., extra=)``), e.g. each SDPA backend
+    ...      any other providers a bench passes (``run(..., others=)``), e.g. each SDPA backend
 
 A backend of ours that cannot run a case (not built, no kernel, first call fails, or it
 falls back to another backend) is skipped with its reason in the output, never timed.
@@ -43,7 +43,9 @@ import torch
 import torch.utils.benchmark as tbench
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python benchmarks/bench_x.py` without an install
+try:
+    import diffusion_fast  # noqa: F401  (installed, or on PYTHONPATH)
+except ImportError:  # run as `python benchmarks/bench_x.py` from a checkout without an install
     sys.path.insert(0, str(ROOT))
 
 import diffusion_fast  # noqa: E402
@@ -109,8 +111,8 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a few small shapes, short timing (smoke runs)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", help=f"comma list of {','.join(DTYPES)} (default: the bench's set)")
-    p.add_argument("--providers", help=f"comma list to run, from {','.join(PROVIDERS)} and the bench's own "
-                                       "(default: all available)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma list to run, from {','.join(PROVIDERS)} and the bench's own (default: all available)")
     p.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     args = p.parse_args(argv)
@@ -263,6 +265,7 @@ class Harness:
         self.start = time.monotonic()
         self.rows: list = []
         self.skipped: list = []  # dicts: provider, case, reason
+        self.notes: list = []  # markdown lines a bench appends under the table
         env = diffusion_fast.env_info()
         self.llc = last_level_cache_bytes(self.device)
         self.copy_gbps, copy_bytes = copy_bandwidth_gbps(self.device, self.llc, args.quick)
@@ -293,11 +296,12 @@ class Harness:
         print(f"  skip {provider} ({where}): {self.skipped[-1]['reason']}", flush=True)
 
     def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable,
-            extra: Optional[dict] = None) -> None:
+            others: Optional[dict] = None) -> None:
         """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run.
 
-        ``extra``: more providers, {label: (function, context)}, each function called like eager
-        inside ``context()`` (a context-manager factory, or None) when timed.
+        ``others``: label -> callable, more providers timed like eager (no backend context),
+        e.g. a diffusers model, or label -> (callable, context factory) to time it inside
+        ``context()`` (e.g. one SDPA kernel forced); a callable that raises is skipped with its reason.
         """
         if self.args.budget_s is not None and time.monotonic() - self.start > self.args.budget_s:
             return self.skip("all", case, f"time budget of {self.args.budget_s:.0f}s spent")
@@ -309,7 +313,9 @@ class Harness:
 
         providers = [("eager", eager, None, None), ("compile", None, None, None)]
         providers += [(label, ours, backend, None) for label, backend in self.our_backends()]
-        providers += [(label, f, None, context) for label, (f, context) in (extra or {}).items()]
+        for label, other in (others or {}).items():
+            f, context = other if isinstance(other, tuple) else (other, None)
+            providers.append((label, f, None, context))
         timed = {}
         for label, f, backend, context in providers:
             wanted = self.args.providers
@@ -401,6 +407,7 @@ class Harness:
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
+        lines += self.notes
         if self.skipped:
             lines += ["", "Skipped:"]
             groups: dict = {}
