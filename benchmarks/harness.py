@@ -7,6 +7,7 @@ ours, unsupported)``; every provider is timed on the same rotating inputs:
     compile  ``torch.compile`` of that same function (``--compile-mode``; default mode)
     cuda     our extension, ``ours`` under ``use_backend("cuda")``; named ``cpu`` on CPU tensors
     triton   our Triton kernels, ``ours`` under ``use_backend("triton")``; GPU only
+    ...      any other providers a bench passes (``run(..., others=)``), e.g. each SDPA backend
 
 A backend of ours that cannot run a case (not built, no kernel, first call fails, or it
 falls back to another backend) is skipped with its reason in the output, never timed.
@@ -18,6 +19,7 @@ last-level cache, so no call finds the inputs the previous one left in cache.
 
 GB/s divides the bytes the bench says the op must move by the median time; ``frac_copy_bw``
 divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured once per run.
+TFLOP/s divides the FLOPs the bench counts (``Case.flops``; 0 = not counted) by the median time.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Case:
     make_args: Callable[[bool], tuple]  # requires_grad -> positional args of eager/ours
     nbytes: int  # bytes a fused implementation must read + write (counted by the bench)
     extra: dict = field(default_factory=dict)  # anything else worth recording, e.g. num_groups
+    flops: int = 0  # floating-point operations the op must do (counted by the bench; 0: not counted)
 
 
 @dataclass
@@ -88,6 +91,7 @@ class Row:
     ratio_to_compile: Optional[float]  # compile median / this median: > 1 means faster than compile
     bytes: int
     gbps: float
+    tflops: Optional[float]  # flops / median time, None when the bench does not count flops
     frac_copy_bw: Optional[float]  # gbps / measured copy_ bandwidth
     max_abs_diff: Optional[float]  # max |output - eager in fp32| (fwd: y; fwd+bwd: every grad)
     pool_sets: int  # input copies rotated through
@@ -296,7 +300,8 @@ class Harness:
         """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run.
 
         ``others``: label -> callable, more providers timed like eager (no backend context),
-        e.g. a diffusers model; a callable that raises is skipped with its reason.
+        e.g. a diffusers model, or label -> (callable, context factory) to time it inside
+        ``context()`` (e.g. one SDPA kernel forced); a callable that raises is skipped with its reason.
         """
         if self.args.budget_s is not None and time.monotonic() - self.start > self.args.budget_s:
             return self.skip("all", case, f"time budget of {self.args.budget_s:.0f}s spent")
@@ -306,11 +311,13 @@ class Harness:
             return self.skip("all", case, f"eager reference failed: {type(exc).__name__}: {exc}")
         args0 = pool[0][0]
 
-        providers = [("eager", eager, None), ("compile", None, None)]
-        providers += [(label, ours, backend) for label, backend in self.our_backends()]
-        providers += [(label, f, None) for label, f in (others or {}).items()]
+        providers = [("eager", eager, None, None), ("compile", None, None, None)]
+        providers += [(label, ours, backend, None) for label, backend in self.our_backends()]
+        for label, other in (others or {}).items():
+            f, context = other if isinstance(other, tuple) else (other, None)
+            providers.append((label, f, None, context))
         timed = {}
-        for label, f, backend in providers:
+        for label, f, backend, context in providers:
             wanted = self.args.providers
             if wanted is not None and not {label, backend} & wanted:  # "cuda" also selects our C++ on CPU
                 continue
@@ -321,7 +328,10 @@ class Harness:
                 if backend is not None and (reason := unsupported(backend, args0[0])):
                     self.skip(label, case, reason)
                     continue
-                ctx = diffusion_fast.use_backend(backend) if backend else contextlib.nullcontext()
+                if backend is not None:
+                    ctx = diffusion_fast.use_backend(backend)
+                else:
+                    ctx = context() if context is not None else contextlib.nullcontext()
                 step = as_step(f, case.mode)
                 with ctx:
                     seen = len(backends.fallbacks())
@@ -359,7 +369,8 @@ class Harness:
                 median_ms=median, p25_ms=p25, p75_ms=p75,
                 ratio_to_eager=None if eager_ms is None else eager_ms / median,
                 ratio_to_compile=None if compile_ms is None else compile_ms / median,
-                bytes=case.nbytes, gbps=gbps, frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
+                bytes=case.nbytes, gbps=gbps, tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
+                frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
                 max_abs_diff=diff, pool_sets=pool_sets, extra=case.extra, **self.meta,
             ))
 
@@ -384,8 +395,8 @@ class Harness:
             f"Load average at start: {self.env['loadavg']}.",
             "",
             "| variant | shape | dtype | mode | provider | median ms | p25-p75 ms | x eager | x compile "
-            "| GB/s | % copy BW | max abs diff |",
-            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+            "| GB/s | % copy BW | TFLOP/s | max abs diff |",
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         variants = list(dict.fromkeys(r.variant for r in self.rows))  # in run order
         rows = sorted(self.rows, key=lambda r: (variants.index(r.variant), r.dtype, r.shape, MODES.index(r.mode)))
@@ -394,7 +405,7 @@ class Harness:
                 f"| {r.variant} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.mode} | {r.provider} "
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
-                f"| {_fmt(r.max_abs_diff, '.1e')} |"
+                f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
         lines += self.notes
         if self.skipped:

@@ -3,6 +3,7 @@
     import diffusion_fast as df
     y = df.group_norm_silu(x, 32, weight, bias, pre_bias=temb)   # fused op
     with df.use_backend("triton"): ...                           # force a backend
+    o = df.attention(q, k, v, causal=False)                      # (B, H, S, D) flash attention
     df.env_info()                                                # what loaded, and why not
     report = df.patch(diffusers_unet)                            # speed up a model in place
 """
@@ -14,6 +15,7 @@ from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
 from diffusion_fast.ops import langevin_step, langevin_step_ref
+from diffusion_fast.ops import attention, attention_ref
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
@@ -37,4 +39,6 @@ __all__ = [
     "ddim_coefficients",
     "langevin_step",
     "langevin_step_ref",
+    "attention",
+    "attention_ref",
 ]

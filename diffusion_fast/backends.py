@@ -5,7 +5,8 @@
 - ``triton``: kernels/ (GPU tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 - ``torch``: the plain PyTorch reference (``*_ref``), which runs anything.
 
-``auto`` tries them in that order and takes the first that supports the call. A user
+``auto`` tries them in that order and takes the first that supports the call (an op may pass
+its own order for a call, e.g. attention's per-shape table; see ``select``). A user
 forces one with ``DIFFUSION_FAST_BACKEND=triton`` (read at import) or, per block of
 code, ``with diffusion_fast.use_backend("triton"):``. A forced backend that cannot run
 a call falls back to the next in order; every fallback warns once and is listed by
@@ -127,19 +128,27 @@ def unsupported(backend: str, x: torch.Tensor) -> Optional[str]:
 _fallbacks: dict = {}  # (op, wanted, reason) -> backend used instead
 
 
-def _order(requested: str, x: torch.Tensor) -> tuple:
-    auto = ("cuda", "triton", "torch") if x.device.type == "cuda" else ("cuda", "torch")
+def _order(requested: str, x: torch.Tensor, auto: Optional[tuple]) -> tuple:
+    if auto is None:
+        auto = ("cuda", "triton", "torch") if x.device.type == "cuda" else ("cuda", "torch")
     if requested == "auto":
         return auto
-    return (requested,) + tuple(b for b in BACKENDS if b != requested and (b in auto or b == "torch"))
+    return (requested,) + tuple(b for b in dict.fromkeys(auto + ("torch",)) if b != requested)
 
 
-def select(op: str, x: torch.Tensor, unsupported: Callable[[str, torch.Tensor], Optional[str]]) -> str:
+def select(op: str, x: torch.Tensor, unsupported: Callable[[str, torch.Tensor], Optional[str]],
+           auto: Optional[tuple] = None, implemented: tuple = BACKENDS) -> str:
     """The backend that runs ``op`` on x: the requested one, or the next that supports it.
 
-    ``unsupported(backend, x)`` returns why a backend cannot run the call, or None.
+    ``unsupported(backend, x)`` returns why a backend cannot run the call, or None. ``auto``:
+    the op's own order of backends for this call (default: cuda, triton on GPU tensors, torch);
+    a forced backend that cannot run falls back along it. A request for a backend the op does
+    not have at all (not in ``implemented``, e.g. cuda for attention) is served like "auto",
+    without a fallback warning: forcing cuda on a model keeps its ops without C++ kernels on
+    their best backend.
     """
-    order = _order(current(), x)
+    requested = current()
+    order = _order(requested if requested in implemented else "auto", x, auto)
     first_reason = unsupported(order[0], x)
     if first_reason is None:
         return order[0]
@@ -160,6 +169,14 @@ def _note_fallback(op: str, wanted: str, reason: str, used: str) -> None:
     msg = f"diffusion_fast: {op} falls back from {wanted} to {used}: {reason}"
     log.info(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+_auto_rules: dict = {}  # op -> callable returning how its auto order is chosen (for env_info)
+
+
+def register_auto_rule(op: str, describe: Callable[[], dict]) -> None:
+    """Let env_info() report how ``op`` picks its backend under "auto" (rule and its source)."""
+    _auto_rules[op] = describe
 
 
 def fallbacks() -> list:
@@ -202,5 +219,6 @@ def env_info() -> dict:
             },
             "torch": {"loaded": True, "error": None},
         },
+        "auto_rules": {op: describe() for op, describe in _auto_rules.items()},
         "fallbacks": fallbacks(),
     }

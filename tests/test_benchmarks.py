@@ -1,5 +1,8 @@
 """Smoke tests of the benchmark harness: the group_norm_silu and clip_text benches, --quick, on the CPU.
 
+
+"""Smoke tests of the benchmark harness: the group_norm_silu and attention benches, --quick, on the CPU.
+
 torch.compile is left out: its first CPU compile alone can take ~20 s on a small machine.
 """
 
@@ -16,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import harness  # noqa: E402
+import torch  # noqa: E402
 
 
 def test_group_norm_silu_bench_quick_cpu(tmp_path):
@@ -95,3 +99,53 @@ def test_langevin_bench_quick_cpu(tmp_path):
     for row in ours:
         if row["variant"] in ("langevin_noise", "denoise"):  # like for like: the same values as eager
             assert row["max_abs_diff"] < 1e-5
+
+
+def test_attention_bench_quick_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu,sdpa,sdpa_math", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads((tmp_path / "bench_attention.json").read_text())
+    rows = data["rows"]
+    assert {r["provider"] for r in rows} == {"eager", "sdpa", "sdpa_math"}
+    assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in ("ddpm", "clip") for m in harness.MODES}
+    for row in rows:
+        assert row["tflops"] > 0 and row["max_abs_diff"] < 1e-3
+    # no C++ kernel for attention: the cpu provider is listed as skipped, with the reason
+    assert any(s["provider"] == "cpu" and "no C++/CUDA kernel" in s["reason"] for s in data["skipped"])
+    table = json.loads((tmp_path / "bench_attention_table.json").read_text())
+    assert table["device"] == "cpu" and table["entries"] == []  # no triton timings on a CPU
+
+
+def test_attention_winner_table_feeds_auto(tmp_path, monkeypatch):
+    """The table the bench writes is the one diffusion_fast.attention's auto backend reads."""
+    import importlib
+
+    import bench_attention
+
+    op = importlib.import_module("diffusion_fast.ops.attention")
+
+    def row(provider, shape, ms, causal=False, mode="fwd"):
+        return dict(variant="ddpm", provider=provider, shape=list(shape), dtype="bf16", mode=mode, median_ms=ms,
+                    extra={"causal": causal})
+
+    rows = [row("triton", (1, 1, 256, 256, 256), 2.0), row("sdpa", (1, 1, 256, 256, 256), 3.0),  # 1.5x
+            row("triton", (32, 1, 256, 256, 256), 2.0), row("sdpa", (32, 1, 256, 256, 256), 1.6),  # 0.8x
+            row("triton", (8, 8, 77, 77, 64), 1.0, True), row("sdpa", (8, 8, 77, 77, 64), 0.5, True),
+            row("eager", (8, 8, 77, 77, 64), 9.0, True)]
+    entries = bench_attention.winner_table(rows)
+    by_key = {(e["head_dim"], e["seq"], e["causal"]): e for e in entries}
+    assert by_key[(256, 256, False)]["backend"] == "triton"  # geometric mean sqrt(1.5 * 0.8) = 1.095
+    assert abs(by_key[(256, 256, False)]["speedup"] - (1.5 * 0.8) ** 0.5) < 1e-4
+    assert by_key[(64, 128, True)]["backend"] == "torch" and by_key[(64, 128, True)]["cases"] == 1
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(dict(device_name="Some GPU", date="2026-01-01", entries=entries)))
+    monkeypatch.setenv(op.TABLE_ENV, str(path))
+    tables, errors = op._load_tables()
+    assert not errors
+    monkeypatch.setattr(op, "_TABLES", tables)
+    assert op.auto_choice("Some GPU", op.table_key(256, 256, 256, False, torch.bfloat16, "fwd")) == "triton"
+    assert op.auto_choice("Some GPU", op.table_key(64, 77, 77, True, torch.bfloat16, "fwd")) == "torch"

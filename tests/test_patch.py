@@ -49,9 +49,9 @@ def spies(monkeypatch):
     calls = {"group_norm_silu": 0, "attention": 0}
     select, attention = backends.select, attention_handler.attention
 
-    def counting_select(op, x, unsupported):
+    def counting_select(op, x, unsupported, **kwargs):
         calls["group_norm_silu"] += op == "group_norm_silu"
-        return select(op, x, unsupported)
+        return select(op, x, unsupported, **kwargs)
 
     def counting_attention(*args, **kwargs):
         calls["attention"] += 1

@@ -1,13 +1,15 @@
 """The one attention call every model in diffusion_fast goes through.
 
-Models call ``attention(q, k, v)`` and nothing else, so a faster attention op (a custom
-kernel, a different SDPA backend) replaces this function and every model picks it up.
+Models call ``attention(q, k, v[, causal])`` and nothing else, so that the attention op
+(``diffusion_fast.ops.attention``: our Triton flash kernel or PyTorch's SDPA, chosen per shape
+by the backend) serves every model.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from diffusion_fast.ops.attention import attention as _attention_op
 
 __all__ = ["attention"]
 
@@ -17,8 +19,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False) -> Tensor:
 
     q: (B, heads, L, d); k, v: (B, heads, S, d); same dtype and device. Returns (B, heads, L, d)
     in q's dtype. M = 0, or with ``causal=True`` M[i, j] = -inf for j > i (query i sees keys
-    0..i; decoder self-attention, Vaswani et al. 2017 Sec. 3.2.3). Runs
-    ``torch.nn.functional.scaled_dot_product_attention`` (no dropout), which picks its own
-    fused kernel per device and dtype.
+    0..i; decoder self-attention, Vaswani et al. 2017 Sec. 3.2.3). Runs ``diffusion_fast.attention``,
+    which follows ``diffusion_fast.use_backend``: ``triton`` or ``torch`` (SDPA); ``auto`` picks
+    per shape.
     """
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return _attention_op(q, k, v, causal=causal)

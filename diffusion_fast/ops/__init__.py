@@ -1,5 +1,6 @@
 """Our ops: each module holds the reference, the torch.library schema and the public function."""
 
+from diffusion_fast.ops.attention import attention, attention_ref
 from diffusion_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops.langevin_step import langevin_step, langevin_step_ref
 from diffusion_fast.ops.philox import philox_normal_ref
@@ -15,4 +16,5 @@ from diffusion_fast.ops.sampler_steps import (
 __all__ = ["group_norm_silu", "group_norm_silu_ref",
            "ddpm_step", "ddpm_step_ref", "ddpm_coefficients", "ddim_step", "ddim_step_ref", "ddim_coefficients",
            "philox_normal_ref",
-           "langevin_step", "langevin_step_ref"]
+           "langevin_step", "langevin_step_ref",
+           "attention", "attention_ref"]
