@@ -1,7 +1,4 @@
-"""Smoke tests of the benchmark harness: the group_norm_silu and clip_text benches, --quick, on the CPU.
-
-
-"""Smoke tests of the benchmark harness: the group_norm_silu and attention benches, --quick, on the CPU.
+"""Smoke tests of every benchmark script, --quick, on the CPU (and of the attention winner table).
 
 torch.compile is left out: its first CPU compile alone can take ~20 s on a small machine.
 """
