@@ -37,7 +37,8 @@ def _check(x, alpha: Tensor, gamma: Tensor, beta: Optional[Tensor]) -> None:
         raise ValueError(f"instance_norm_plus: x needs at least 2 channels (μ̂ divides by their variance), got {c}")
     for name, t in (("alpha", alpha), ("gamma", gamma), ("beta", beta)):
         if t is not None and tuple(t.shape) != (c,):
-            raise ValueError(f"instance_norm_plus: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+            raise ValueError(f"instance_norm_plus: {name} must have shape ({c},) for {c} channels, "
+                             f"got {tuple(t.shape)}")
 
 
 def _normalized_means(x: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
