@@ -82,8 +82,8 @@ def plot(path: Path, data: torch.Tensor, samples: torch.Tensor) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("examples/results"), help="folder for the PNG")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    parser.add_argument("--ngf", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
+    parser.add_argument("--ngf", type=int, default=8)
     parser.add_argument("--levels", type=int, default=24, help="number of noise levels L")
     parser.add_argument("--sigma-begin", type=float, default=5.0)
     parser.add_argument("--sigma-end", type=float, default=0.01)
