@@ -146,3 +146,15 @@ def test_attention_winner_table_feeds_auto(tmp_path, monkeypatch):
     monkeypatch.setattr(op, "_TABLES", tables)
     assert op.auto_choice("Some GPU", op.table_key(256, 256, 256, False, torch.bfloat16, "fwd")) == "triton"
     assert op.auto_choice("Some GPU", op.table_key(64, 77, 77, True, torch.bfloat16, "fwd")) == "torch"
+
+
+def test_instance_norm_plus_bench_quick_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_instance_norm_plus.py"), "--device", "cpu",
+           "--quick", "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_instance_norm_plus.json").read_text())["rows"]
+    assert {(r["variant"], r["mode"]) for r in rows if r["provider"] == "eager"} == {
+        (v, m) for v in ("elu", "swish") for m in harness.MODES}
+    assert all(r["max_abs_diff"] < 1e-3 and r["gbps"] > 0 for r in rows if r["provider"] == "cpu")
