@@ -12,10 +12,11 @@ from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
+from diffusion_fast.ops import bn_swish, dwconv_bn_swish
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
 from diffusion_fast import nn  # noqa: E402
 
 __all__ = ["BACKENDS", "env_info", "use_backend", "group_norm_silu", "group_norm_silu_ref", "nn",
-           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients"]
+           "ddpm_step", "ddpm_coefficients", "ddim_step", "ddim_coefficients", "dwconv_bn_swish", "bn_swish"]

@@ -1,5 +1,6 @@
 """Our ops: each module holds the reference, the torch.library schema and the public function."""
 
+from diffusion_fast.ops.dwconv_bn_swish import bn_swish, bn_swish_ref, dwconv_bn_swish, dwconv_bn_swish_ref
 from diffusion_fast.ops.group_norm_silu import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops.philox import philox_normal_ref
 from diffusion_fast.ops.sampler_steps import (
@@ -13,4 +14,5 @@ from diffusion_fast.ops.sampler_steps import (
 
 __all__ = ["group_norm_silu", "group_norm_silu_ref",
            "ddpm_step", "ddpm_step_ref", "ddpm_coefficients", "ddim_step", "ddim_step_ref", "ddim_coefficients",
-           "philox_normal_ref"]
+           "philox_normal_ref",
+           "dwconv_bn_swish", "dwconv_bn_swish_ref", "bn_swish", "bn_swish_ref"]
