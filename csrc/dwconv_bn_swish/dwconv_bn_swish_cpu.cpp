@@ -31,9 +31,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+// GCC vector types are passed in registers only inside the flattened, target-specific kernels.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace diffusion_fast {
 namespace {
@@ -138,26 +142,37 @@ void load_dense(const T* src, const Geo& g, A* dst) {
     for (int64_t i = 0; i < g.HW; ++i) dst[i] = A(src[i * g.es]);
 }
 
+// VW lanes of A as one GCC vector: lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so the
+// conv's register blocking does not depend on the auto-vectoriser. Unaligned loads/stores go through memcpy.
+template <typename A, int VW>
+struct VecOf {
+  typedef A type __attribute__((vector_size(VW * sizeof(A))));
+};
+template <typename A, int VW>
+using Vec = typename VecOf<A, VW>::type;
+
+template <int VW, typename A>
+inline Vec<A, VW> loadu(const A* p) {
+  Vec<A, VW> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
 // out[h * W + w] = bias + sum_{i,j} wt[i * K + j] * pad[(h + i) * Wp + w + j]
 template <int K, int VW, typename A>
 void conv_plane(const Geo& g, const A* pad, const A* wt, A bias, A* out) {
+  using V = Vec<A, VW>;
   A wk[K * K];
   for (int t = 0; t < K * K; ++t) wk[t] = wt[t];
   for (int64_t h = 0; h < g.H; ++h) {
     for (int64_t b = 0; b < g.nb; ++b) {
-      A acc[VW];
-      for (int l = 0; l < VW; ++l) acc[l] = bias;
+      V acc = V{} + bias;
       for (int i = 0; i < K; ++i) {
         const A* row = pad + (h + i) * g.Wp + b * VW;
-        for (int j = 0; j < K; ++j)
-          for (int l = 0; l < VW; ++l) acc[l] += wk[i * K + j] * row[j + l];
+        for (int j = 0; j < K; ++j) acc += wk[i * K + j] * loadu<VW>(row + j);
       }
       A* o = out + h * g.W + b * VW;
-      const int64_t m = std::min<int64_t>(VW, g.W - b * VW);
-      if (m == VW)
-        for (int l = 0; l < VW; ++l) o[l] = acc[l];
-      else
-        for (int l = 0; l < m; ++l) o[l] = acc[l];
+      std::memcpy(o, &acc, sizeof(A) * std::min<int64_t>(VW, g.W - b * VW));
     }
   }
 }
@@ -165,16 +180,15 @@ void conv_plane(const Geo& g, const A* pad, const A* wt, A bias, A* out) {
 // dw[i * K + j] += sum_{h,w} dz[h][w] * x[h + i - R][w + j - R], from zero-bordered padded planes.
 template <int K, int VW, typename A>
 void wgrad_plane(const Geo& g, const A* dzpad, const A* xpad, double* dw) {
+  using V = Vec<A, VW>;
   for (int i = 0; i < K; ++i) {
-    A acc[K][VW] = {};
+    V acc[K] = {};
     for (int64_t h = 0; h < g.H; ++h) {
       const A* d = dzpad + (h + g.R) * g.Wp + g.R;
       const A* xr = xpad + (h + i) * g.Wp;
       for (int64_t b = 0; b < g.nb; ++b) {  // dz is zero past W, so whole blocks are exact
-        const A* dv = d + b * VW;
-        const A* xv = xr + b * VW;
-        for (int j = 0; j < K; ++j)
-          for (int l = 0; l < VW; ++l) acc[j][l] += dv[l] * xv[j + l];
+        const V dv = loadu<VW>(d + b * VW);
+        for (int j = 0; j < K; ++j) acc[j] += dv * loadu<VW>(xr + b * VW + j);
       }
     }
     for (int j = 0; j < K; ++j) {
