@@ -69,7 +69,7 @@ class DWConvBNSwish(nn.Module):
         self.swish = swish
 
     @classmethod
-    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, swish: bool = True) -> "DWConvBNSwish":
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, swish: bool = True) -> DWConvBNSwish:
         """A fused module that shares ``conv`` and ``bn`` (no copy)."""
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)

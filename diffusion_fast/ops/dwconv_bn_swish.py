@@ -261,7 +261,8 @@ def _check_conv(fn, x, conv_weight, conv_bias) -> None:
         raise ValueError(f"{fn}: conv_weight must be a depthwise weight of shape ({c}, 1, k, k) for the {c} "
                          f"channels of x, got {shape}")
     if shape[2] % 2 == 0:
-        raise ValueError(f"{fn}: conv_weight must have an odd kernel size k (padding k // 2 keeps H, W), got k = {shape[2]}")
+        raise ValueError(f"{fn}: conv_weight must have an odd kernel size k (padding k // 2 keeps H, W), "
+                         f"got k = {shape[2]}")
     _check_channel_vector(fn, "conv_bias", conv_bias, x)
 
 

@@ -9,6 +9,8 @@ from torch import nn
 import diffusion_fast
 from diffusion_fast.nn import BNSwish, DWConvBNSwish
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
+
 
 class EagerDWConvBNSwish(nn.Module):
     """The unfused layers, with the submodule names NVAE's code uses."""
