@@ -143,19 +143,19 @@ class NVAE(nn.Module):
     def cifar10(cls, **overrides) -> NVAE:
         """The official CIFAR-10 run (README command): 128 channels, one latent scale of 30 groups x 20 channels at
         16 x 16, 2 cells per group, one pre/post block of 2 cells, 10 logistics (flows omitted)."""
-        cfg = {"in_channels": 3, "image_size": 32, "num_channels_enc": 128, "num_channels_dec": 128, "num_latent_scales": 1,
-                   "num_groups_per_scale": 30, "num_latent_per_group": 20, "num_preprocess_blocks": 1,
-                   "num_preprocess_cells": 2, "num_postprocess_blocks": 1, "num_postprocess_cells": 2,
-                   "num_cell_per_cond_enc": 2, "num_cell_per_cond_dec": 2, "num_mix": 10}
+        cfg = {"in_channels": 3, "image_size": 32, "num_channels_enc": 128, "num_channels_dec": 128,
+               "num_latent_scales": 1, "num_groups_per_scale": 30, "num_latent_per_group": 20, "num_preprocess_blocks": 1,
+               "num_preprocess_cells": 2, "num_postprocess_blocks": 1, "num_postprocess_cells": 2,
+               "num_cell_per_cond_enc": 2, "num_cell_per_cond_dec": 2, "num_mix": 10}
         return cls(**{**cfg, **overrides})
 
     @classmethod
     def digits(cls, **overrides) -> NVAE:
         """A CPU-sized model for 8 x 8 one-channel images: two latent scales (4 x 4, 2 x 2), 2 groups each."""
-        cfg = {"in_channels": 1, "image_size": 8, "num_channels_enc": 16, "num_channels_dec": 16, "num_latent_scales": 2,
-                   "num_groups_per_scale": 2, "num_latent_per_group": 4, "num_preprocess_blocks": 1,
-                   "num_preprocess_cells": 1, "num_postprocess_blocks": 1, "num_postprocess_cells": 1,
-                   "num_cell_per_cond_enc": 1, "num_cell_per_cond_dec": 1, "num_mix": 3}
+        cfg = {"in_channels": 1, "image_size": 8, "num_channels_enc": 8, "num_channels_dec": 8,
+               "num_latent_scales": 2, "num_groups_per_scale": 2, "num_latent_per_group": 4, "num_preprocess_blocks": 1,
+               "num_preprocess_cells": 1, "num_postprocess_blocks": 1, "num_postprocess_cells": 1,
+               "num_cell_per_cond_enc": 1, "num_cell_per_cond_dec": 1, "num_mix": 3}
         return cls(**{**cfg, **overrides})
 
     # ---- networks ------------------------------------------------------------------------------
