@@ -1,6 +1,7 @@
 // CPU kernels of every op, attached to the schemas defined in diffusion_fast/ops/*.py.
 #include <torch/library.h>
 
+#include "dwconv_bn_swish/dwconv_bn_swish.h"
 #include "group_norm_silu/group_norm_silu.h"
 #include "langevin_step/langevin_step.h"
 #include "sampler_steps/sampler_steps.h"
@@ -11,4 +12,8 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cpu);  // one kernel, two names
   m.impl("ddim_step", &diffusion_fast::sampler_step_cpu);
   m.impl("langevin_step", &diffusion_fast::langevin_step_cpu);
+  m.impl("dwconv_bn_swish_fwd", &diffusion_fast::dwconv_bn_swish_fwd_cpu);
+  m.impl("dwconv_bn_swish_bwd", &diffusion_fast::dwconv_bn_swish_bwd_cpu);
+  m.impl("bn_swish_fwd", &diffusion_fast::bn_swish_fwd_cpu);
+  m.impl("bn_swish_bwd", &diffusion_fast::bn_swish_bwd_cpu);
 }

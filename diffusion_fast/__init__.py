@@ -16,6 +16,7 @@ from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
 from diffusion_fast.ops import langevin_step, langevin_step_ref
 from diffusion_fast.ops import attention, attention_ref
+from diffusion_fast.ops import bn_swish, dwconv_bn_swish
 
 backends.load_extension()  # after the op schemas exist: _C registers kernels for them
 
@@ -41,4 +42,6 @@ __all__ = [
     "langevin_step_ref",
     "attention",
     "attention_ref",
+    "dwconv_bn_swish",
+    "bn_swish",
 ]

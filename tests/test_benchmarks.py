@@ -158,3 +158,19 @@ def test_instance_norm_plus_bench_quick_cpu(tmp_path):
     assert {(r["variant"], r["mode"]) for r in rows if r["provider"] == "eager"} == {
         (v, m) for v in ("elu", "swish") for m in harness.MODES}
     assert all(r["max_abs_diff"] < 1e-3 and r["gbps"] > 0 for r in rows if r["provider"] == "cpu")
+
+
+def test_nvae_cell_bench_quick_cpu(tmp_path):
+    """The NVAE cell bench (dwconv 5x5 + BN + Swish), --quick on the CPU: every variant and mode, our C++ run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_nvae_cell.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_nvae_cell.json").read_text())["rows"]
+    seen = {(r["variant"], r["mode"], r["provider"]) for r in rows}
+    assert seen == {(v, m, p) for v in ("train", "eval", "train_cl") for m in harness.MODES for p in ("eager", "cpu")}
+    for row in rows:
+        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        if row["provider"] == "cpu":
+            assert row["max_abs_diff"] < 1e-3
