@@ -54,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample images from a built-in model or a checkpoint")
     s.add_argument("--model", default="digits", help=f"shipped model {sorted(zoo.PRETRAINED)} or checkpoint path")
     s.add_argument("-n", "--num-images", type=_positive_int, default=64)
-    s.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim", help="ddpm: all T steps")
+    s.add_argument("--sampler", choices=("ddpm", "ddim", "langevin"), default=None,
+                   help="ddpm (all T steps) or ddim for DDPMs (default ddim); langevin (annealed) for score models")
     s.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps")
     s.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta")
     s.add_argument("--seed", type=int, default=0)
@@ -63,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     s.add_argument("--out", default="samples.png", help="PNG grid")
     s.add_argument("--npz", default=None, help="also save the samples (uint8, N x H x W x C) to this .npz")
-    s.add_argument("--compare", action="store_true", help="rerun on eager PyTorch and print the speed-up")
+    s.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
+                   help="rerun on eager PyTorch and print the speed-up (default: on for the shipped model)")
     s.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train a built-in config on a data set")
@@ -120,10 +122,20 @@ def main(argv=None) -> int:
 # ---------------------------------------------------------------------------- sample
 def sample_images(model, ckpt: dict, n: int, *, sampler: str, steps: int, eta: float, seed: int,
                   device: torch.device, dtype: torch.dtype, progress: bool) -> torch.Tensor:
-    """n samples (n, C, H, W) in [-1, 1] from a DDPM checkpoint's network."""
+    """n samples (n, C, H, W) in [-1, 1] from a checkpoint's network: DDPM (ancestral or DDIM) or a
+    score model (annealed Langevin dynamics from uniform noise, NCSN Algorithm 1)."""
     from diffusion_fast.diffusion.schedules import linear_betas
-    from diffusion_fast.samplers import sample_ddim, sample_ddpm
+    from diffusion_fast.samplers import annealed_langevin_dynamics, sample_ddim, sample_ddpm
 
+    kind = ckpt.get("kind", "ddpm")
+    if sampler not in zoo.SAMPLERS[kind]:
+        raise UsageError(f"--sampler {sampler} does not apply to a {kind} model: use one of {zoo.SAMPLERS[kind]}")
+    if kind == "ncsnv2":
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.rand(n, *ckpt["data"]["shape"], generator=generator).mul(2).sub(1).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            x = annealed_langevin_dynamics(model, x, model.sigmas, seed=seed, **ckpt["schedule"])
+        return x.float().clamp(-1, 1)
     betas = linear_betas(**ckpt["schedule"])
     shape = (n, *ckpt["data"]["shape"])
     total = betas.numel() if sampler == "ddpm" else steps
@@ -164,6 +176,7 @@ def cmd_sample(args) -> int:
     if dtype == torch.float16 and ctx.device.type == "cpu":
         raise UsageError("--dtype fp16 needs a CUDA device; use fp32 or bf16 on a CPU")
     model, ckpt = zoo.load_model(args.model)
+    args.sampler = args.sampler or zoo.SAMPLERS[ckpt["kind"]][-1]
     model = model.to(device=ctx.device, dtype=dtype)
     n_local = distributed.shard_sizes(args.num_images, ctx.world_size)[ctx.rank]
     seed = distributed.rank_seed(args.seed, ctx.rank)
@@ -187,7 +200,7 @@ def cmd_sample(args) -> int:
     where = f"{ctx.device}" + (f" x {ctx.world_size} ranks" if ctx.world_size > 1 else "")
     print(f"wrote {images.shape[0]} samples to {args.out} ({args.sampler}, backend {args.backend}, {where}): "
           f"{seconds:.2f} s, {rate:.1f} images/s per rank")
-    if args.compare:
+    if args.compare or (args.compare is None and args.model in zoo.PRETRAINED):
         with diffusion_fast.use_backend("torch"):
             ref, ref_seconds = _timed(lambda: sample_images(model, ckpt, n_local, progress=show, **run))
         diff = (ref.cpu() - x.cpu()).abs().max().item()

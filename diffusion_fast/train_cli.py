@@ -13,6 +13,7 @@ from diffusion_fast import distributed, zoo
 from diffusion_fast.cli import UsageError, _progress, command_line, sample_images
 from diffusion_fast.data import load_dataset
 from diffusion_fast.diffusion.schedules import DiffusionSchedule, linear_betas
+from diffusion_fast.score_matching import dsm_loss
 from diffusion_fast.training import Trainer, batches
 
 __all__ = ["cmd_train"]
@@ -27,9 +28,12 @@ def cmd_train(args) -> int:
         raise UsageError(f"--model {args.model} has no default data set: pass --data")
     if not 0 <= args.ema < 1 or args.lr <= 0 or args.warmup < 0:
         raise UsageError("--ema must be in [0, 1), --lr > 0 and --warmup >= 0")
-    kwargs = {} if data_name == "digits" else dict(size=config["resolution"], channels=config["in_channels"])
+    kwargs = {} if data_name == "digits" else dict(size=config.get("resolution", 8),
+                                                   channels=config.get("in_channels", config.get("channels")))
     data = load_dataset(data_name, **kwargs)
-    want = (config["in_channels"], config["resolution"], config["resolution"])
+    channels = config.get("in_channels", config.get("channels"))
+    size = tuple(data.shape[2:]) if kind == "ncsnv2" else (config["resolution"],) * 2  # NCSNv2: any even H, W
+    want = (channels, *size)
     if data.dim() != 4 or tuple(data.shape[1:]) != want:
         raise UsageError(f"data set {data_name!r} has items of shape {tuple(data.shape[1:])}, "
                          f"--model {args.model} needs {want}")
@@ -41,8 +45,13 @@ def cmd_train(args) -> int:
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                                     else None) if ddp else model
     generator = torch.Generator(ctx.device).manual_seed(distributed.rank_seed(args.seed, ctx.rank))
-    trainer = Trainer(net, DiffusionSchedule.from_betas(linear_betas(**schedule)), lr=args.lr, warmup=args.warmup,
-                      ema_decay=args.ema, random_flip=False, generator=generator)
+    if kind == "ncsnv2":  # denoising score matching, NCSNv2's recipe: no gradient clipping
+        sigmas = model.sigmas
+        trainer = Trainer(net, None, lr=args.lr, warmup=args.warmup, ema_decay=args.ema, random_flip=False,
+                          grad_clip=None, loss=lambda m, x: dsm_loss(m, x, sigmas))
+    else:
+        trainer = Trainer(net, DiffusionSchedule.from_betas(linear_betas(**schedule)), lr=args.lr,
+                          warmup=args.warmup, ema_decay=args.ema, random_flip=False, generator=generator)
     out = Path(args.out)
     if args.resume and out.is_file():
         ckpt = zoo.load_checkpoint(out)
@@ -80,7 +89,8 @@ def cmd_train(args) -> int:
 
         ckpt = dict(schedule=schedule, data=dict(shape=list(want)))
         with diffusion_fast.use_backend(args.backend):
-            x = sample_images(trainer.ema.module.eval(), ckpt, 64, sampler="ddim", steps=100, eta=0.0,
+            x = sample_images(trainer.ema.module.eval(), dict(ckpt, kind=kind), 64, sampler=zoo.SAMPLERS[kind][-1],
+                              steps=100, eta=0.0,
                               seed=args.seed, device=ctx.device, dtype=torch.float32, progress=False)
         save_grid(x, grid, scale=max(1, 64 // want[-1]))
         print(f"trained {trainer.step_count} steps; checkpoint {out}; samples {grid}")

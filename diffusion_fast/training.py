@@ -15,7 +15,7 @@ evaluated); random horizontal flips; L_simple with t uniform (Algorithm 1).
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -113,11 +113,17 @@ class Trainer:
 
     ``model`` may be wrapped in ``DistributedDataParallel``: gradients are then averaged over
     ranks before clipping, and the EMA and state dicts hold the unwrapped module.
+
+    ``loss(model, x0) -> 0-d tensor`` replaces L_simple (then ``schedule`` may be None), e.g.
+    denoising score matching for a score model: ``lambda m, x: dsm_loss(m, x, sigmas)``.
     """
 
-    def __init__(self, model: nn.Module, schedule: DiffusionSchedule, *, lr: float = 2e-4, warmup: int = 5000,
-                 grad_clip: Optional[float] = 1.0, ema_decay: float = 0.9999, random_flip: bool = True,
-                 generator: Optional[torch.Generator] = None) -> None:
+    def __init__(self, model: nn.Module, schedule: Optional[DiffusionSchedule], *, lr: float = 2e-4,
+                 warmup: int = 5000, grad_clip: Optional[float] = 1.0, ema_decay: float = 0.9999,
+                 random_flip: bool = True, generator: Optional[torch.Generator] = None,
+                 loss: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> None:
+        if schedule is None and loss is None:
+            raise ValueError("Trainer: give a schedule (for L_simple) or a loss function")
         if lr <= 0:
             raise ValueError(f"Trainer: lr must be > 0, got {lr}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -126,7 +132,7 @@ class Trainer:
             raise ValueError(f"Trainer: grad_clip must be None or > 0, got {grad_clip}")
         self.model, self.schedule = model, schedule
         self.lr, self.warmup, self.grad_clip, self.random_flip = lr, warmup, grad_clip, random_flip
-        self.generator = generator
+        self.generator, self.loss = generator, loss
         self.optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
         self.ema = EMA(self.module, ema_decay)
         self.step_count = 0
@@ -140,7 +146,10 @@ class Trainer:
         self.model.train()
         if self.random_flip:
             x0 = random_hflip(x0, generator=self.generator)
-        loss = loss_simple(self.model, self.schedule, x0, t=t, noise=noise, generator=self.generator).mean()
+        if self.loss is not None:
+            loss = self.loss(self.model, x0)
+        else:
+            loss = loss_simple(self.model, self.schedule, x0, t=t, noise=noise, generator=self.generator).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]

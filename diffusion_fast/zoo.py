@@ -3,9 +3,10 @@
 A checkpoint is one ``torch.save`` dict::
 
     format    "diffusion_fast.checkpoint/1"
-    kind      "ddpm" (the model family, which picks the network class and the sampler)
+    kind      "ddpm" or "ncsnv2" (the model family: network class, loss and samplers)
     config    the network's constructor arguments (``model.config``)
-    schedule  {"num_timesteps", "beta_start", "beta_end"} (linear β schedule)
+    schedule  ddpm: {"num_timesteps", "beta_start", "beta_end"} (linear β schedule);
+              ncsnv2: {"n_steps_each", "step_lr"} of annealed Langevin (σ's are in the config)
     data      {"name", "shape": [C, H, W]}
     ema       the EMA weights: what sampling uses (stored in fp16 for the shipped model)
     trainer   optional ``Trainer.state_dict()`` (model, EMA, optimizer, step) for --resume
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from diffusion_fast.models.ddpm_unet import DDPMUNet
+from diffusion_fast.models.ncsnv2 import NCSNv2
 
 __all__ = ["MODELS", "PRETRAINED", "FORMAT", "build", "save_checkpoint", "load_checkpoint", "load_model"]
 
@@ -40,7 +42,12 @@ MODELS = {
     "ddpm-cifar10": ("ddpm", dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                   resolution=32, dropout=0.1), None, PAPER_SCHEDULE),
 }
-NETWORKS = {"ddpm": DDPMUNet}
+# NCSNv2 on digits in [-1, 1]: σ_1 = 10 ≈ the largest pairwise distance (NCSNv2's Technique 1).
+MODELS["ncsnv2-digits"] = ("ncsnv2", dict(channels=1, ngf=16, num_classes=20, sigma_begin=10.0, sigma_end=0.01,
+                                          dilations=(1, 2), rescaled=True), "digits",
+                           dict(n_steps_each=20, step_lr=5e-5))
+NETWORKS = {"ddpm": DDPMUNet, "ncsnv2": NCSNv2}
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "ncsnv2": ("langevin",)}
 
 
 def build(kind: str, config: dict) -> nn.Module:

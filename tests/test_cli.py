@@ -125,3 +125,24 @@ def test_bench_runs_a_named_benchmark_and_charts_it(tmp_path, capsys):
     summary = (tmp_path / "summary.md").read_text()
     assert "| sampler_step |" in summary and "x eager" in summary
     assert (tmp_path / "speedups.png").stat().st_size > 1000
+
+
+def test_score_model_trains_and_samples_by_annealed_langevin(tmp_path, one_thread):
+    """ncsnv2-digits: denoising score matching in train, annealed Langevin dynamics in sample."""
+    path = tmp_path / "ncsn.pt"
+    assert cli.main(["train", "--model", "ncsnv2-digits", "--steps", "2", "--batch", "4", "--lr", "1e-4",
+                     "--out", str(path), "--no-progress"]) == 0
+    ckpt = zoo.load_checkpoint(path)
+    assert ckpt["kind"] == "ncsnv2" and ckpt["schedule"] == {"n_steps_each": 20, "step_lr": 5e-5}
+    npz = tmp_path / "s.npz"
+    assert cli.main(["sample", "--model", str(path), "-n", "3", "--npz", str(npz), "--out", str(tmp_path / "g.png"),
+                     "--no-progress"]) == 0
+    samples = np.load(npz)["samples"]
+    assert samples.shape == (3, 8, 8, 1) and samples.std() > 0
+    assert cli.main(["sample", "--model", str(path), "--sampler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_shipped_model_is_the_default_and_reports_its_speed_up(tmp_path, one_thread, capsys):
+    assert cli.main(["sample", "-n", "2", "--steps", "3", "--out", str(tmp_path / "d.png"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ddim" in printed and "speed-up" in printed
