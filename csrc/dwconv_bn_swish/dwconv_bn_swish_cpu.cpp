@@ -2,9 +2,10 @@
 //
 // Work is split by channel: a task owns one channel (NCHW) or a block of CB channels that share a
 // 64-byte line (channels-last), for every sample, so the batch statistics of a channel never leave its
-// thread and a channel's data stays in cache between passes. Per (n, c) plane, the task copies x into a
-// zero-bordered fp32 plane (H + 2R rows of Wp = ceil(W / VW) * VW + 2R), so that the k x k conv runs
-// without bounds checks, VW outputs at a time in registers (VW = 8 or 16, K unrolled).
+// thread and a channel's data stays in cache between passes. Per sample, the task copies its channels of
+// x into zero-bordered fp32 planes (channels-last: transposed in one pass over the positions), H + 2R
+// rows of Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds checks, VW outputs at
+// a time in registers (VW = 8 or 16, K unrolled); channels-last outputs are transposed back the same way.
 //   forward, training  pass 1: conv each plane, its mean and M2 (two passes over the plane in L1),
 //                      merged over n with Chan's formula (double); pass 2: conv again (or read the
 //                      channel's conv output back from a scratch buffer when N*H*W*CB*4 <= 1 MiB),
@@ -97,7 +98,6 @@ struct Geo {
   int64_t nb, Wp;  // blocks per row; padded row length nb * VW + 2R
   int64_t PS;      // padded plane size (H + 2R) * Wp
   bool cl;
-  int64_t es;      // element stride inside a plane: 1 (NCHW) or C (channels-last)
   int64_t CB;      // channels per task
 
   int64_t plane(int64_t n, int64_t c) const { return cl ? n * HW * C + c : (n * C + c) * HW; }
@@ -113,33 +113,54 @@ Geo make_geo(const DWConvBNShape& s, int64_t elem_size) {
   g.Wp = g.nb * g.VW + 2 * g.R;
   g.PS = (s.H + 2 * g.R) * g.Wp;
   g.cl = s.channels_last;
-  g.es = g.cl ? s.C : 1;
   g.CB = g.cl ? std::min<int64_t>(kMaxCB, 64 / elem_size) : 1;
   return g;
 }
 
 // ---------------------------------------------------------------------------
-// Plane kernels. A plane of x or dy is H x W elements at src[(h * W + w) * es].
+// Block copies: channels c0 .. c0 + cbn of sample n, between x, grad_y, y or grad_x and per-channel planes
+// (NCHW: cbn == 1, a straight copy; channels-last: one pass over positions, each reading or writing the
+// block's cbn contiguous channels, so every line of memory is touched once).
 // ---------------------------------------------------------------------------
-// Copies a plane into the interior of a zero-bordered padded plane (the border is never written).
+// Into the interiors of cbn zero-bordered padded planes, PS apart (the borders are never written).
 template <typename T, typename A>
-void load_padded(const T* src, const Geo& g, A* pad) {
+void load_padded(const T* x, const Geo& g, int64_t n, int64_t c0, int64_t cbn, A* pads) {
+  const T* src = x + g.plane(n, c0);
   for (int64_t h = 0; h < g.H; ++h) {
-    const T* s = src + h * g.W * g.es;
-    A* d = pad + (h + g.R) * g.Wp + g.R;
-    if (g.es == 1)
-      for (int64_t w = 0; w < g.W; ++w) d[w] = A(s[w]);
-    else
-      for (int64_t w = 0; w < g.W; ++w) d[w] = A(s[w * g.es]);
+    A* d = pads + (h + g.R) * g.Wp + g.R;
+    if (!g.cl) {
+      for (int64_t w = 0; w < g.W; ++w) d[w] = A(src[h * g.W + w]);
+      continue;
+    }
+    for (int64_t w = 0; w < g.W; ++w) {
+      const T* sp = src + (h * g.W + w) * g.C;
+      for (int64_t j = 0; j < cbn; ++j) d[j * g.PS + w] = A(sp[j]);
+    }
   }
 }
 
+// Into cbn dense planes, HW apart.
 template <typename T, typename A>
-void load_dense(const T* src, const Geo& g, A* dst) {
-  if (g.es == 1)
+void load_dense(const T* x, const Geo& g, int64_t n, int64_t c0, int64_t cbn, A* dst) {
+  const T* src = x + g.plane(n, c0);
+  if (!g.cl) {
     for (int64_t i = 0; i < g.HW; ++i) dst[i] = A(src[i]);
-  else
-    for (int64_t i = 0; i < g.HW; ++i) dst[i] = A(src[i * g.es]);
+    return;
+  }
+  for (int64_t p = 0; p < g.HW; ++p)
+    for (int64_t j = 0; j < cbn; ++j) dst[j * g.HW + p] = A(src[p * g.C + j]);
+}
+
+// From cbn dense planes, HW apart.
+template <typename T, typename A>
+void store_dense(const A* src, const Geo& g, int64_t n, int64_t c0, int64_t cbn, T* out) {
+  T* dst = out + g.plane(n, c0);
+  if (!g.cl) {
+    for (int64_t i = 0; i < g.HW; ++i) dst[i] = T(src[i]);
+    return;
+  }
+  for (int64_t p = 0; p < g.HW; ++p)
+    for (int64_t j = 0; j < cbn; ++j) dst[p * g.C + j] = T(src[j * g.HW + p]);
 }
 
 // VW lanes of A as one GCC vector: lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so the
@@ -231,13 +252,10 @@ void plane_stats(const A* z, int64_t n, double& mean, double& m2) {
   m2 = double(lane_sum(l));
 }
 
-// dst[i * es] = act(sc * z[i] + sh)
-template <bool SWISH, typename T, typename A>
-void apply_plane(const Geo& g, const A* z, A sc, A sh, T* dst) {
-  if (g.es == 1)
-    for (int64_t i = 0; i < g.HW; ++i) dst[i] = T(act<SWISH>(sc * z[i] + sh));
-  else
-    for (int64_t i = 0; i < g.HW; ++i) dst[i * g.es] = T(act<SWISH>(sc * z[i] + sh));
+// dst[i] = act(sc * z[i] + sh) over a dense plane
+template <bool SWISH, typename O, typename A>
+void apply_plane(int64_t n, const A* __restrict z, A sc, A sh, O* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = O(act<SWISH>(sc * z[i] + sh));
 }
 
 // Per-channel BatchNorm coefficients of one call.
@@ -312,15 +330,19 @@ Coef<A> coef_of(const Args<T, A>& a, int64_t c) {
   return k;
 }
 
-// z of plane (n, c): x copied into pad, then the conv (the identity for bn_swish).
-template <typename T, typename A>
-void conv_of(const Args<T, A>& a, int64_t n, int64_t c, A* pad, A* z) {
+// z of planes c0 .. c0 + cbn of sample n into z_of(j): x copied into pads, then the conv (the identity
+// for bn_swish).
+template <typename T, typename A, typename ZOf>
+void conv_block(const Args<T, A>& a, int64_t n, int64_t c0, int64_t cbn, A* pads, const ZOf& z_of) {
   const Geo& g = a.g;
   const A one(1);
-  load_padded(a.x + g.plane(n, c), g, pad);
+  load_padded(a.x, g, n, c0, cbn, pads);
   with_kv(g, [&](auto K, auto VW) {
-    conv_plane<decltype(K)::value, decltype(VW)::value>(g, pad, a.w ? a.w + c * g.K * g.K : &one,
-                                                         a.cb ? a.cb[c] : A(0), z);
+    for (int64_t j = 0; j < cbn; ++j) {
+      const int64_t c = c0 + j;
+      conv_plane<decltype(K)::value, decltype(VW)::value>(g, pads + j * g.PS, a.w ? a.w + c * g.K * g.K : &one,
+                                                           a.cb ? a.cb[c] : A(0), z_of(j));
+    }
   });
 }
 
@@ -329,22 +351,24 @@ template <typename T, typename A>
 void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
   const bool keep = a.training && g.N * g.CB * g.HW <= kMaxScratch;
-  std::vector<A> pad(g.PS, A(0)), zs(keep ? g.N * g.CB * g.HW : g.HW);
+  std::vector<A> pads(g.CB * g.PS, A(0)), zs((keep ? g.N : 1) * g.CB * g.HW), ob(g.cl ? g.CB * g.HW : 0);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = t * g.CB, cbn = std::min(g.CB, g.C - c0);
-    const auto z_of = [&](int64_t n, int64_t j) { return zs.data() + (keep ? (n * cbn + j) * g.HW : 0); };
+    const auto z_at = [&](int64_t n) {
+      return [&, n](int64_t j) { return zs.data() + ((keep ? n * cbn : 0) + j) * g.HW; };
+    };
     if (a.training) {  // batch statistics: per-plane (mean, M2), merged over n (Chan et al.)
       double mean[kMaxCB] = {}, m2[kMaxCB] = {};
-      for (int64_t n = 0; n < g.N; ++n)
+      for (int64_t n = 0; n < g.N; ++n) {
+        conv_block(a, n, c0, cbn, pads.data(), z_at(n));
         for (int64_t j = 0; j < cbn; ++j) {
-          A* z = z_of(n, j);
-          conv_of(a, n, c0 + j, pad.data(), z);
           double pm, pm2;
-          plane_stats(z, g.HW, pm, pm2);
+          plane_stats(z_at(n)(j), g.HW, pm, pm2);
           const double delta = pm - mean[j], f = 1.0 / double(n + 1);
           mean[j] += delta * f;
           m2[j] += pm2 + delta * delta * double(g.HW) * double(n) * f;
         }
+      }
       for (int64_t j = 0; j < cbn; ++j) {
         a.mean[c0 + j] = A(mean[j]);
         a.var[c0 + j] = A(m2[j] / double(g.N * g.HW));
@@ -352,13 +376,19 @@ void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
     }
     Coef<A> k[kMaxCB];
     for (int64_t j = 0; j < cbn; ++j) k[j] = coef_of(a, c0 + j);
-    for (int64_t n = 0; n < g.N; ++n)
+    for (int64_t n = 0; n < g.N; ++n) {
+      if (!keep) conv_block(a, n, c0, cbn, pads.data(), z_at(n));
       for (int64_t j = 0; j < cbn; ++j) {
-        A* z = z_of(n, j);
-        if (!keep) conv_of(a, n, c0 + j, pad.data(), z);
-        T* y = a.out + g.plane(n, c0 + j);
-        a.swish ? apply_plane<true>(g, z, k[j].sc, k[j].sh, y) : apply_plane<false>(g, z, k[j].sc, k[j].sh, y);
+        const A* z = z_at(n)(j);
+        if (g.cl)
+          a.swish ? apply_plane<true>(g.HW, z, k[j].sc, k[j].sh, ob.data() + j * g.HW)
+                  : apply_plane<false>(g.HW, z, k[j].sc, k[j].sh, ob.data() + j * g.HW);
+        else  // cbn == 1: straight into y
+          a.swish ? apply_plane<true>(g.HW, z, k[j].sc, k[j].sh, a.out + g.plane(n, c0))
+                  : apply_plane<false>(g.HW, z, k[j].sc, k[j].sh, a.out + g.plane(n, c0));
       }
+      if (g.cl) store_dense(ob.data(), g, n, c0, cbn, a.out);
+    }
   }
 }
 
@@ -366,57 +396,56 @@ void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
 template <typename T, typename A>
 void bwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
-  const int64_t KK = g.K * g.K;
-  const bool keep = a.training && 2 * g.N * g.CB * g.HW <= kMaxScratch;
-  const int64_t kept = keep ? g.N * g.CB * g.HW : g.HW;
-  std::vector<A> pad(g.PS, A(0)), dzpad(g.PS, A(0)), zs(kept), dzns(kept), dxb(g.HW);
+  const int64_t KK = g.K * g.K, block = g.CB * g.HW;
+  const bool keep = a.training && 2 * g.N * block <= kMaxScratch;
+  const int64_t kept = (keep ? g.N : 1) * block;
+  std::vector<A> pads(g.CB * g.PS, A(0)), dzpad(g.PS, A(0)), zs(kept), dzns(kept), dyb(block), dxb(block);
   const double M = double(g.N * g.HW);
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t c0 = t * g.CB, cbn = std::min(g.CB, g.C - c0);
     Coef<A> k[kMaxCB];
-    double sa[kMaxCB] = {}, sb[kMaxCB] = {}, sdz[kMaxCB] = {};
+    double sa[kMaxCB] = {}, sb[kMaxCB] = {}, sdz[kMaxCB] = {}, unused_a[kMaxCB], unused_b[kMaxCB];
     std::vector<double> dw(cbn * KK, 0.0);
     const auto slot = [&](std::vector<A>& v, int64_t n, int64_t j) {
-      return v.data() + (keep ? (n * cbn + j) * g.HW : 0);
+      return v.data() + ((keep ? n * cbn : 0) + j) * g.HW;
     };
-    // z (conv; x left in pad) and dzn (from grad_y) of plane (n, c0 + j); adds sum dzn, sum dzn * zhat to sa, sb
-    const auto rebuild = [&](int64_t n, int64_t j, double& sa_, double& sb_) {
-      A *z = slot(zs, n, j), *dzn = slot(dzns, n, j);
-      conv_of(a, n, c0 + j, pad.data(), z);
-      load_dense(a.dy + g.plane(n, c0 + j), g, dxb.data());
-      a.swish ? dzn_plane<true>(g.HW, z, dxb.data(), k[j], dzn, sa_, sb_)
-              : dzn_plane<false>(g.HW, z, dxb.data(), k[j], dzn, sa_, sb_);
+    // z (conv; x left in pads) and dzn (from grad_y) of sample n; adds sum dzn, sum dzn * zhat to sa_, sb_
+    const auto rebuild = [&](int64_t n, double* sa_, double* sb_) {
+      conv_block(a, n, c0, cbn, pads.data(), [&](int64_t j) { return slot(zs, n, j); });
+      load_dense(a.dy, g, n, c0, cbn, dyb.data());
+      for (int64_t j = 0; j < cbn; ++j)
+        a.swish ? dzn_plane<true>(g.HW, slot(zs, n, j), dyb.data() + j * g.HW, k[j], slot(dzns, n, j), sa_[j], sb_[j])
+                : dzn_plane<false>(g.HW, slot(zs, n, j), dyb.data() + j * g.HW, k[j], slot(dzns, n, j), sa_[j], sb_[j]);
     };
     for (int64_t j = 0; j < cbn; ++j) k[j] = coef_of(a, c0 + j);  // q = r = 0 unless training
     if (a.training) {  // pass A: the sums that dz needs
-      for (int64_t n = 0; n < g.N; ++n)
-        for (int64_t j = 0; j < cbn; ++j) rebuild(n, j, sa[j], sb[j]);
+      for (int64_t n = 0; n < g.N; ++n) rebuild(n, sa, sb);
       for (int64_t j = 0; j < cbn; ++j) {
         k[j].q = A(-double(k[j].sc) * sb[j] / M);
         k[j].r = A(-double(k[j].sc) * sa[j] / M);
       }
     }
-    for (int64_t n = 0; n < g.N; ++n)  // pass B: dz, grad_x, weight grads
+    for (int64_t n = 0; n < g.N; ++n) {  // pass B: dz, grad_x, weight grads
+      if (keep)
+        load_padded(a.x, g, n, c0, cbn, pads.data());  // x for the weight grads
+      else if (a.training)
+        rebuild(n, unused_a, unused_b);  // the sums are complete
+      else
+        rebuild(n, sa, sb);  // eval: the sums are only outputs, summed in this one pass
       for (int64_t j = 0; j < cbn; ++j) {
         const int64_t c = c0 + j;
-        double unused_a = 0, unused_b = 0;
-        if (keep)
-          load_padded(a.x + g.plane(n, c), g, pad.data());
-        else if (a.training)
-          rebuild(n, j, unused_a, unused_b);
-        else
-          rebuild(n, j, sa[j], sb[j]);  // eval: the sums are only outputs, summed in this one pass
         sdz[j] += dz_plane(g, slot(zs, n, j), slot(dzns, n, j), k[j], dzpad.data());
         A wflip[25] = {A(1)};  // bn_swish: weight 1, grad_x = dz
         if (a.w)
           for (int64_t i = 0; i < KK; ++i) wflip[i] = a.w[c * KK + KK - 1 - i];
         with_kv(g, [&](auto K, auto VW) {
           constexpr int kK = decltype(K)::value, kVW = decltype(VW)::value;
-          conv_plane<kK, kVW>(g, dzpad.data(), wflip, A(0), dxb.data());
-          if (a.g_w) wgrad_plane<kK, kVW>(g, dzpad.data(), pad.data(), dw.data() + j * KK);
+          conv_plane<kK, kVW>(g, dzpad.data(), wflip, A(0), dxb.data() + j * g.HW);
+          if (a.g_w) wgrad_plane<kK, kVW>(g, dzpad.data(), pads.data() + j * g.PS, dw.data() + j * KK);
         });
-        apply_plane<false>(g, dxb.data(), A(1), A(0), a.out + g.plane(n, c));
       }
+      store_dense(dxb.data(), g, n, c0, cbn, a.out);
+    }
     for (int64_t j = 0; j < cbn; ++j) {
       const int64_t c = c0 + j;
       a.g_gamma[c] = A(sb[j]);
