@@ -1,14 +1,16 @@
 // CPU kernels of dwconv_bn_swish and bn_swish (math, dtypes and layouts: dwconv_bn_swish.h).
 //
-// Work is split by channel: a task owns one channel (NCHW) or a block of CB channels that share a
-// 64-byte line (channels-last), for every sample, so the batch statistics of a channel never leave its
-// thread and a channel's data stays in cache between passes. Per sample, the task copies its channels of
-// x into zero-bordered fp32 planes (channels-last: transposed in one pass over the positions), H + 2R
-// rows of Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds checks, VW outputs at
-// a time in registers (VW = 8 or 16, K unrolled); channels-last outputs are transposed back the same way.
+// Work is split by channel, so the batch statistics of a channel never leave its thread and its data
+// stays in cache between passes:
+//   NCHW: a task owns one channel, for every sample. Per (n, c) plane it copies x into a zero-bordered
+//     fp32 plane of H + 2R rows of Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds
+//     checks, VW outputs of a row at a time in registers (VW = 8 or 16, K unrolled).
+//   channels-last: a task owns the LN = 64 / sizeof(T) channels of one 64-byte line of x, held as the LN
+//     lanes of one vector per position (padded [H + 2R][W + 2R][LN] copies, no transposes); the conv is
+//     one lane-wise FMA per tap and position.
 //   forward, training  pass 1: conv each plane, its mean and M2 (two passes over the plane in L1),
 //                      merged over n with Chan's formula (double); pass 2: conv again (or read the
-//                      channel's conv output back from a scratch buffer when N*H*W*CB*4 <= 1 MiB),
+//                      task's conv output back from a scratch buffer when N*H*W*CB*4 <= 1 MiB),
 //                      y = swish(sc * z + sh) with sc = gamma * rstd, sh = beta - mean * sc.
 //   forward, eval      one pass: conv, y = swish(sc * z + sh) from the running statistics.
 //   backward           zhat = (z - mean) * rstd, dzn = dy * swish'(zn); training: pass A sums
@@ -18,9 +20,13 @@
 //                      summed in this one pass) into a zero-bordered plane, grad_x = conv(dz, flipped
 //                      weight), grad_w[i][j] = sum dz * x[h+i-R][w+j-R], grad_conv_bias = sum dz,
 //                      grad_bn_weight = B, grad_bn_bias = A.
+// Memory traffic (activation-sized reads R and writes W): training fwd 1R + 1W while the channel block fits
+// the scratch (its second pass reads cache), else 2R + 1W; training bwd 2R + 1W (x, dy; dx), else 4R + 1W;
+// eval fwd 1R + 1W, eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W, bwd 8R + 3W.
 // bn_swish is the same code with K = 1, weight 1 and no bias (z = x exactly).
-// Inner loops are plain C++ that GCC vectorises; they are compiled for AVX-512, AVX2+FMA and baseline
-// x86-64 and picked at run time (following ATEN_CPU_CAPABILITY), as in group_norm_silu_cpu.cpp.
+// The conv and weight-grad register blocks use GCC vector types; the element loops are plain C++ that GCC
+// vectorises. All are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time
+// (following ATEN_CPU_CAPABILITY), as in group_norm_silu_cpu.cpp.
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
 #include <ATen/Dispatch.h>
@@ -98,7 +104,8 @@ struct Geo {
   int64_t nb, Wp;  // blocks per row; padded row length nb * VW + 2R
   int64_t PS;      // padded plane size (H + 2R) * Wp
   bool cl;
-  int64_t CB;      // channels per task
+  int64_t CB;      // channels per task: 1 (NCHW), or the lanes of a 64-byte line of x (channels-last)
+  int64_t Wq, PQ;  // channels-last: padded row length W + 2R and padded plane size (H + 2R) * Wq, in positions
 
   int64_t plane(int64_t n, int64_t c) const { return cl ? n * HW * C + c : (n * C + c) * HW; }
   int64_t tasks() const { return (C + CB - 1) / CB; }
@@ -114,53 +121,26 @@ Geo make_geo(const DWConvBNShape& s, int64_t elem_size) {
   g.PS = (s.H + 2 * g.R) * g.Wp;
   g.cl = s.channels_last;
   g.CB = g.cl ? std::min<int64_t>(kMaxCB, 64 / elem_size) : 1;
+  g.Wq = s.W + 2 * g.R;
+  g.PQ = (s.H + 2 * g.R) * g.Wq;
   return g;
 }
 
 // ---------------------------------------------------------------------------
-// Block copies: channels c0 .. c0 + cbn of sample n, between x, grad_y, y or grad_x and per-channel planes
-// (NCHW: cbn == 1, a straight copy; channels-last: one pass over positions, each reading or writing the
-// block's cbn contiguous channels, so every line of memory is touched once).
+// NCHW planes: a task owns one channel; its plane of sample n is H x W contiguous elements.
 // ---------------------------------------------------------------------------
-// Into the interiors of cbn zero-bordered padded planes, PS apart (the borders are never written).
+// Into the interior of a zero-bordered padded plane (the border is never written).
 template <typename T, typename A>
-void load_padded(const T* x, const Geo& g, int64_t n, int64_t c0, int64_t cbn, A* pads) {
-  const T* src = x + g.plane(n, c0);
+void load_padded(const T* src, const Geo& g, A* pad) {
   for (int64_t h = 0; h < g.H; ++h) {
-    A* d = pads + (h + g.R) * g.Wp + g.R;
-    if (!g.cl) {
-      for (int64_t w = 0; w < g.W; ++w) d[w] = A(src[h * g.W + w]);
-      continue;
-    }
-    for (int64_t w = 0; w < g.W; ++w) {
-      const T* sp = src + (h * g.W + w) * g.C;
-      for (int64_t j = 0; j < cbn; ++j) d[j * g.PS + w] = A(sp[j]);
-    }
+    A* d = pad + (h + g.R) * g.Wp + g.R;
+    for (int64_t w = 0; w < g.W; ++w) d[w] = A(src[h * g.W + w]);
   }
 }
 
-// Into cbn dense planes, HW apart.
-template <typename T, typename A>
-void load_dense(const T* x, const Geo& g, int64_t n, int64_t c0, int64_t cbn, A* dst) {
-  const T* src = x + g.plane(n, c0);
-  if (!g.cl) {
-    for (int64_t i = 0; i < g.HW; ++i) dst[i] = A(src[i]);
-    return;
-  }
-  for (int64_t p = 0; p < g.HW; ++p)
-    for (int64_t j = 0; j < cbn; ++j) dst[j * g.HW + p] = A(src[p * g.C + j]);
-}
-
-// From cbn dense planes, HW apart.
-template <typename T, typename A>
-void store_dense(const A* src, const Geo& g, int64_t n, int64_t c0, int64_t cbn, T* out) {
-  T* dst = out + g.plane(n, c0);
-  if (!g.cl) {
-    for (int64_t i = 0; i < g.HW; ++i) dst[i] = T(src[i]);
-    return;
-  }
-  for (int64_t p = 0; p < g.HW; ++p)
-    for (int64_t j = 0; j < cbn; ++j) dst[p * g.C + j] = T(src[j * g.HW + p]);
+template <typename I, typename O>
+void copy_plane(int64_t n, const I* __restrict src, O* __restrict dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = O(src[i]);
 }
 
 // VW lanes of A as one GCC vector: lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so the
@@ -330,129 +310,367 @@ Coef<A> coef_of(const Args<T, A>& a, int64_t c) {
   return k;
 }
 
-// z of planes c0 .. c0 + cbn of sample n into z_of(j): x copied into pads, then the conv (the identity
-// for bn_swish).
-template <typename T, typename A, typename ZOf>
-void conv_block(const Args<T, A>& a, int64_t n, int64_t c0, int64_t cbn, A* pads, const ZOf& z_of) {
+// z of plane (n, c): x copied into pad, then the conv (the identity for bn_swish).
+template <typename T, typename A>
+void conv_of(const Args<T, A>& a, int64_t n, int64_t c, A* pad, A* z) {
   const Geo& g = a.g;
   const A one(1);
-  load_padded(a.x, g, n, c0, cbn, pads);
+  load_padded(a.x + g.plane(n, c), g, pad);
   with_kv(g, [&](auto K, auto VW) {
-    for (int64_t j = 0; j < cbn; ++j) {
-      const int64_t c = c0 + j;
-      conv_plane<decltype(K)::value, decltype(VW)::value>(g, pads + j * g.PS, a.w ? a.w + c * g.K * g.K : &one,
-                                                           a.cb ? a.cb[c] : A(0), z_of(j));
-    }
+    conv_plane<decltype(K)::value, decltype(VW)::value>(g, pad, a.w ? a.w + c * g.K * g.K : &one,
+                                                         a.cb ? a.cb[c] : A(0), z);
   });
 }
 
-// Forward of tasks [t0, t1).
+// Chan et al.: merges a plane's (mean pm, M2 pm2) of HW values into the running (mean, m2) of n planes.
+inline void merge_plane(double& mean, double& m2, double pm, double pm2, int64_t n, int64_t hw) {
+  const double delta = pm - mean, f = 1.0 / double(n + 1);
+  mean += delta * f;
+  m2 += pm2 + delta * delta * double(hw) * double(n) * f;
+}
+
+// NCHW forward of channels [t0, t1).
 template <typename T, typename A>
 void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
-  const bool keep = a.training && g.N * g.CB * g.HW <= kMaxScratch;
-  std::vector<A> pads(g.CB * g.PS, A(0)), zs((keep ? g.N : 1) * g.CB * g.HW), ob(g.cl ? g.CB * g.HW : 0);
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = t * g.CB, cbn = std::min(g.CB, g.C - c0);
-    const auto z_at = [&](int64_t n) {
-      return [&, n](int64_t j) { return zs.data() + ((keep ? n * cbn : 0) + j) * g.HW; };
-    };
-    if (a.training) {  // batch statistics: per-plane (mean, M2), merged over n (Chan et al.)
-      double mean[kMaxCB] = {}, m2[kMaxCB] = {};
+  const bool keep = a.training && g.N * g.HW <= kMaxScratch;
+  std::vector<A> pad(g.PS, A(0)), zs((keep ? g.N : 1) * g.HW);
+  const auto z_of = [&](int64_t n) { return zs.data() + (keep ? n * g.HW : 0); };
+  for (int64_t c = t0; c < t1; ++c) {
+    if (a.training) {  // batch statistics: per-plane (mean, M2), merged over n
+      double mean = 0, m2 = 0;
       for (int64_t n = 0; n < g.N; ++n) {
-        conv_block(a, n, c0, cbn, pads.data(), z_at(n));
-        for (int64_t j = 0; j < cbn; ++j) {
-          double pm, pm2;
-          plane_stats(z_at(n)(j), g.HW, pm, pm2);
-          const double delta = pm - mean[j], f = 1.0 / double(n + 1);
-          mean[j] += delta * f;
-          m2[j] += pm2 + delta * delta * double(g.HW) * double(n) * f;
-        }
+        conv_of(a, n, c, pad.data(), z_of(n));
+        double pm, pm2;
+        plane_stats(z_of(n), g.HW, pm, pm2);
+        merge_plane(mean, m2, pm, pm2, n, g.HW);
       }
-      for (int64_t j = 0; j < cbn; ++j) {
-        a.mean[c0 + j] = A(mean[j]);
-        a.var[c0 + j] = A(m2[j] / double(g.N * g.HW));
-      }
+      a.mean[c] = A(mean);
+      a.var[c] = A(m2 / double(g.N * g.HW));
     }
-    Coef<A> k[kMaxCB];
-    for (int64_t j = 0; j < cbn; ++j) k[j] = coef_of(a, c0 + j);
+    const Coef<A> k = coef_of(a, c);
     for (int64_t n = 0; n < g.N; ++n) {
-      if (!keep) conv_block(a, n, c0, cbn, pads.data(), z_at(n));
-      for (int64_t j = 0; j < cbn; ++j) {
-        const A* z = z_at(n)(j);
-        if (g.cl)
-          a.swish ? apply_plane<true>(g.HW, z, k[j].sc, k[j].sh, ob.data() + j * g.HW)
-                  : apply_plane<false>(g.HW, z, k[j].sc, k[j].sh, ob.data() + j * g.HW);
-        else  // cbn == 1: straight into y
-          a.swish ? apply_plane<true>(g.HW, z, k[j].sc, k[j].sh, a.out + g.plane(n, c0))
-                  : apply_plane<false>(g.HW, z, k[j].sc, k[j].sh, a.out + g.plane(n, c0));
-      }
-      if (g.cl) store_dense(ob.data(), g, n, c0, cbn, a.out);
+      if (!keep) conv_of(a, n, c, pad.data(), z_of(n));
+      T* y = a.out + g.plane(n, c);
+      a.swish ? apply_plane<true>(g.HW, z_of(n), k.sc, k.sh, y) : apply_plane<false>(g.HW, z_of(n), k.sc, k.sh, y);
     }
   }
 }
 
-// Backward of tasks [t0, t1).
+// NCHW backward of channels [t0, t1).
 template <typename T, typename A>
 void bwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
-  const int64_t KK = g.K * g.K, block = g.CB * g.HW;
-  const bool keep = a.training && 2 * g.N * block <= kMaxScratch;
-  const int64_t kept = (keep ? g.N : 1) * block;
-  std::vector<A> pads(g.CB * g.PS, A(0)), dzpad(g.PS, A(0)), zs(kept), dzns(kept), dyb(block), dxb(block);
+  const int64_t KK = g.K * g.K;
+  const bool keep = a.training && 2 * g.N * g.HW <= kMaxScratch;
+  const int64_t kept = (keep ? g.N : 1) * g.HW;
+  std::vector<A> pad(g.PS, A(0)), dzpad(g.PS, A(0)), zs(kept), dzns(kept), buf(g.HW);
   const double M = double(g.N * g.HW);
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = t * g.CB, cbn = std::min(g.CB, g.C - c0);
-    Coef<A> k[kMaxCB];
-    double sa[kMaxCB] = {}, sb[kMaxCB] = {}, sdz[kMaxCB] = {}, unused_a[kMaxCB], unused_b[kMaxCB];
-    std::vector<double> dw(cbn * KK, 0.0);
-    const auto slot = [&](std::vector<A>& v, int64_t n, int64_t j) {
-      return v.data() + ((keep ? n * cbn : 0) + j) * g.HW;
+  const auto slot = [&](std::vector<A>& v, int64_t n) { return v.data() + (keep ? n * g.HW : 0); };
+  for (int64_t c = t0; c < t1; ++c) {
+    Coef<A> k = coef_of(a, c);  // q = r = 0 unless training
+    double sa = 0, sb = 0, sdz = 0, unused_a = 0, unused_b = 0, dw[25] = {};
+    // z (conv; x left in pad) and dzn (from grad_y) of plane (n, c); adds sum dzn, sum dzn * zhat to sa_, sb_
+    const auto rebuild = [&](int64_t n, double& sa_, double& sb_) {
+      conv_of(a, n, c, pad.data(), slot(zs, n));
+      copy_plane(g.HW, a.dy + g.plane(n, c), buf.data());
+      a.swish ? dzn_plane<true>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_)
+              : dzn_plane<false>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_);
     };
-    // z (conv; x left in pads) and dzn (from grad_y) of sample n; adds sum dzn, sum dzn * zhat to sa_, sb_
-    const auto rebuild = [&](int64_t n, double* sa_, double* sb_) {
-      conv_block(a, n, c0, cbn, pads.data(), [&](int64_t j) { return slot(zs, n, j); });
-      load_dense(a.dy, g, n, c0, cbn, dyb.data());
-      for (int64_t j = 0; j < cbn; ++j)
-        a.swish ? dzn_plane<true>(g.HW, slot(zs, n, j), dyb.data() + j * g.HW, k[j], slot(dzns, n, j), sa_[j], sb_[j])
-                : dzn_plane<false>(g.HW, slot(zs, n, j), dyb.data() + j * g.HW, k[j], slot(dzns, n, j), sa_[j], sb_[j]);
-    };
-    for (int64_t j = 0; j < cbn; ++j) k[j] = coef_of(a, c0 + j);  // q = r = 0 unless training
     if (a.training) {  // pass A: the sums that dz needs
       for (int64_t n = 0; n < g.N; ++n) rebuild(n, sa, sb);
-      for (int64_t j = 0; j < cbn; ++j) {
-        k[j].q = A(-double(k[j].sc) * sb[j] / M);
-        k[j].r = A(-double(k[j].sc) * sa[j] / M);
-      }
+      k.q = A(-double(k.sc) * sb / M);
+      k.r = A(-double(k.sc) * sa / M);
     }
+    A wflip[25] = {A(1)};  // bn_swish: weight 1, grad_x = dz
+    if (a.w)
+      for (int64_t i = 0; i < KK; ++i) wflip[i] = a.w[c * KK + KK - 1 - i];
     for (int64_t n = 0; n < g.N; ++n) {  // pass B: dz, grad_x, weight grads
       if (keep)
-        load_padded(a.x, g, n, c0, cbn, pads.data());  // x for the weight grads
+        load_padded(a.x + g.plane(n, c), g, pad.data());  // x for the weight grads
       else if (a.training)
         rebuild(n, unused_a, unused_b);  // the sums are complete
       else
         rebuild(n, sa, sb);  // eval: the sums are only outputs, summed in this one pass
-      for (int64_t j = 0; j < cbn; ++j) {
-        const int64_t c = c0 + j;
-        sdz[j] += dz_plane(g, slot(zs, n, j), slot(dzns, n, j), k[j], dzpad.data());
-        A wflip[25] = {A(1)};  // bn_swish: weight 1, grad_x = dz
-        if (a.w)
-          for (int64_t i = 0; i < KK; ++i) wflip[i] = a.w[c * KK + KK - 1 - i];
-        with_kv(g, [&](auto K, auto VW) {
-          constexpr int kK = decltype(K)::value, kVW = decltype(VW)::value;
-          conv_plane<kK, kVW>(g, dzpad.data(), wflip, A(0), dxb.data() + j * g.HW);
-          if (a.g_w) wgrad_plane<kK, kVW>(g, dzpad.data(), pads.data() + j * g.PS, dw.data() + j * KK);
-        });
-      }
-      store_dense(dxb.data(), g, n, c0, cbn, a.out);
+      sdz += dz_plane(g, slot(zs, n), slot(dzns, n), k, dzpad.data());
+      with_kv(g, [&](auto K, auto VW) {
+        constexpr int kK = decltype(K)::value, kVW = decltype(VW)::value;
+        conv_plane<kK, kVW>(g, dzpad.data(), wflip, A(0), buf.data());
+        if (a.g_w) wgrad_plane<kK, kVW>(g, dzpad.data(), pad.data(), dw);
+      });
+      copy_plane(g.HW, buf.data(), a.out + g.plane(n, c));
     }
-    for (int64_t j = 0; j < cbn; ++j) {
-      const int64_t c = c0 + j;
-      a.g_gamma[c] = A(sb[j]);
-      a.g_beta[c] = A(sa[j]);
-      if (a.g_cb) a.g_cb[c] = A(sdz[j]);
+    a.g_gamma[c] = A(sb);
+    a.g_beta[c] = A(sa);
+    if (a.g_cb) a.g_cb[c] = A(sdz);
+    if (a.g_w)
+      for (int64_t i = 0; i < KK; ++i) a.g_w[c * KK + i] = A(dw[i]);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Channels-last: a task owns LN = 64 / sizeof(T) channels (one 64-byte line of x), the LN lanes of one
+// vector per position. Lane planes are [position][LN] arrays of A, padded ones (H + 2R) x Wq positions
+// with a zero border; every step is lane-wise, so lanes past the last channel (cbn < LN) only carry
+// values that are never stored.
+// ---------------------------------------------------------------------------
+template <int LN, typename T, typename A>
+void cl_load_padded(const T* src, const Geo& g, int64_t cbn, A* pad) {
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = 0; w < g.W; ++w) {
+      const T* s = src + (h * g.W + w) * g.C;
+      A* d = pad + ((h + g.R) * g.Wq + w + g.R) * LN;
+      if (cbn == LN)
+        for (int l = 0; l < LN; ++l) d[l] = A(s[l]);
+      else
+        for (int64_t l = 0; l < cbn; ++l) d[l] = A(s[l]);
+    }
+}
+
+// out[p] = bias + sum_{i,j} wt[i * K + j] * pad[(h + i) * Wq + w + j], per lane.
+template <int K, int LN, typename A>
+void cl_conv(const Geo& g, const A* pad, const A* wt, const A* bias, A* out) {
+  using V = Vec<A, LN>;
+  V wk[K * K];
+  for (int t = 0; t < K * K; ++t) wk[t] = loadu<LN>(wt + t * LN);
+  const V b = loadu<LN>(bias);
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = 0; w < g.W; ++w) {
+      V acc = b;
+      for (int i = 0; i < K; ++i) {
+        const A* row = pad + ((h + i) * g.Wq + w) * LN;
+        for (int j = 0; j < K; ++j) acc += wk[i * K + j] * loadu<LN>(row + j * LN);
+      }
+      std::memcpy(out + (h * g.W + w) * LN, &acc, sizeof(acc));
+    }
+}
+
+// dw[(i * K + j) * LN + l] += sum_p dz[p][l] * x[h + i - R][w + j - R][l], from padded lane planes.
+template <int K, int LN, typename A>
+void cl_wgrad(const Geo& g, const A* dzpad, const A* xpad, double* dw) {
+  using V = Vec<A, LN>;
+  V acc[K * K] = {};
+  for (int64_t h = 0; h < g.H; ++h)
+    for (int64_t w = 0; w < g.W; ++w) {
+      const V d = loadu<LN>(dzpad + ((h + g.R) * g.Wq + w + g.R) * LN);
+      for (int i = 0; i < K; ++i)
+        for (int j = 0; j < K; ++j) acc[i * K + j] += d * loadu<LN>(xpad + ((h + i) * g.Wq + w + j) * LN);
+    }
+  for (int t = 0; t < K * K; ++t)
+    for (int l = 0; l < LN; ++l) dw[t * LN + l] += acc[t][l];
+}
+
+// Per-lane (mean, M2) of a lane plane, two passes; row sums first, so each sum adds W + H terms.
+template <int LN, typename A>
+void cl_stats(const Geo& g, const A* z, double* mean, double* m2) {
+  A s[LN] = {}, q[LN] = {}, m[LN];
+  for (int64_t h = 0; h < g.H; ++h) {
+    A r[LN] = {};
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int l = 0; l < LN; ++l) r[l] += z[(h * g.W + w) * LN + l];
+    for (int l = 0; l < LN; ++l) s[l] += r[l];
+  }
+  for (int l = 0; l < LN; ++l) m[l] = s[l] / A(g.HW);
+  for (int64_t h = 0; h < g.H; ++h) {
+    A r[LN] = {};
+    for (int64_t w = 0; w < g.W; ++w)
+      for (int l = 0; l < LN; ++l) {
+        const A d = z[(h * g.W + w) * LN + l] - m[l];
+        r[l] += d * d;
+      }
+    for (int l = 0; l < LN; ++l) q[l] += r[l];
+  }
+  for (int l = 0; l < LN; ++l) mean[l] = double(m[l]), m2[l] = double(q[l]);
+}
+
+// Per-lane BatchNorm coefficients (as Coef).
+template <typename A>
+struct LaneCoef {
+  A mean[kMaxCB] = {}, rstd[kMaxCB] = {}, sc[kMaxCB] = {}, sh[kMaxCB] = {}, q[kMaxCB] = {}, r[kMaxCB] = {};
+};
+
+// dst[p * C + l] = act(sc[l] * z[p][l] + sh[l]) for the cbn channels.
+template <bool SWISH, int LN, typename T, typename A>
+void cl_apply(const Geo& g, const A* z, const LaneCoef<A>& k, int64_t cbn, T* dst) {
+  for (int64_t p = 0; p < g.HW; ++p) {
+    const A* zp = z + p * LN;
+    T* d = dst + p * g.C;
+    if (cbn == LN)
+      for (int l = 0; l < LN; ++l) d[l] = T(act<SWISH>(k.sc[l] * zp[l] + k.sh[l]));
+    else
+      for (int64_t l = 0; l < cbn; ++l) d[l] = T(act<SWISH>(k.sc[l] * zp[l] + k.sh[l]));
+  }
+}
+
+// dzn[p][l] = dy * act'(sc z + sh); adds sum dzn and sum dzn * zhat per lane to sa, sb (row by row).
+template <bool SWISH, int LN, typename T, typename A>
+void cl_dzn(const Geo& g, const A* z, const T* dy, const LaneCoef<A>& k, int64_t cbn, A* dzn, double* sa,
+            double* sb) {
+  for (int64_t h = 0; h < g.H; ++h) {
+    A ra[LN] = {}, rb[LN] = {};
+    for (int64_t w = 0; w < g.W; ++w) {
+      const int64_t p = h * g.W + w;
+      const T* dp = dy + p * g.C;
+      for (int64_t l = 0; l < cbn; ++l) {
+        const A zz = z[p * LN + l], d = act_grad<SWISH>(k.sc[l] * zz + k.sh[l], A(dp[l]));
+        dzn[p * LN + l] = d;
+        ra[l] += d;
+        rb[l] += d * ((zz - k.mean[l]) * k.rstd[l]);
+      }
+    }
+    for (int l = 0; l < LN; ++l) sa[l] += ra[l], sb[l] += rb[l];
+  }
+}
+
+// dz = sc * dzn + q * zhat + r into the interior of a zero-bordered padded lane plane; adds sum dz to sdz.
+template <int LN, typename A>
+void cl_dz(const Geo& g, const A* z, const A* dzn, const LaneCoef<A>& k, A* dzpad, double* sdz) {
+  for (int64_t h = 0; h < g.H; ++h) {
+    A rs[LN] = {};
+    for (int64_t w = 0; w < g.W; ++w) {
+      const int64_t p = h * g.W + w;
+      A* o = dzpad + ((h + g.R) * g.Wq + w + g.R) * LN;
+      for (int l = 0; l < LN; ++l) {
+        const A d = k.sc[l] * dzn[p * LN + l] + k.q[l] * ((z[p * LN + l] - k.mean[l]) * k.rstd[l]) + k.r[l];
+        o[l] = d;
+        rs[l] += d;
+      }
+    }
+    for (int l = 0; l < LN; ++l) sdz[l] += rs[l];
+  }
+}
+
+template <int LN, typename T, typename A>
+void cl_store(const Geo& g, const A* src, int64_t cbn, T* dst) {
+  for (int64_t p = 0; p < g.HW; ++p)
+    for (int64_t l = 0; l < cbn; ++l) dst[p * g.C + l] = T(src[p * LN + l]);
+}
+
+// Calls f(integral_constant K) for the geometry's kernel size.
+template <typename F>
+void with_k(const Geo& g, const F& f) {
+  switch (g.K) {
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Lane-major conv weights of channels c0 .. c0 + cbn: wl[t * LN + l] = w[c0 + l][t] (flipped: t -> KK - 1 - t),
+// weight 1 without a conv; bl[l] = conv bias.
+template <int LN, typename T, typename A>
+void cl_weights(const Args<T, A>& a, int64_t c0, int64_t cbn, bool flip, A* wl, A* bl) {
+  const int64_t KK = a.g.K * a.g.K;
+  for (int64_t t = 0; t < KK; ++t)
+    for (int l = 0; l < LN; ++l)
+      wl[t * LN + l] = l >= cbn ? A(0) : a.w ? a.w[(c0 + l) * KK + (flip ? KK - 1 - t : t)] : A(1);
+  for (int l = 0; l < LN; ++l) bl[l] = a.cb && l < cbn ? a.cb[c0 + l] : A(0);
+}
+
+template <typename T, typename A>
+LaneCoef<A> lane_coef_of(const Args<T, A>& a, int64_t c0, int64_t cbn) {
+  LaneCoef<A> k;
+  for (int64_t l = 0; l < cbn; ++l) {
+    const Coef<A> c = coef_of(a, c0 + l);
+    k.mean[l] = c.mean, k.rstd[l] = c.rstd, k.sc[l] = c.sc, k.sh[l] = c.sh;
+  }
+  return k;
+}
+
+// Channels-last forward of channel blocks [t0, t1).
+template <typename T, typename A>
+void fwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
+  constexpr int LN = 64 / sizeof(T);
+  const Geo& g = a.g;
+  const int64_t plane = g.HW * LN;
+  const bool keep = a.training && g.N * plane <= kMaxScratch;
+  std::vector<A> pad(g.PQ * LN, A(0)), zs((keep ? g.N : 1) * plane), wl(g.K * g.K * LN), bl(LN);
+  const auto z_of = [&](int64_t n) { return zs.data() + (keep ? n * plane : 0); };
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * LN, cbn = std::min<int64_t>(LN, g.C - c0);
+    cl_weights<LN>(a, c0, cbn, false, wl.data(), bl.data());
+    const auto conv = [&](int64_t n) {
+      cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());
+      with_k(g, [&](auto K) { cl_conv<decltype(K)::value, LN>(g, pad.data(), wl.data(), bl.data(), z_of(n)); });
+    };
+    if (a.training) {  // batch statistics: per-plane, per-lane (mean, M2), merged over n
+      double mean[LN] = {}, m2[LN] = {};
+      for (int64_t n = 0; n < g.N; ++n) {
+        conv(n);
+        double pm[LN], pm2[LN];
+        cl_stats<LN>(g, z_of(n), pm, pm2);
+        for (int l = 0; l < LN; ++l) merge_plane(mean[l], m2[l], pm[l], pm2[l], n, g.HW);
+      }
+      for (int64_t l = 0; l < cbn; ++l) {
+        a.mean[c0 + l] = A(mean[l]);
+        a.var[c0 + l] = A(m2[l] / double(g.N * g.HW));
+      }
+    }
+    const LaneCoef<A> k = lane_coef_of(a, c0, cbn);
+    for (int64_t n = 0; n < g.N; ++n) {
+      if (!keep) conv(n);
+      T* y = a.out + g.plane(n, c0);
+      a.swish ? cl_apply<true, LN>(g, z_of(n), k, cbn, y) : cl_apply<false, LN>(g, z_of(n), k, cbn, y);
+    }
+  }
+}
+
+// Channels-last backward of channel blocks [t0, t1) (the passes of bwd_tasks).
+template <typename T, typename A>
+void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
+  constexpr int LN = 64 / sizeof(T);
+  const Geo& g = a.g;
+  const int64_t KK = g.K * g.K, plane = g.HW * LN;
+  const bool keep = a.training && 2 * g.N * plane <= kMaxScratch;
+  const int64_t kept = (keep ? g.N : 1) * plane;
+  std::vector<A> pad(g.PQ * LN, A(0)), dzpad(g.PQ * LN, A(0)), zs(kept), dzns(kept), buf(plane);
+  std::vector<A> wl(KK * LN), wf(KK * LN), bl(LN), zero(LN, A(0));
+  std::vector<double> dw(KK * LN);
+  const double M = double(g.N * g.HW);
+  const auto slot = [&](std::vector<A>& v, int64_t n) { return v.data() + (keep ? n * plane : 0); };
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * LN, cbn = std::min<int64_t>(LN, g.C - c0);
+    cl_weights<LN>(a, c0, cbn, false, wl.data(), bl.data());
+    cl_weights<LN>(a, c0, cbn, true, wf.data(), bl.data());
+    LaneCoef<A> k = lane_coef_of(a, c0, cbn);  // q = r = 0 unless training
+    double sa[LN] = {}, sb[LN] = {}, sdz[LN] = {}, unused_a[LN], unused_b[LN];
+    std::fill(dw.begin(), dw.end(), 0.0);
+    const auto rebuild = [&](int64_t n, double* sa_, double* sb_) {
+      cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());
+      with_k(g, [&](auto K) { cl_conv<decltype(K)::value, LN>(g, pad.data(), wl.data(), bl.data(), slot(zs, n)); });
+      const T* dy = a.dy + g.plane(n, c0);
+      a.swish ? cl_dzn<true, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_)
+              : cl_dzn<false, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_);
+    };
+    if (a.training) {  // pass A: the sums that dz needs
+      for (int64_t n = 0; n < g.N; ++n) rebuild(n, sa, sb);
+      for (int64_t l = 0; l < cbn; ++l) {
+        k.q[l] = A(-double(k.sc[l]) * sb[l] / M);
+        k.r[l] = A(-double(k.sc[l]) * sa[l] / M);
+      }
+    }
+    for (int64_t n = 0; n < g.N; ++n) {  // pass B: dz, grad_x, weight grads
+      if (keep)
+        cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());  // x for the weight grads
+      else if (a.training)
+        rebuild(n, unused_a, unused_b);  // the sums are complete
+      else
+        rebuild(n, sa, sb);  // eval: the sums are only outputs, summed in this one pass
+      cl_dz<LN>(g, slot(zs, n), slot(dzns, n), k, dzpad.data(), sdz);
+      with_k(g, [&](auto K) {
+        constexpr int kK = decltype(K)::value;
+        cl_conv<kK, LN>(g, dzpad.data(), wf.data(), zero.data(), buf.data());
+        if (a.g_w) cl_wgrad<kK, LN>(g, dzpad.data(), pad.data(), dw.data());
+      });
+      cl_store<LN>(g, buf.data(), cbn, a.out + g.plane(n, c0));
+    }
+    for (int64_t l = 0; l < cbn; ++l) {
+      const int64_t c = c0 + l;
+      a.g_gamma[c] = A(sb[l]);
+      a.g_beta[c] = A(sa[l]);
+      if (a.g_cb) a.g_cb[c] = A(sdz[l]);
       if (a.g_w)
-        for (int64_t i = 0; i < KK; ++i) a.g_w[c * KK + i] = A(dw[j * KK + i]);
+        for (int64_t i = 0; i < KK; ++i) a.g_w[c * KK + i] = A(dw[i * LN + l]);
     }
   }
 }
@@ -511,6 +729,8 @@ Isa cpu_isa() {
 
 DF_MULTIVERSION(fwd_tasks)
 DF_MULTIVERSION(bwd_tasks)
+DF_MULTIVERSION(fwd_tasks_cl)
+DF_MULTIVERSION(bwd_tasks_cl)
 
 // ---------------------------------------------------------------------------
 // Entry points.
@@ -558,7 +778,7 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
                               nullptr, y.mutable_data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(cb),
                               ptr_or_null<A>(gamma), ptr_or_null<A>(beta), mean.mutable_data_ptr<A>(),
                               var.mutable_data_ptr<A>(), nullptr, nullptr, nullptr, nullptr};
-    run_tasks(a.g, [&](int64_t b, int64_t e) { fwd_tasks_isa(a, b, e); });
+    run_tasks(a.g, [&](int64_t b, int64_t e) { a.g.cl ? fwd_tasks_cl_isa(a, b, e) : fwd_tasks_isa(a, b, e); });
   });
   return {y, mean, var};
 }
@@ -591,7 +811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
                               const_cast<A*>(mean_c.const_data_ptr<A>()), const_cast<A*>(var_c.const_data_ptr<A>()),
                               mut_or_null<A>(g_w), mut_or_null<A>(g_cb), g_gamma.mutable_data_ptr<A>(),
                               g_beta.mutable_data_ptr<A>()};
-    run_tasks(a.g, [&](int64_t b, int64_t e) { bwd_tasks_isa(a, b, e); });
+    run_tasks(a.g, [&](int64_t b, int64_t e) { a.g.cl ? bwd_tasks_cl_isa(a, b, e) : bwd_tasks_isa(a, b, e); });
   });
   return {grad_x, g_w, g_cb, g_gamma, g_beta};
 }

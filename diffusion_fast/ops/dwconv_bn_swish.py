@@ -28,10 +28,13 @@ Passes over activation-sized memory (R = one read, W = one write of an x-sized t
                            keeps only x and the (C,) statistics;
                       bwd: sums pass (x, dy -> sum dzn, sum dzn*zhat) 2R, then a pass that
                            rebuilds dz and writes dx and the weight grads 2R+1W         = 4R+1W
-                           (Triton writes dz as an fp32 scratch between two kernels: 6R+2W).
-    ours, eval        fwd 1R+1W; bwd 2R+1W (no reduction is needed before dz).
-    The C++ CPU kernels work channel by channel and keep a channel's conv output in cache when it
-    fits (N*H*W*4 bytes <= 1 MiB), so their second passes re-read cache, not memory.
+                           (Triton and CUDA write dz to an fp32 scratch between two kernels, as dx
+                           needs dz at the k x k neighbours of a tile: 6R+2W).
+    ours, eval        fwd 1R+1W; bwd 2R+1W in C++ (no reduction is needed before dz; Triton and
+                      CUDA run their training passes, 6R+2W).
+    The C++ CPU kernels work channel by channel and keep a channel's conv output (and dzn) in a
+    scratch buffer when it fits (N*H*W*4 bytes per channel, 1 MiB per thread), so their second passes
+    read cache: training fwd 1R+1W, bwd 2R+1W from memory (larger channels: as above, recomputing).
 
 Backends: ``cuda`` (our extension: C++ on CPU tensors, CUDA on GPU tensors), ``triton`` and
 ``torch`` (``dwconv_bn_swish_ref``/``bn_swish_ref``), chosen per call by ``diffusion_fast.backends``.
