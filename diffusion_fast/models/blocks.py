@@ -114,10 +114,23 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, c, hgt, wid = x.shape
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return self._forward_tokens(x)
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (N, HW, C)
         q, k, v = (proj(tokens).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (N, 1, HW, C)
         h = self.proj_out(attention(q, k, v).squeeze(1))
         return x + h.transpose(1, 2).reshape(n, c, hgt, wid)
+
+    def _forward_tokens(self, x: Tensor) -> Tensor:
+        """The same block on a channels_last x, whose memory already is the (N, HW, C) token
+        matrix: q, k, v come from one (C -> 3C) projection and no activation is transposed."""
+        n, c, hgt, wid = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(n, 1, hgt * wid, c)  # a view: NHWC memory
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # (3C, C)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)  # each (N, 1, HW, C), row stride 3C
+        h = self.proj_out(attention(q, k, v)).reshape(n, hgt, wid, c).permute(0, 3, 1, 2)  # NHWC memory
+        return x + h
 
 
 class Downsample(nn.Module):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, use_backend
 from diffusion_fast.models.blocks import (AttnBlock, Downsample, ResnetBlock, Upsample, conv2d, linear,
                                           timestep_embedding)
@@ -25,6 +26,19 @@ from diffusion_fast.nn import FusedGroupNormSiLU
 __all__ = ["DDPMUNet"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _run_channels_last(x: Tensor) -> bool:
+    """Whether a forward on our kernels runs in channels_last (NHWC) memory.
+
+    On the CPU, oneDNN convolutions run NHWC without reordering activations into blocked
+    layouts and back around every call, and our GroupNorm and attention read NHWC directly;
+    on a GPU, NHWC is cuDNN's tensor-core layout for fp16/bf16. The reference backend keeps
+    the plain NCHW model, so ``backend="torch"`` stays the eager baseline.
+    """
+    if backends.current() == "torch":
+        return False
+    return x.device.type == "cpu" or x.dtype in (torch.float16, torch.bfloat16)
 
 
 def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
@@ -156,15 +170,18 @@ class DDPMUNet(nn.Module):
         t = self._check_inputs(x, t)
         backend = _check_backend(backend, "forward(backend=)") or self.backend
         with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            return self._forward(x, t)
+            layout = torch.channels_last if _run_channels_last(x) else None
+            y = self._forward(x, t, layout)
+            return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
 
-    def _forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, t: Tensor, layout: Optional[torch.memory_format] = None) -> Tensor:
         dense0, dense1 = self.temb.dense
         emb_dtype = torch.float64 if dense0.weight.dtype == torch.float64 else torch.float32
         temb = timestep_embedding(t, self.config["ch"], emb_dtype).to(dense0.weight.dtype)
         temb_act = F.silu(dense1(F.silu(dense0(temb))))  # every res block applies swish to temb first
 
-        hs = [self.conv_in(x)]
+        # Every later op keeps the layout of conv_in's output (x with 1 or 3 channels cannot carry it).
+        hs = [self.conv_in(x) if layout is None else self.conv_in(x).contiguous(memory_format=layout)]
         for stage in self.down:
             for i, block in enumerate(stage.block):
                 h = block(hs[-1], temb_act)

@@ -245,6 +245,60 @@ def test_same_weights_same_output_on_torch_and_extension():
         assert_close(model(x, t, backend="cuda"), model(x, t, backend="torch"), torch.float32, "ext vs torch")
 
 
+def test_extension_runs_channels_last_and_returns_the_callers_layout():
+    """Our kernels run the UNet in NHWC memory (see ddpm_unet._run_channels_last); the reference stays NCHW."""
+    model = randomize_(tiny()).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    if group_norm_silu_unsupported("cuda", x) is not None:
+        pytest.skip("extension not loaded")
+    layouts = []
+    hook = model.norm_out.register_forward_pre_hook(
+        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        y_ref = model(x, t, backend="torch")
+        y = model(x, t, backend="cuda")
+        y_cl = model(x.contiguous(memory_format=torch.channels_last), t, backend="cuda")
+    hook.remove()
+    assert layouts == [False, True, True]
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, torch.float32, "NHWC run vs reference")
+    assert torch.equal(y, y_cl)
+
+
+def test_channels_last_gradients_match_the_reference():
+    model = randomize_(tiny())
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 900])
+    model = model.double()
+    if group_norm_silu_unsupported("cuda", x) is not None:
+        pytest.skip("extension not loaded")
+    grads = {}
+    for backend in ("torch", "cuda"):
+        model.zero_grad()
+        xg = x.clone().requires_grad_()
+        model(xg, t, backend=backend).square().sum().backward()
+        grads[backend] = [xg.grad] + [p.grad for p in model.parameters()]
+    for got, want in zip(grads["cuda"], grads["torch"]):
+        assert_close(got, want, torch.float64, "gradient through the NHWC run")
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 4, 4), (1, 32, 3, 5)], ids=["4x4", "3x5"])
+def test_attention_block_token_path_equals_the_plain_path(shape):
+    """AttnBlock on NHWC memory (one C -> 3C projection, no transposes) is the same function."""
+    from diffusion_fast.models.blocks import AttnBlock
+    block = randomize_(AttnBlock(shape[1])).double()
+    x = torch.randn(shape, dtype=torch.float64)
+    outs = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        block.zero_grad()
+        xg = x.clone(memory_format=layout).requires_grad_()
+        with diffusion_fast.use_backend("torch"):
+            y = block(xg)
+        y.square().sum().backward()
+        outs.append([y, xg.grad] + [p.grad for p in block.parameters()])
+    for got, want in zip(outs[1], outs[0]):
+        assert_close(got, want, torch.float64, "AttnBlock NHWC path")
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------
