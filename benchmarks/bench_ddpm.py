@@ -100,6 +100,14 @@ def diffusers_models(model: DDPMUNet) -> dict:
     return models
 
 
+def compiled_ours(model: DDPMUNet, mode=None):
+    """``torch.compile`` over our model on the automatic backend: our ops stay opaque custom
+    ops in the graph and Inductor fuses what lies between them."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, mode=mode, dynamic=False)
+    return torch.no_grad()(lambda x, t: compiled(x, t))
+
+
 def ddim_table(steps: int, device) -> tuple:
     abar = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
     timesteps = [i * (T // steps) for i in reversed(range(steps))]
@@ -169,12 +177,15 @@ def main(argv=None) -> None:
 
             others = {label: (lambda x, t, m=m: torch.no_grad()(lambda: m(x, t).sample)())
                       for label, m in others_models.items()}
+            others["ours+compile"] = compiled_ours(base, args.compile_mode)
             nbytes, work = params * size + 2 * math.prod(shape) * size, flops
         else:
             def make(requires_grad, shape=shape, dtype=dtype):
                 return (torch.randn(shape, device=device, dtype=dtype),)
 
             eager, ours, others = sampling_loops(others_models, eager_model, base, steps, device)
+            compiled = compiled_ours(base, args.compile_mode)
+            others["ours+compile"] = sampling_loops({}, eager_model, compiled, steps, device)[1]
             nbytes, work = steps * (params * size + 2 * math.prod(shape) * size), steps * flops
         case = harness.Case(f"{config}-{task}", shape, dtype, "fwd", make, nbytes,
                             extra=dict(config=config, task=task, params=params, flops=work,

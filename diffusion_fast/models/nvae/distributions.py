@@ -75,8 +75,8 @@ class DiscMixLogistic:
         self.logit_probs = params[:, :num_mix]                                    # (N, K, H, W)
         rest = params[:, num_mix:]
         self.means = rest[:, :channels * num_mix].view(n, channels, num_mix, h, w)
-        self.log_scales = torch.clamp(rest[:, channels * num_mix:2 * channels * num_mix].view(n, channels, num_mix, h, w),
-                                      min=-7.0)
+        log_scales = rest[:, channels * num_mix:2 * channels * num_mix].view(n, channels, num_mix, h, w)
+        self.log_scales = torch.clamp(log_scales, min=-7.0)
         coeffs = rest[:, 2 * channels * num_mix:].view(n, _num_coeffs(channels), num_mix, h, w)
         self.coeffs = torch.tanh(coeffs)
 

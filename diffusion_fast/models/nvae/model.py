@@ -117,8 +117,9 @@ class NVAE(nn.Module):
                 if not first:
                     self.dec_sampler.append(nn.Sequential(nn.ELU(), WNConv2d(cd * mult, 2 * L, 1)))
                     self.enc_combiners.append(EncoderCombiner(ce * mult, cd * mult))
-                self.dec_groups.append(nn.Sequential(*[] if first else [
-                    GenerativeResidualCell(cd * mult, cd * mult, 6, False, use_se) for _ in range(num_cell_per_cond_dec)]))
+                cells = [] if first else [GenerativeResidualCell(cd * mult, cd * mult, 6, False, use_se)
+                                          for _ in range(num_cell_per_cond_dec)]
+                self.dec_groups.append(nn.Sequential(*cells))
                 self.dec_combiners.append(DecoderCombiner(cd * mult, L))
             if s < num_latent_scales - 1:
                 self.dec_up.append(GenerativeResidualCell(cd * mult, cd * mult // 2, 6, True, use_se))
@@ -144,7 +145,8 @@ class NVAE(nn.Module):
         """The official CIFAR-10 run (README command): 128 channels, one latent scale of 30 groups x 20 channels at
         16 x 16, 2 cells per group, one pre/post block of 2 cells, 10 logistics (flows omitted)."""
         cfg = {"in_channels": 3, "image_size": 32, "num_channels_enc": 128, "num_channels_dec": 128,
-               "num_latent_scales": 1, "num_groups_per_scale": 30, "num_latent_per_group": 20, "num_preprocess_blocks": 1,
+               "num_latent_scales": 1, "num_groups_per_scale": 30, "num_latent_per_group": 20,
+               "num_preprocess_blocks": 1,
                "num_preprocess_cells": 2, "num_postprocess_blocks": 1, "num_postprocess_cells": 2,
                "num_cell_per_cond_enc": 2, "num_cell_per_cond_dec": 2, "num_mix": 10}
         return cls(**{**cfg, **overrides})
@@ -179,28 +181,28 @@ class NVAE(nn.Module):
         """Run the generator for n images. With ``feats`` z_l ~ q (posterior), with ``zs`` z_l given, else
         z_l ~ p at temperature t. Returns (decoder parameters, [z_l], [KL_l (N,)] (posterior only))."""
         s = self.prior_ftr0.unsqueeze(0).expand(n, -1, -1, -1)
-        z_out, kls, l = [], [], 0
+        z_out, kls, g = [], [], 0  # g: index of the latent group, top first
         for scale, groups in enumerate(self.groups_top_first):
             for _ in range(groups):
-                s = self.dec_groups[l](s)
-                if l == 0:
+                s = self.dec_groups[g](s)
+                if g == 0:
                     shape = (n, self.latent) + tuple(s.shape[2:])
                     mu_p = log_sigma_p = s.new_zeros(shape)
                 else:
-                    mu_p, log_sigma_p = self.dec_sampler[l - 1](s).chunk(2, dim=1)
+                    mu_p, log_sigma_p = self.dec_sampler[g - 1](s).chunk(2, dim=1)
                 prior = Normal(mu_p, log_sigma_p, t)
                 if feats is not None:
-                    ftr = self.enc0(feats[0]) if l == 0 else self.enc_combiners[l - 1](feats[l], s)
-                    dmu, dlog_sigma = self.enc_sampler[l](ftr).chunk(2, dim=1)
-                    q = residual_normal(mu_p, log_sigma_p, dmu, dlog_sigma) if self.res_dist and l > 0 \
+                    ftr = self.enc0(feats[0]) if g == 0 else self.enc_combiners[g - 1](feats[g], s)
+                    dmu, dlog_sigma = self.enc_sampler[g](ftr).chunk(2, dim=1)
+                    q = residual_normal(mu_p, log_sigma_p, dmu, dlog_sigma) if self.res_dist and g > 0 \
                         else Normal(dmu, dlog_sigma)
                     z = q.rsample()
                     kls.append(q.kl(prior).sum(dim=(1, 2, 3)))
                 else:
-                    z = zs[l] if zs is not None else prior.rsample()
-                s = self.dec_combiners[l](s, z)
+                    z = zs[g] if zs is not None else prior.rsample()
+                s = self.dec_combiners[g](s, z)
                 z_out.append(z)
-                l += 1
+                g += 1
             if scale < len(self.dec_up):
                 s = self.dec_up[scale](s)
         return self.image_conditional(self.post_process(s)), z_out, kls
