@@ -109,7 +109,10 @@ torch.library.register_autograd(_fwd_op, _backward, setup_context=_setup_context
 # ---------------------------------------------------------------------------
 TABLE_FILE = "bench_attention_table.json"
 TABLE_ENV = "DIFFUSION_FAST_ATTENTION_TABLE"  # os.pathsep-separated files; replaces the search
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# benchmarks/ installs as diffusion_fast.benchmarks with its tables as package data (pyproject);
+# in a source checkout it sits beside the package.
+RESULTS = (Path(__file__).resolve().parents[1] / "benchmarks" / "results",
+           Path(__file__).resolve().parents[2] / "benchmarks" / "results")
 DEFAULT_RULE = "triton if head_dim > 256 (beyond PyTorch's flash kernel) else torch (SDPA)"
 
 
@@ -131,7 +134,8 @@ def _load_tables() -> tuple:
     """({device name: dict(path, date, winners={key: backend})}, errors): newest table per GPU model."""
     listed = [Path(p) for p in os.environ.get(TABLE_ENV, "").split(os.pathsep) if p]
     tables, errors = {}, []
-    for path in listed or sorted(RESULTS.glob("*/" + TABLE_FILE)):
+    found = {p.resolve() for results in RESULTS for p in results.glob("*/" + TABLE_FILE)}
+    for path in listed or sorted(found):
         try:
             data = json.loads(path.read_text())
             winners = {(e["head_dim"], e["seq"], bool(e["causal"]), e["dtype"], e["mode"]): e["backend"]
