@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "image_folder"]
+__all__ = ["DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "gaussian_mixture", "image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -42,6 +42,23 @@ def swiss_roll(n: int = 10000, *, noise: float = 0.0, seed: int = 0) -> Tensor:
         raise ValueError(f"swiss_roll: n must be a positive int, got {n!r}")
     points, _ = _sklearn().make_swiss_roll(n_samples=n, noise=noise, random_state=seed)
     return torch.from_numpy(points[:, [0, 2]]).float() / 10.0
+
+
+def gaussian_mixture(n: int = 10000, *, means: Tensor, weights: Tensor | None = None, std: float = 0.1,
+                     seed: int = 0) -> Tensor:
+    """(n, D) float32 points of sum_k w_k N(means[k], std^2 I): ``means`` (K, D), ``weights`` (K,)
+    summing to 1 (uniform when None)."""
+    means = torch.as_tensor(means, dtype=torch.float32)
+    if means.dim() != 2:
+        raise ValueError(f"gaussian_mixture: means must be (K, D), got shape {tuple(means.shape)}")
+    weights = torch.full((means.shape[0],), 1.0 / means.shape[0]) if weights is None else torch.as_tensor(weights)
+    if weights.shape != (means.shape[0],) or (weights < 0).any() or abs(float(weights.sum()) - 1.0) > 1e-6:
+        raise ValueError(f"gaussian_mixture: weights must be {means.shape[0]} non-negative numbers summing to 1")
+    if not std > 0:
+        raise ValueError(f"gaussian_mixture: std must be > 0, got {std!r}")
+    generator = torch.Generator().manual_seed(seed)
+    component = torch.multinomial(weights.double(), n, replacement=True, generator=generator)
+    return means[component] + std * torch.randn(n, means.shape[1], generator=generator)
 
 
 def image_folder(path, *, size: int = 32, channels: int = 3) -> Tensor:

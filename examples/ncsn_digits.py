@@ -15,48 +15,15 @@ Writes ``ncsn_digits.png``: training digits beside samples.
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from diffusion_fast.models import NCSNv2
-from diffusion_fast.ops.philox import philox_normal_ref
+from diffusion_fast.samplers import annealed_langevin_dynamics
+from diffusion_fast.score_matching import dsm_loss
 from diffusion_fast.training import EMA, batches
-
-
-def dsm_loss(model: NCSNv2, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Denoising score matching over all noise levels (NCSNv2 Eq. 2; official ``anneal_dsm_score_estimation``
-    with anneal_power 2): mean over the batch of ½ σ² ||s(x + σz, i) + z/σ||², i ~ U{0..L-1}."""
-    labels = torch.randint(0, model.sigmas.numel(), (x.shape[0],), generator=generator)
-    sigma = model.sigmas[labels].reshape(-1, 1, 1, 1)
-    z = torch.randn(x.shape, generator=generator)
-    target = -z / sigma  # = -(x̃ - x) / σ²
-    return (0.5 * (model(x + sigma * z, labels) - target).square().flatten(1).sum(1) * sigma.flatten() ** 2).mean()
-
-
-@torch.no_grad()
-def sample(model, x_init: torch.Tensor, sigmas: torch.Tensor, *, n_steps_each: int, step_lr: float, seed: int,
-           denoise: bool = True) -> torch.Tensor:
-    """Annealed Langevin dynamics (Song & Ermon 2019, Alg. 1; NCSNv2's final denoising step), plain PyTorch.
-
-    For each level i: α_i = step_lr σ_i² / σ_L², then n_steps_each times
-    x <- x + α_i s(x, i) + sqrt(2 α_i) z, z from the Philox stream (seed, step); with ``denoise``
-    a last x <- x + σ_L² s(x, L-1). Same signature as ``diffusion_fast.samplers.annealed_langevin_dynamics``
-    (the fused ``langevin_step`` loop), which can replace this body once it lands.
-    """
-    x, step = x_init.clone(), 0
-    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-    for i, sigma in enumerate(sigmas.tolist()):
-        alpha = step_lr * (sigma / sigmas[-1].item()) ** 2
-        for _ in range(n_steps_each):
-            z = philox_normal_ref(seed, step, x.numel(), x.dtype, x.device).reshape(x.shape)
-            x = x + alpha * model(x, labels.fill_(i)) + math.sqrt(2.0 * alpha) * z
-            step += 1
-    if denoise:
-        x = x + sigmas[-1].item() ** 2 * model(x, labels.fill_(len(sigmas) - 1))
-    return x
 
 
 def plot(path: Path, data: torch.Tensor, samples: torch.Tensor) -> None:
@@ -108,7 +75,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     start, losses = time.perf_counter(), []
     for step, x in zip(range(args.steps), batches(data, args.batch_size, generator=generator), strict=False):
-        loss = dsm_loss(model, x, generator)
+        labels = torch.randint(0, args.levels, (x.shape[0],), generator=generator)
+        loss = dsm_loss(model, x, model.sigmas, labels, noise=torch.randn(x.shape, generator=generator))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -121,8 +89,8 @@ def main() -> None:
 
     start = time.perf_counter()
     x_init = torch.rand(args.n_samples, 1, 8, 8, generator=generator)
-    samples = sample(ema.module, x_init, ema.module.sigmas, n_steps_each=args.n_steps_each, step_lr=args.step_lr,
-                     seed=args.seed)
+    samples = annealed_langevin_dynamics(ema.module, x_init, ema.module.sigmas, n_steps_each=args.n_steps_each,
+                                         step_lr=args.step_lr, seed=args.seed)
     print(f"sampled {args.n_samples} digits ({args.levels} x {args.n_steps_each} Langevin steps) "
           f"in {time.perf_counter() - start:.1f} s; pixel range [{samples.min():.2f}, {samples.max():.2f}]")
 
