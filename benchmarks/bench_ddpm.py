@@ -3,7 +3,10 @@
     python benchmarks/bench_ddpm.py --device cuda --compile-mode max-autotune --out DIR
     python benchmarks/bench_ddpm.py --device cpu --quick                 # smoke run
 
-Providers, all on the same weights (random init: speed does not depend on the values):
+Providers, all on the same weights: the random init plus small noise on every parameter, so that
+the zero-initialised output layers do not make every output ~0 and the max-abs-diff column
+means something (speed does not depend on the values). Inputs handed over in fp32 (the harness's
+reference run) are cast to the model's dtype.
     eager            DDPMUNet with the plain-PyTorch backend (F.group_norm, F.silu, SDPA) and,
                      for sampling, the eager step formula x' = sqrt(abar') x0 + sqrt(1-abar') eps
     compile          torch.compile of eager (the whole loop for sampling; --compile-mode)
@@ -13,7 +16,8 @@ Providers, all on the same weights (random init: speed does not depend on the va
     cuda+graph       (GPU, sampling) ours with ``cuda_graph=True``: one graph replay per step
 
 Configs: ``cifar10`` (35.7M parameters, 32x32) on a GPU at batch 1 and 128 in fp32 and bf16;
-``small`` (ch 64, ch_mult 1,2,2, 32x32) and ``tiny`` (16x16) on a CPU. Sampling runs
+``small`` (ch 64, ch_mult 1,2,2, 32x32) and ``tiny`` (16x16) on a CPU in fp32 and bf16 (oneDNN
+runs bf16 convolutions on AMX / AVX512-BF16 where the CPU has them). Sampling runs
 --sample-steps DDIM steps (eta = 0, so every provider computes the same samples); images/s is
 ``batch / median``, and a 1000-step DDPM run costs about 1000 / steps times as long.
 FLOPs of one forward are counted from the convolutions, linears and attention matmuls
@@ -47,10 +51,18 @@ def plan(device: str, quick: bool, dtypes, steps: int) -> list:
     if quick:
         return [("tiny", task, 2, d) for task in ("forward", "sample") for d in dtypes or [fp32]]
     if device == "cpu":
-        return [(c, task, b, d) for d in dtypes or [fp32] for task in ("forward", "sample")
+        return [(c, task, b, d) for d in dtypes or [fp32, bf16] for task in ("forward", "sample")
                 for c, b in (("tiny", 8), ("small", 1), ("small", 8))]
     return [("cifar10", task, b, d) for task in ("forward", "sample") for d in dtypes or [fp32, bf16]
             for b in (1, 128)]
+
+
+def perturbed(model: DDPMUNet, scale: float = 0.02) -> DDPMUNet:
+    """``model`` with N(0, scale^2) noise added to every parameter (seeded by the caller)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=scale)
+    return model
 
 
 def forward_flops(model: DDPMUNet, x: torch.Tensor, t: torch.Tensor) -> int:
@@ -117,11 +129,13 @@ def ddim_table(steps: int, device) -> tuple:
 def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) -> tuple:
     """(eager loop, ours loop, others' loops) over DDIM eta = 0 from a given x_T."""
     abar, timesteps = ddim_table(steps, device)
+    dtype = next(eager_model.parameters()).dtype
     pairs = [(float(abar[t]), float(abar[timesteps[i + 1]]) if i + 1 < steps else 1.0)
              for i, t in enumerate(timesteps)]
 
     def loop(denoise):
         def run(x):
+            x = x.to(dtype)
             tb = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
             for t, (a, a_prev) in zip(timesteps, pairs):
                 eps = denoise(x, tb.fill_(t)).to(x.dtype)
@@ -132,6 +146,7 @@ def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) ->
 
     def ours(graph: bool):
         def run(x):
+            x = x.to(dtype)
             return sample_ddim(ours_model, tuple(x.shape), alphas_cumprod=abar.to(device), timesteps=timesteps,
                                eta=0.0, device=x.device, dtype=x.dtype, x_init=x, cuda_graph=graph)
         return run
@@ -153,7 +168,7 @@ def main(argv=None) -> None:
     for config, task, batch, dtype in plan(args.device, args.quick, args.dtypes, steps):
         print(f"{config} {task} B={batch} {dtype}", flush=True)
         torch.manual_seed(0)
-        base = CONFIGS[config]().to(device=device, dtype=dtype).eval()
+        base = perturbed(CONFIGS[config]()).to(device=device, dtype=dtype).eval()
         eager_model = copy.deepcopy(base)
         eager_model.backend = "torch"
         res, cin = base.config["resolution"], base.config["in_channels"]
@@ -167,13 +182,13 @@ def main(argv=None) -> None:
             def make(requires_grad, shape=shape, batch=batch, dtype=dtype):
                 return (torch.randn(shape, device=device, dtype=dtype), torch.randint(0, T, (batch,), device=device))
 
-            def eager(x, t, m=eager_model):
+            def eager(x, t, m=eager_model, dtype=dtype):
                 with torch.no_grad():
-                    return m(x, t)
+                    return m(x.to(dtype), t)
 
-            def ours(x, t, m=base):
+            def ours(x, t, m=base, dtype=dtype):
                 with torch.no_grad():
-                    return m(x, t)
+                    return m(x.to(dtype), t)
 
             others = {label: (lambda x, t, m=m: torch.no_grad()(lambda: m(x, t).sample)())
                       for label, m in others_models.items()}
