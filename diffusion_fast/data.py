@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "image_folder"]
+__all__ = ["DATASETS", "POINT_DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -72,6 +72,7 @@ def image_folder(path, *, size: int = 32, channels: int = 3) -> Tensor:
 
 
 DATASETS = {"digits": digits, "swiss_roll": swiss_roll}
+POINT_DATASETS = ("swiss_roll",)  # sets of points (N, D), not images
 
 
 def load_dataset(name: str, **kwargs) -> Tensor:
