@@ -56,11 +56,11 @@ def save_scatter(samples: Tensor, path, *, data: Tensor | None = None, title: st
     everything = torch.cat([pts for _, pts, _ in panels])
     low, high = everything.min(0).values, everything.max(0).values
     pad = 0.05 * (high - low).clamp_min(1e-6)
+    (x0, y0), (x1, y1) = (low - pad).tolist(), (high + pad).tolist()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.6), squeeze=False)
-    for ax, (name, pts, color) in zip(axes[0], panels):
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, color=color)
-        ax.set(title=f"{name} ({pts.shape[0]})", xlim=(low[0] - pad[0], high[0] + pad[0]),
-               ylim=(low[1] - pad[1], high[1] + pad[1]), aspect="equal")
+    for ax, (name, pts, color) in zip(axes[0], panels, strict=True):
+        ax.scatter(pts[:, 0].numpy(), pts[:, 1].numpy(), s=2, alpha=0.5, color=color)
+        ax.set(title=f"{name} ({pts.shape[0]})", xlim=(x0, x1), ylim=(y0, y1), aspect="equal")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

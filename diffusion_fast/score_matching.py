@@ -200,7 +200,7 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tenso
         loss = mean_b 1/2 sum_j (model(x~, labels)_bj - target_bj)^2 * sigma_b^anneal_power
 
     (anneal_power = 2 is lambda(sigma) = sigma^2). Labels and noise not given are drawn from
-    ``generator`` (on x's device; the global RNG when None). Returns a 0-d tensor.
+    ``generator`` (the global RNG when None). Returns a 0-d tensor.
     """
     fn = "dsm_loss"
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -213,12 +213,13 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tenso
         raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch = x.shape[0]
     sigmas = sigmas.to(x.device)
+    device = generator.device if generator is not None else x.device  # a CPU generator may feed CUDA data
     if labels is None:
-        labels = torch.randint(0, sigmas.numel(), (batch,), device=x.device, generator=generator)
+        labels = torch.randint(0, sigmas.numel(), (batch,), device=device, generator=generator).to(x.device)
     elif not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (batch,):
         raise ValueError(f"{fn}: labels must be an int64 tensor of shape ({batch},)")
     if noise is None:
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator).to(x.device)
     elif not isinstance(noise, Tensor) or noise.shape != x.shape:
         raise ValueError(f"{fn}: noise must be a tensor of x's shape {tuple(x.shape)}")
     used = sigmas[labels].reshape(batch, *([1] * (x.dim() - 1)))

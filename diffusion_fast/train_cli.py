@@ -21,11 +21,18 @@ from diffusion_fast.sample_cli import sample_images, sample_points
 from diffusion_fast.score_matching import dsm_loss
 from diffusion_fast.training import Trainer, batches
 
-__all__ = ["cmd_train", "make_trainer", "PAPER_2015"]
+__all__ = ["cmd_train", "make_trainer", "stream_seed", "PAPER_2015"]
 
 PAPER_2015 = {"K": 2.35, "K - L_null": 6.45}  # bits per point on the swiss roll: the paper's Table 1
 HELD_OUT = 5000  # held-out points (the data set's loader with seed 1) that K is reported on
 PLOTTED = 2000  # points in the final scatter plot
+
+
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank ``rank``'s noise and minibatch generators when training (re)starts at
+    ``step``: distinct per rank (``distributed.rank_seed``) and moved on by the step, so that a
+    resumed run does not replay the noise it began with."""
+    return distributed.rank_seed(seed, rank) + 10_000 * step
 
 
 def make_trainer(kind: str, net: torch.nn.Module, schedule: dict, generator: torch.Generator, *, lr: float,
@@ -99,8 +106,7 @@ def cmd_train(args) -> int:
         if "trainer" not in ckpt or ckpt["config"] != dict(model.config):
             raise UsageError(f"--resume: {out} has no trainer state for --model {args.model}")
         trainer.load_state_dict(ckpt["trainer"])
-    # This rank's streams, moved on by the step so that a resumed run does not replay its noise.
-    seed = distributed.rank_seed(args.seed, ctx.rank) + 10_000 * trainer.step_count
+    seed = stream_seed(args.seed, ctx.rank, trainer.step_count)
     generator.manual_seed(seed)
     stream = batches(data, args.batch, generator=torch.Generator().manual_seed(seed))
     bar = _progress(args.steps, ctx.is_main and not args.no_progress, "train")
