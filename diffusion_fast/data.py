@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["DATASETS", "POINT_DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "image_folder"]
+__all__ = ["DATASETS", "load_dataset", "digits", "digit_labels", "swiss_roll", "image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
