@@ -58,10 +58,11 @@ def sample_images(model, ckpt: dict, n: int, *, sampler: str, steps: int, eta: f
 
 
 def sample_points(model, ckpt: dict, n: int, *, sampler: str = "ancestral", seed: int, device: torch.device,
-                  dtype: torch.dtype, **_) -> torch.Tensor:
+                  dtype: torch.dtype, **image_options) -> torch.Tensor:
     """n points (n, D), float32, in the data's coordinates, from a dpm2015 checkpoint's process:
     its learned reverse process (``DiffusionProcess2015.sample``: x^T ~ N(0, I), Gaussian steps
-    with Philox noise from (seed, t)), then undoing the training data's standardisation."""
+    with Philox noise from (seed, t)), then undoing the training data's standardisation.
+    ``image_options`` (steps, eta, progress of ``sample_images``) do not apply and are ignored."""
     kind = ckpt.get("kind")
     _check_sampler(kind, sampler)
     if kind not in zoo.POINT_KINDS:
