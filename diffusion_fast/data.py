@@ -89,6 +89,7 @@ def image_folder(path, *, size: int = 32, channels: int = 3) -> Tensor:
 
 
 DATASETS = {"digits": digits, "swiss_roll": swiss_roll}
+POINT_DATASETS = ("swiss_roll",)  # sets of points (N, D), not images
 
 
 def load_dataset(name: str, **kwargs) -> Tensor:

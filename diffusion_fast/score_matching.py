@@ -189,7 +189,8 @@ def step_size_for(sigma_min: float, gamma: float, n_steps_each: int) -> float:
 
 
 def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tensor, labels: Tensor | None = None,
-             anneal_power: float = 2.0, *, noise: Tensor | None = None) -> Tensor:
+             anneal_power: float = 2.0, *, noise: Tensor | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
     """Annealed denoising score matching (NCSN Eq. 5-6; NCSNv2's ``anneal_dsm_score_estimation``).
 
     x: (B, ...) data; sigmas: (L,) noise levels; labels: (B,) int64 level indices, uniform over
@@ -198,7 +199,8 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tenso
 
         loss = mean_b 1/2 sum_j (model(x~, labels)_bj - target_bj)^2 * sigma_b^anneal_power
 
-    (anneal_power = 2 is lambda(sigma) = sigma^2). Returns a 0-d tensor.
+    (anneal_power = 2 is lambda(sigma) = sigma^2). Labels and noise not given are drawn from
+    ``generator`` (the global RNG when None). Returns a 0-d tensor.
     """
     fn = "dsm_loss"
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
@@ -207,14 +209,17 @@ def dsm_loss(model: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigmas: Tenso
         raise ValueError(f"{fn}: sigmas must be a non-empty 1-D floating tensor")
     if isinstance(anneal_power, bool) or not isinstance(anneal_power, numbers.Real):
         raise TypeError(f"{fn}: anneal_power must be a number, got {type(anneal_power).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{fn}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch = x.shape[0]
     sigmas = sigmas.to(x.device)
+    device = generator.device if generator is not None else x.device  # a CPU generator may feed CUDA data
     if labels is None:
-        labels = torch.randint(0, sigmas.numel(), (batch,), device=x.device)
+        labels = torch.randint(0, sigmas.numel(), (batch,), device=device, generator=generator).to(x.device)
     elif not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.shape != (batch,):
         raise ValueError(f"{fn}: labels must be an int64 tensor of shape ({batch},)")
     if noise is None:
-        noise = torch.randn_like(x)
+        noise = torch.randn(x.shape, device=device, dtype=x.dtype, generator=generator).to(x.device)
     elif not isinstance(noise, Tensor) or noise.shape != x.shape:
         raise ValueError(f"{fn}: noise must be a tensor of x's shape {tuple(x.shape)}")
     used = sigmas[labels].reshape(batch, *([1] * (x.dim() - 1)))

@@ -114,14 +114,17 @@ class Trainer:
     ``model`` may be wrapped in ``DistributedDataParallel``: gradients are then averaged over
     ranks before clipping, and the EMA and state dicts hold the unwrapped module.
 
-    ``loss(model, x0) -> 0-d tensor`` replaces L_simple (then ``schedule`` may be None), e.g.
-    denoising score matching for a score model: ``lambda m, x: dsm_loss(m, x, sigmas)``.
+    ``loss(model, x0, generator) -> 0-d tensor`` replaces L_simple (then ``schedule`` may be None),
+    e.g. denoising score matching for a score model:
+    ``lambda m, x, g: dsm_loss(m, x, sigmas, generator=g)``. It gets the Trainer's ``generator``
+    and must draw its noise from it: under DDP each rank passes its own generator, so the ranks'
+    noise differs (the global RNG is seeded alike on every rank).
     """
 
     def __init__(self, model: nn.Module, schedule: Optional[DiffusionSchedule], *, lr: float = 2e-4,
                  warmup: int = 5000, grad_clip: Optional[float] = 1.0, ema_decay: float = 0.9999,
                  random_flip: bool = True, generator: Optional[torch.Generator] = None,
-                 loss: Optional[Callable[[nn.Module, Tensor], Tensor]] = None) -> None:
+                 loss: Optional[Callable[[nn.Module, Tensor, Optional[torch.Generator]], Tensor]] = None) -> None:
         if schedule is None and loss is None:
             raise ValueError("Trainer: give a schedule (for L_simple) or a loss function")
         if lr <= 0:
@@ -147,7 +150,7 @@ class Trainer:
         if self.random_flip:
             x0 = random_hflip(x0, generator=self.generator)
         if self.loss is not None:
-            loss = self.loss(self.model, x0)
+            loss = self.loss(self.model, x0, self.generator)
         else:
             loss = loss_simple(self.model, self.schedule, x0, t=t, noise=noise, generator=self.generator).mean()
         self.optimizer.zero_grad(set_to_none=True)

@@ -3,11 +3,13 @@
 A checkpoint is one ``torch.save`` dict::
 
     format    "diffusion_fast.checkpoint/1"
-    kind      "ddpm" or "ncsnv2" (the model family: network class, loss and samplers)
+    kind      "ddpm", "ncsnv2" or "dpm2015" (the model family: network class, loss and samplers)
     config    the network's constructor arguments (``model.config``)
     schedule  ddpm: {"num_timesteps", "beta_start", "beta_end"} (linear β schedule);
-              ncsnv2: {"n_steps_each", "step_lr"} of annealed Langevin (σ's are in the config)
-    data      {"name", "shape": [C, H, W]}
+              ncsnv2: {"n_steps_each", "step_lr"} of annealed Langevin (σ's are in the config);
+              dpm2015: {} (T and β_1 are in the config, β_2..T are learned: part of the weights)
+    data      {"name", "shape": [C, H, W]}; dpm2015: {"name", "shape": [D], "mean", "std"}, the
+              per-coordinate statistics that standardised the training points (the model's space)
     ema       the EMA weights: what sampling uses (stored in fp16 for the shipped model)
     trainer   optional ``Trainer.state_dict()`` (model, EMA, optimizer, step) for --resume
     command   the command line that produced it, and ``steps``
@@ -24,10 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffusion_fast.diffusion.dpm2015 import DiffusionProcess2015
 from diffusion_fast.models.ddpm_unet import DDPMUNet
+from diffusion_fast.models.dpm2015 import RBFReverseNet
 from diffusion_fast.models.ncsnv2 import NCSNv2
 
-__all__ = ["MODELS", "PRETRAINED", "FORMAT", "build", "save_checkpoint", "load_checkpoint", "load_model"]
+__all__ = ["MODELS", "PRETRAINED", "FORMAT", "TRAIN_DEFAULTS", "build", "dpm2015_process", "save_checkpoint",
+           "load_checkpoint", "load_model"]
 
 FORMAT = "diffusion_fast.checkpoint/1"
 PRETRAINED = {"digits": Path(__file__).parent / "pretrained" / "digits_ddpm.pt"}
@@ -41,13 +46,37 @@ MODELS = {
                   None, PAPER_SCHEDULE),
     "ddpm-cifar10": ("ddpm", dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
                                   resolution=32, dropout=0.1), None, PAPER_SCHEDULE),
+    # NCSNv2 on digits in [-1, 1]: σ_1 = 10 ≈ the largest pairwise distance (NCSNv2's Technique 1).
+    "ncsnv2-digits": ("ncsnv2", dict(channels=1, ngf=16, num_classes=20, sigma_begin=10.0, sigma_end=0.01,
+                                     dilations=(1, 2), rescaled=True), "digits", dict(n_steps_each=20, step_lr=5e-5)),
+    # Sohl-Dickstein et al. 2015's swiss roll: T = 40 Gaussian steps, an RBF network of 16 units,
+    # β_2..T learned over 10 temporal bumps; β_1 = 1e-5 as in examples/swiss_roll_2015.py.
+    "dpm2015-swissroll": ("dpm2015", dict(dim=2, num_steps=40, n_hidden=16, step1_beta=1e-5, n_temporal_basis=10),
+                          "swiss_roll", {}),
 }
-# NCSNv2 on digits in [-1, 1]: σ_1 = 10 ≈ the largest pairwise distance (NCSNv2's Technique 1).
-MODELS["ncsnv2-digits"] = ("ncsnv2", dict(channels=1, ngf=16, num_classes=20, sigma_begin=10.0, sigma_end=0.01,
-                                          dilations=(1, 2), rescaled=True), "digits",
-                           dict(n_steps_each=20, step_lr=5e-5))
-NETWORKS = {"ddpm": DDPMUNet, "ncsnv2": NCSNv2}
-SAMPLERS = {"ddpm": ("ddpm", "ddim"), "ncsnv2": ("langevin",)}
+# Training defaults per kind (the train command's --batch, --lr, --warmup, --ema when not given).
+# dpm2015: measured on the swiss roll (4000 steps): Adam at 2e-2 with EMA 0.99 beats 2e-4..1e-2.
+TRAIN_DEFAULTS = {
+    "ddpm": dict(batch=128, lr=2e-4, warmup=200, ema=0.999),
+    "ncsnv2": dict(batch=128, lr=2e-4, warmup=200, ema=0.999),
+    "dpm2015": dict(batch=500, lr=2e-2, warmup=0, ema=0.99),
+}
+
+
+def dpm2015_process(dim: int = 2, num_steps: int = 40, n_hidden: int = 16, step1_beta: float = 1e-5,
+                    n_temporal_basis: int = 10) -> DiffusionProcess2015:
+    """The 2015 model as one module: ``RBFReverseNet`` inside ``DiffusionProcess2015``, with
+    ``config`` (these arguments) like the other networks."""
+    net = RBFReverseNet(dim, num_steps, n_hidden)
+    process = DiffusionProcess2015(net, num_steps, dim=dim, step1_beta=step1_beta, n_temporal_basis=n_temporal_basis)
+    process.config = dict(dim=dim, num_steps=num_steps, n_hidden=n_hidden, step1_beta=step1_beta,
+                          n_temporal_basis=n_temporal_basis)
+    return process
+
+
+NETWORKS = {"ddpm": DDPMUNet, "ncsnv2": NCSNv2, "dpm2015": dpm2015_process}
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "ncsnv2": ("langevin",), "dpm2015": ("ancestral",)}
+POINT_KINDS = ("dpm2015",)  # kinds that model points (N, D), not images
 
 
 def build(kind: str, config: dict) -> nn.Module:

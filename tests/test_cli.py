@@ -1,7 +1,10 @@
 """The diffusion-fast command: train -> checkpoint -> sample, errors as one line, bench report."""
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,7 @@ import pytest
 import torch
 
 from diffusion_fast import cli, zoo
+from diffusion_fast.data import swiss_roll
 
 pytest.importorskip("sklearn")
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +80,10 @@ def test_sample_from_a_checkpoint(checkpoint, tmp_path, one_thread, capsys):
     (["train", "--data", "/no/such/folder"], "unknown data set"),
     (["train", "--ema", "1.5"], "--ema"),
     (["bench", "no_such_bench"], "unknown benchmark"),
+    (["train", "--model", "ddpm-digits", "--data", "swiss_roll"], "holds 2-D points, not images"),
+    (["train", "--model", "ncsnv2-digits", "--data", "swiss_roll"], "holds 2-D points, not images"),
+    (["train", "--model", "dpm2015-swissroll", "--data", "digits"], "models 2-D points"),
+    (["sample", "--model", "dpm2015-swissroll"], "untrained config"),
 ])
 def test_user_mistakes_are_one_line(argv, message, capsys):
     assert cli.main(argv) == 2
@@ -146,3 +154,90 @@ def test_shipped_model_is_the_default_and_reports_its_speed_up(tmp_path, one_thr
     assert cli.main(["sample", "-n", "2", "--steps", "3", "--out", str(tmp_path / "d.png"), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "ddim" in printed and "speed-up" in printed
+
+
+# ---------------------------------------------------------------------------- the 2015 model (swiss roll)
+def _bits(printed: str, name: str) -> float:
+    return float(re.search(rf"{re.escape(name)} = (-?[0-9.]+) bits", printed).group(1))
+
+
+@pytest.fixture(scope="module")
+def roll_checkpoint(tmp_path_factory):
+    """dpm2015-swissroll trained for 800 steps (in process; ~5 s) and what it printed."""
+    path = tmp_path_factory.mktemp("roll") / "roll.pt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            assert cli.main(["train", "--model", "dpm2015-swissroll", "--steps", "800", "--batch", "200",
+                             "--save-every", "400", "--out", str(path), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return path, out.getvalue()
+
+
+def test_dpm2015_trains_on_the_bound_and_reports_it_in_bits(roll_checkpoint):
+    path, printed = roll_checkpoint
+    ckpt = zoo.load_checkpoint(path)
+    assert ckpt["kind"] == "dpm2015" and ckpt["steps"] == 800 and ckpt["trainer"]["step"] == 800
+    assert ckpt["config"]["num_steps"] == 40 and ckpt["schedule"] == {}
+    assert ckpt["data"]["name"] == "swiss_roll" and ckpt["data"]["shape"] == [2]
+    roll = swiss_roll()
+    assert np.allclose(ckpt["data"]["mean"], roll.mean(0)) and np.allclose(ckpt["data"]["std"], roll.std(0))
+    k, gain = _bits(printed, "K"), _bits(printed, "K - L_null")
+    assert "paper: 2.35 / 6.45" in printed
+    assert gain > 0.4, printed  # the untrained (zero-readout) model has K = L_null: a gain of 0
+    assert -5 < k < 3
+    model, _ = zoo.load_model(str(path))
+    assert not torch.equal(model.beta_perturb, torch.zeros_like(model.beta_perturb))  # β_2..T were learned
+    assert path.with_suffix(".png").stat().st_size > 5000  # the data vs samples scatter plot
+
+
+def test_dpm2015_resumes_from_its_checkpoint(roll_checkpoint, tmp_path, one_thread):
+    path = tmp_path / "resumed.pt"
+    path.write_bytes(roll_checkpoint[0].read_bytes())
+    assert cli.main(["train", "--model", "dpm2015-swissroll", "--steps", "810", "--batch", "200", "--resume",
+                     "--out", str(path), "--no-progress"]) == 0
+    before, after = zoo.load_checkpoint(roll_checkpoint[0]), zoo.load_checkpoint(path)
+    assert after["trainer"]["step"] == 810 and after["trainer"]["ema"]["num_updates"] == 810
+    adam = after["trainer"]["optimizer"]["state"]
+    assert all(state["step"].item() == 810 for state in adam.values())  # Adam's moments carried over
+    assert any(not torch.equal(before["ema"][k], after["ema"][k]) for k in before["ema"])
+    assert after["data"] == before["data"]
+
+
+def test_dpm2015_samples_its_reverse_process(roll_checkpoint, tmp_path, one_thread, capsys):
+    path = str(roll_checkpoint[0])
+    out, npz = tmp_path / "roll.png", tmp_path / "roll.npz"
+    assert cli.main(["sample", "--model", path, "-n", "300", "--seed", "5", "--out", str(out), "--npz", str(npz),
+                     "--no-progress"]) == 0
+    assert "ancestral" in capsys.readouterr().out
+    samples = np.load(npz)["samples"]
+    assert samples.shape == (300, 2) and samples.dtype == np.float32 and np.isfinite(samples).all()
+    model, ckpt = zoo.load_model(path)
+    expected = model.sample(300, seed=5) * torch.tensor(ckpt["data"]["std"]) + torch.tensor(ckpt["data"]["mean"])
+    assert np.allclose(samples, expected.numpy(), atol=1e-5)
+    # Samples lie near the roll: closer to it than N(0, I) points mapped to the data's scale are.
+    roll = swiss_roll()[:3000]
+    noise = torch.randn(300, 2) * torch.tensor(ckpt["data"]["std"]) + torch.tensor(ckpt["data"]["mean"])
+    nearest = torch.cdist(torch.from_numpy(samples), roll).min(1).values.median()
+    assert nearest < 0.7 * torch.cdist(noise, roll).min(1).values.median()
+    assert out.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampler", "ddim"], "--sampler ddim does not apply to a dpm2015 model"),
+    (["--sampler", "langevin"], "--sampler langevin does not apply to a dpm2015 model"),
+])
+def test_dpm2015_refuses_image_samplers(roll_checkpoint, argv, message, tmp_path, capsys):
+    assert cli.main(["sample", "--model", str(roll_checkpoint[0]), *argv, "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_image_models_refuse_the_2015_sampler(checkpoint, tmp_path, capsys):
+    assert cli.main(["sample", "--model", str(checkpoint), "--sampler", "ancestral",
+                     "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--sampler ancestral does not apply to a ddpm model" in err and len(err.splitlines()) == 1

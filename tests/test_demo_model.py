@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_fast import zoo
-from diffusion_fast.cli import sample_images
+from diffusion_fast.sample_cli import sample_images
 
 sklearn = pytest.importorskip("sklearn")
 from sklearn.datasets import load_digits  # noqa: E402

@@ -206,6 +206,23 @@ def test_dsm_loss_matches_the_official_formula(anneal_power):
     assert model.lin.weight.grad is not None and model.lin.weight.grad.abs().sum() > 0
 
 
+def test_dsm_loss_draws_from_the_generator():
+    """With ``generator``: labels then noise from it, not from the global RNG (per-rank noise under DDP)."""
+    sigmas = geometric_sigmas(1.0, 0.01, 10)
+    model = TinyScoreNet(2 * 3 * 3, sigmas)
+    x = torch.randn(8, 2, 3, 3)
+    g = torch.Generator().manual_seed(11)
+    labels, noise = torch.randint(0, 10, (8,), generator=g), torch.randn(8, 2, 3, 3, generator=g)
+    expected = dsm_loss(model, x, sigmas, labels, noise=noise)
+    torch.manual_seed(0)
+    ours = dsm_loss(model, x, sigmas, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    torch.manual_seed(0)
+    assert dsm_loss(model, x, sigmas) != ours  # the global RNG gives other draws
+    with pytest.raises(TypeError, match="dsm_loss: generator"):
+        dsm_loss(model, x, sigmas, generator=11)
+
+
 def test_dsm_loss_closed_forms():
     sigmas = torch.tensor([2.0, 0.5, 0.1])
     x, noise = torch.randn(6, 4, 5), torch.randn(6, 4, 5)

@@ -1,5 +1,6 @@
 """Training utilities: warmup, EMA, flips, batching, and a tiny DDPM whose loss drops on the CPU."""
 
+import copy
 import math
 
 import pytest
@@ -101,3 +102,22 @@ def test_tiny_model_loss_drops_within_a_few_dozen_steps():
     resumed.load_state_dict(trainer.state_dict())
     assert resumed.step_count == 40
     assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), model.parameters()))
+
+
+def test_a_custom_loss_draws_from_the_trainers_generator():
+    """``loss(model, x0, generator)`` gets the Trainer's generator (one per rank under DDP)."""
+    generator = torch.Generator().manual_seed(4)
+    model = torch.nn.Linear(3, 3)
+    got = []
+
+    def loss(m, x, g):
+        got.append(g)
+        return (m(x + torch.randn(x.shape, generator=g)) ** 2).mean()
+
+    trainer = Trainer(model, None, lr=1e-3, warmup=0, random_flip=False, generator=generator, loss=loss)
+    x = torch.randn(5, 3)
+    before = copy.deepcopy(model)
+    first = trainer.step(x)["loss"]
+    assert got == [generator]
+    generator.manual_seed(4)
+    assert torch.equal(first, loss(before, x, generator).detach())  # the same draw from the same seed

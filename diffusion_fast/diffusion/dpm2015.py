@@ -141,6 +141,10 @@ class DiffusionProcess2015(nn.Module):
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return -(self.num_steps - 1) * self.kl_term(x0, t, noise) + self._edges(x0.dtype)
 
+    def forward(self, x0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """``bound_estimate``: the module's call, so DistributedDataParallel can wrap training on K."""
+        return self.bound_estimate(x0, generator)
+
     @torch.no_grad()
     def bound(self, x0: Tensor, *, samples: int = 1, generator: Optional[torch.Generator] = None) -> Tensor:
         """K per data point, (N,) nats: every t = 2..T, each KL averaged over ``samples`` draws of x^t."""
