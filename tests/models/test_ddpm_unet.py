@@ -282,21 +282,26 @@ def test_channels_last_gradients_match_the_reference():
 
 
 @pytest.mark.parametrize("shape", [(2, 64, 4, 4), (1, 32, 3, 5)], ids=["4x4", "3x5"])
-def test_attention_block_token_path_equals_the_plain_path(shape):
-    """AttnBlock on NHWC memory (one C -> 3C projection, no transposes) is the same function."""
+def test_attention_block_fused_paths_equal_the_plain_path(shape):
+    """AttnBlock on NHWC memory (one C -> 3C projection, no transposes) and, on our backends, on
+    NCHW memory (one q/k/v GEMM, residual in the output GEMM) is the reference function."""
     from diffusion_fast.models.blocks import AttnBlock
     block = randomize_(AttnBlock(shape[1])).double()
     x = torch.randn(shape, dtype=torch.float64)
+    runs = [("torch", torch.contiguous_format), ("torch", torch.channels_last)]
+    if group_norm_silu_unsupported("cuda", x) is None:
+        runs += [("cuda", torch.contiguous_format), ("cuda", torch.channels_last)]
     outs = []
-    for layout in (torch.contiguous_format, torch.channels_last):
+    for backend, layout in runs:
         block.zero_grad()
         xg = x.clone(memory_format=layout).requires_grad_()
-        with diffusion_fast.use_backend("torch"):
+        with diffusion_fast.use_backend(backend):
             y = block(xg)
         y.square().sum().backward()
         outs.append([y, xg.grad] + [p.grad for p in block.parameters()])
-    for got, want in zip(outs[1], outs[0]):
-        assert_close(got, want, torch.float64, "AttnBlock NHWC path")
+    for (backend, layout), out in zip(runs[1:], outs[1:]):
+        for got, want in zip(out, outs[0]):
+            assert_close(got, want, torch.float64, f"AttnBlock on {backend}, {layout}")
 
 
 # ---------------------------------------------------------------------------
