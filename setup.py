@@ -66,7 +66,8 @@ def _wheel_cuda_includes() -> list:
 
 
 def _sources(pattern: str) -> list:
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True))
+    found = glob.glob(os.path.join(ROOT, "csrc", "**", pattern), recursive=True)
+    return sorted(os.path.relpath(p, ROOT) for p in found)
 
 
 def _extension():

@@ -119,7 +119,8 @@ def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
     if alphas_cumprod is None:
         alphas_cumprod = torch.cumprod(1.0 - linear_betas(), 0)
     if timesteps is None:
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= alphas_cumprod.numel():
+        valid = isinstance(num_steps, int) and not isinstance(num_steps, bool)
+        if not valid or not 1 <= num_steps <= alphas_cumprod.numel():
             raise ValueError(f"num_steps must be an int in [1, {alphas_cumprod.numel()}], got {num_steps!r}")
         stride = alphas_cumprod.numel() // num_steps
         timesteps = [i * stride for i in reversed(range(num_steps))]

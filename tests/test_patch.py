@@ -343,7 +343,8 @@ def test_attention_processor(spies):
     image = torch.randn(2, 32, 3, 5)
     mask = torch.zeros(2, 1, 7)
     with torch.no_grad():
-        references = (copy.deepcopy(attn).double()(x.double(), context.double()), copy.deepcopy(classic).double()(image.double()))
+        references = (copy.deepcopy(attn).double()(x.double(), context.double()),
+                      copy.deepcopy(classic).double()(image.double()))
         baselines = attn(x, context), classic(image), attn(x, context, attention_mask=mask)
         report = df.patch(nn.ModuleList([attn, classic]))
         spies["attention"] = 0

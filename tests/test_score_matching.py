@@ -244,7 +244,8 @@ def test_dsm_loss_is_minimised_by_the_true_score():
     labels, noise = torch.randint(0, 3, (4096,)), torch.randn_like(x)
 
     def loss(scale):
-        model = lambda xt, i: -scale * xt / (s**2 + sigmas.double()[i, None] ** 2)
+        def model(xt, i):
+            return -scale * xt / (s**2 + sigmas.double()[i, None] ** 2)
         return dsm_loss(model, x, sigmas.double(), labels, noise=noise).item()
 
     assert loss(1.0) < loss(0.9) and loss(1.0) < loss(1.1)

@@ -65,7 +65,8 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
         cls = _diffusers_class(module)
         if cls is not None:
             if type(module).forward is not cls.forward:
-                report.skipped.append(Skipped(path, cls.__name__, f"{type(module).__name__} overrides {cls.__name__}.forward"))
+                why = f"{type(module).__name__} overrides {cls.__name__}.forward"
+                report.skipped.append(Skipped(path, cls.__name__, why))
                 continue
             record = CLASS_HANDLERS[cls.__name__](module, path, backend, report)
         elif isinstance(module, nn.Sequential):

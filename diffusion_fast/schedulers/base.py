@@ -127,7 +127,8 @@ class FusedScheduler:
         return self.config.num_train_timesteps
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_") and k != "trained_betas")
+        shown = {k: v for k, v in self.config.items() if not k.startswith("_") and k != "trained_betas"}
+        fields = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{type(self).__name__}({fields}, seed={self.seed!r})"
 
     # -- timesteps ------------------------------------------------------------
@@ -168,7 +169,8 @@ class FusedScheduler:
             return self._rows[t]
         except KeyError:
             raise ValueError(f"{type(self).__name__}.step: timestep {t} is not one of scheduler.timesteps "
-                             f"({self._timesteps[0]} ... {self._timesteps[-1]}, {len(self._timesteps)} steps)") from None
+                             f"({self._timesteps[0]} ... {self._timesteps[-1]}, {len(self._timesteps)} steps)"
+                             ) from None
 
     def scale_model_input(self, sample: Tensor, timestep=None) -> Tensor:
         """The model's input at ``timestep``: ``sample`` itself (DDPM/DDIM do not scale it)."""
@@ -206,7 +208,8 @@ class FusedScheduler:
             raise ValueError(f"{cls}.step: a list of generators needs one per batch element ({like.shape[0]}), "
                              f"got {len(gens)}")
         shape = (1,) + tuple(like.shape[1:])
-        return torch.cat([torch.randn(shape, generator=g, device=rand_device, dtype=like.dtype) for g in gens]).to(device)
+        draws = [torch.randn(shape, generator=g, device=rand_device, dtype=like.dtype) for g in gens]
+        return torch.cat(draws).to(device)
 
     def _philox_seed(self) -> int:
         """``seed``, or one drawn from torch's default generator once per ``set_timesteps``."""
@@ -269,7 +272,8 @@ class FusedScheduler:
         ``timesteps``: (B,) ints (or one), broadcast over the sample dims."""
         if not isinstance(noise, Tensor) or noise.shape != getattr(original_samples, "shape", None):
             raise ValueError(f"{type(self).__name__}.add_noise: noise must be a tensor of original_samples' shape "
-                             f"{tuple(getattr(original_samples, 'shape', ()))}, got {tuple(getattr(noise, 'shape', ()))}")
+                             f"{tuple(getattr(original_samples, 'shape', ()))}, "
+                             f"got {tuple(getattr(noise, 'shape', ()))}")
         s, s1 = self._abar_at(original_samples, timesteps, "add_noise")
         return s * original_samples + s1 * noise
 
