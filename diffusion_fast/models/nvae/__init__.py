@@ -7,6 +7,7 @@ from diffusion_fast.models.nvae.distributions import (
     residual_normal,
     residual_normal_kl,
 )
+from diffusion_fast.models.nvae.flows import CellAR, PairedCellAR
 from diffusion_fast.models.nvae.losses import (
     NELBO,
     elbo_bpd,
@@ -21,8 +22,10 @@ __all__ = [
     "NELBO",
     "NVAE",
     "BernoulliDecoder",
+    "CellAR",
     "DiscMixLogistic",
     "Normal",
+    "PairedCellAR",
     "elbo_bpd",
     "kl_balancer",
     "kl_balancer_coeff",
