@@ -80,6 +80,10 @@ class ARConv2d(WNConv2d):
         norm = torch.linalg.vector_norm(w, dim=(1, 2, 3), keepdim=True)
         return torch.exp(self.log_weight_norm) * w / (norm + 1e-5)
 
+    def forward(self, x: Tensor) -> Tensor:
+        # no data-dependent init (the official ARConv2d has none), so no host sync on ``init_done``
+        return F.conv2d(x, self.normalized_weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
 
 class ARInvertedResidual(nn.Module):
     """The flow's feature network (official ``ARInvertedResidual``, expansion 6, 5x5 depthwise):
