@@ -75,9 +75,17 @@ inline float exp_clamped(float y) {
 
 inline double exp_clamped(double y) { return std::exp(y); }
 
+// The element loop is worth wider vectors than the x86-64 baseline (SSE2), as philox_cpu.cpp's
+// Box-Muller loop: GCC builds it for each listed target and picks one at load time (an ifunc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DF_DPM2015_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DF_DPM2015_CLONES
+#endif
+
 // One contiguous run of `len` elements; z (kNoise) is its noise.
 template <bool kNoise, typename scalar_t, typename acc_t>
-void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z_mu, const scalar_t* __restrict__ z_sigma,
+DF_DPM2015_CLONES void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z_mu, const scalar_t* __restrict__ z_sigma,
               const acc_t* __restrict__ z, scalar_t* __restrict__ out, int64_t len, Dpm2015Coef<acc_t> c) {
   for (int64_t i = 0; i < len; ++i) {
     acc_t o = c.sqrt_keep * static_cast<acc_t>(x[i]) + c.sqrt_beta * static_cast<acc_t>(z_mu[i]);
