@@ -1,6 +1,7 @@
 // CPU kernels of every op, attached to the schemas defined in diffusion_fast/ops/*.py.
 #include <torch/library.h>
 
+#include "dpm2015_step/dpm2015_step.h"
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 #include "group_norm_silu/group_norm_silu.h"
 #include "langevin_step/langevin_step.h"
@@ -12,6 +13,7 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cpu);  // one kernel, two names
   m.impl("ddim_step", &diffusion_fast::sampler_step_cpu);
   m.impl("langevin_step", &diffusion_fast::langevin_step_cpu);
+  m.impl("dpm2015_step", &diffusion_fast::dpm2015_step_cpu);
   m.impl("dwconv_bn_swish_fwd", &diffusion_fast::dwconv_bn_swish_fwd_cpu);
   m.impl("dwconv_bn_swish_bwd", &diffusion_fast::dwconv_bn_swish_bwd_cpu);
   m.impl("bn_swish_fwd", &diffusion_fast::bn_swish_fwd_cpu);

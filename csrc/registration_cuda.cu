@@ -2,6 +2,7 @@
 // Compiled only when setup.py builds the CUDA part.
 #include <torch/library.h>
 
+#include "dpm2015_step/dpm2015_step.h"
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 #include "group_norm_silu/group_norm_silu.h"
 #include "langevin_step/langevin_step.h"
@@ -13,6 +14,7 @@ TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cuda);  // one kernel, two names
   m.impl("ddim_step", &diffusion_fast::sampler_step_cuda);
   m.impl("langevin_step", &diffusion_fast::langevin_step_cuda);
+  m.impl("dpm2015_step", &diffusion_fast::dpm2015_step_cuda);
   m.impl("dwconv_bn_swish_fwd", &diffusion_fast::dwconv_bn_swish_fwd_cuda);
   m.impl("dwconv_bn_swish_bwd", &diffusion_fast::dwconv_bn_swish_bwd_cuda);
   m.impl("bn_swish_fwd", &diffusion_fast::bn_swish_fwd_cuda);

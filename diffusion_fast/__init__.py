@@ -15,6 +15,7 @@ from diffusion_fast.backends import BACKENDS, env_info, use_backend
 from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
 from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
 from diffusion_fast.ops import langevin_step, langevin_step_ref
+from diffusion_fast.ops import dpm2015_step, dpm2015_step_ref
 from diffusion_fast.ops import attention, attention_ref
 from diffusion_fast.ops import bn_swish, dwconv_bn_swish
 
@@ -40,6 +41,8 @@ __all__ = [
     "ddim_coefficients",
     "langevin_step",
     "langevin_step_ref",
+    "dpm2015_step",
+    "dpm2015_step_ref",
     "attention",
     "attention_ref",
     "dwconv_bn_swish",

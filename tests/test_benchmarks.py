@@ -98,6 +98,22 @@ def test_langevin_bench_quick_cpu(tmp_path):
             assert row["max_abs_diff"] < 1e-5
 
 
+
+def test_dpm2015_step_bench_quick_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dpm2015_step.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_dpm2015_step.json").read_text())
+    rows = data["rows"]
+    assert {(r["variant"], r["provider"]) for r in rows} == {
+        (v, p) for v in ("dpm2015", "dpm2015_table", "mean") for p in ("eager", "cpu")}
+    for row in rows:
+        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        if row["provider"] == "cpu" and row["variant"] == "mean":  # like for like: eager's values
+            assert row["max_abs_diff"] < 1e-5
+
 def test_attention_bench_quick_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--quick",

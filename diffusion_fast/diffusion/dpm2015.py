@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_fast.diffusion.likelihood import normal_kl
+from diffusion_fast.ops.dpm2015_step import dpm2015_step
 from diffusion_fast.ops.philox import philox_normal_ref
 from diffusion_fast.training import batches
 
@@ -162,9 +163,10 @@ class DiffusionProcess2015(nn.Module):
                trajectory: bool = False):
         """Ancestral sampling x^T ~ π, x^(t-1) = μ + sqrt(Σ) ⊙ z (t = T..2), then the fixed t = 1 step.
 
-        z for the step from t is the Philox stream (seed, t - 1) (``philox_normal_ref``) and x^T is
-        (seed, T), so one seed gives one sample set on every device. ``dtype`` defaults to the
-        network's. Returns x^0: (n, D), or with ``trajectory`` the list [x^T, ..., x^0].
+        Each step is one fused ``dpm2015_step`` (the t = 1 step with z_mu = z_sigma = 0), whose z for
+        the step from t is the Philox stream (seed, t - 1) (``philox_normal_ref``), made in the kernel;
+        x^T is (seed, T), so one seed gives one sample set on every device and backend. ``dtype``
+        defaults to the network's. Returns x^0: (n, D), or with ``trajectory`` the list [x^T, ..., x^0].
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"sample: n must be a positive int, got {n!r}")
@@ -176,12 +178,13 @@ class DiffusionProcess2015(nn.Module):
 
         x = normal(self.num_steps)
         path: List[Tensor] = [x]
+        betas = self.betas().to(device=device, dtype=torch.promote_types(dtype, torch.float32))
         for step in range(self.num_steps, 1, -1):
-            mean, var = self.p_mean_variance(x, torch.full((n,), step, dtype=torch.long, device=device))
-            x = mean + var.sqrt() * normal(step - 1)
+            z_mu, z_sigma = self.net(x, torch.full((n,), step, dtype=torch.long, device=device))
+            x = dpm2015_step(x, z_mu, z_sigma, betas[step - 1], seed=seed, step=step - 1)
             path.append(x)
-        beta1 = self.step1_beta
-        x = math.sqrt(1.0 - beta1) * x + math.sqrt(beta1) * normal(0)
+        zeros = torch.zeros_like(x)  # z_mu = 0, Sigma = sigmoid(logit beta_1) = beta_1
+        x = dpm2015_step(x, zeros, zeros, self.step1_beta, seed=seed, step=0)
         path.append(x)
         return path if trajectory else x
 
