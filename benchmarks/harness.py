@@ -436,3 +436,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise ops on same-shape inputs (bench_langevin, bench_sampler_step)
+# ---------------------------------------------------------------------------
+def randn_args(shape, dtype, device, n_inputs: int) -> Callable[[bool], tuple]:
+    """make_args of ``Case``: n_inputs fresh randn tensors of one shape (never zeros; no grads)."""
+
+    def make(requires_grad: bool) -> tuple:
+        return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_inputs))
+
+    return make
+
+
+def run_elementwise(bench: Harness, variants: dict, plan: list, unsupported: Callable, extra: dict) -> None:
+    """Time ``variants`` (name -> (eager, ours, n_inputs)) on each (variant, shape, dtype) of ``plan``.
+
+    Forward only; bytes = (n_inputs + 1) * numel * itemsize: read every input once, write one output.
+    """
+    for variant, shape, dtype in plan:
+        eager, ours, n_inputs = variants[variant]
+        print(f"{variant} {list(shape)} {dtype}", flush=True)
+        nbytes = (n_inputs + 1) * math.prod(shape) * (torch.finfo(dtype).bits // 8)
+        case = Case(variant, shape, dtype, "fwd", randn_args(shape, dtype, bench.device, n_inputs), nbytes,
+                    extra=dict(extra))
+        bench.run(case, eager, ours, unsupported)
