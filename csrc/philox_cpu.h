@@ -7,11 +7,11 @@
 //   epilogue(first, len, z): elements first .. first + len - 1 (len <= 256), z[i] the noise of
 //                            element first + i (kNoise), or nullptr (!kNoise: no noise drawn)
 //
-// The whole tile body, the epilogue inlined, is compiled for AVX-512, AVX2 and baseline x86-64
-// and picked from the CPU once, so the op's element loop gets the CPU's vector width. The
-// picks and their target flags are those GCC's target_clones gave Box-Muller before: the
-// normals have the same bits as before on every CPU, whatever the Philox path
-// (DIFFUSION_FAST_CPU_PHILOX, philox_x86.h) or ATEN_CPU_CAPABILITY.
+// The whole tile body, the epilogue inlined, is compiled for AVX-512F, AVX2 and baseline x86-64
+// and picked from the CPU once, so the op's element loop runs at the CPU's vector width. The
+// targets are exactly "avx512f" (which lets GCC contract to FMA) and "avx2" (no FMA): the
+// normals' bits depend on the CPU alone, never on the Philox path (DIFFUSION_FAST_CPU_PHILOX,
+// philox_x86.h) or ATEN_CPU_CAPABILITY, and match the other backends to a few ulp.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -54,8 +54,14 @@ inline void noise_tiles(int64_t begin, int64_t end, int64_t numel, uint32_t step
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
 // `flatten` inlines Box-Muller and the epilogue, so they are compiled for the wrapper's target.
+#if defined(__GNUC__)
+#define DF_FLATTEN __attribute__((flatten))
+#else
+#define DF_FLATTEN
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
 template <typename acc_t, bool kNoise, typename Epilogue>
 __attribute__((target("avx512f"), flatten)) void noise_tiles_avx512(int64_t begin, int64_t end, int64_t numel,
                                                                     uint32_t step, uint32_t key_lo, uint32_t key_hi,
@@ -72,9 +78,8 @@ __attribute__((target("avx2"), flatten)) void noise_tiles_avx2(int64_t begin, in
 #endif
 
 template <typename acc_t, bool kNoise, typename Epilogue>
-__attribute__((flatten)) void noise_tiles_base(int64_t begin, int64_t end, int64_t numel, uint32_t step,
-                                               uint32_t key_lo, uint32_t key_hi, TileFn philox_tile,
-                                               const Epilogue& epilogue) {
+DF_FLATTEN void noise_tiles_base(int64_t begin, int64_t end, int64_t numel, uint32_t step, uint32_t key_lo,
+                                 uint32_t key_hi, TileFn philox_tile, const Epilogue& epilogue) {
   noise_tiles<acc_t, kNoise>(begin, end, numel, step, key_lo, key_hi, philox_tile, epilogue);
 }
 
