@@ -404,7 +404,8 @@ class Harness:
             lines.append(
                 f"| {r.variant} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.mode} | {r.provider} "
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
-                f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
+                f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} "
+                f"| {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
         lines += self.notes
