@@ -79,24 +79,12 @@ def plan(device: str, quick: bool, dtypes, variants) -> list:
     return main + side
 
 
-def make_args(shape, dtype, device, n_inputs):
-    def make(requires_grad: bool) -> tuple:
-        return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_inputs))
-
-    return make
-
-
 def main(argv=None) -> None:
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     bench = harness.Harness("bench_langevin", "langevin_step", args)
     variants = _variants(bench.device)
-    for variant, shape, dtype in plan(args.device, args.quick, args.dtypes, variants):
-        eager, ours, n_inputs = variants[variant]
-        print(f"{variant} {list(shape)} {dtype}", flush=True)
-        s = torch.finfo(dtype).bits // 8
-        case = harness.Case(variant, shape, dtype, "fwd", make_args(shape, dtype, bench.device, n_inputs),
-                            (n_inputs + 1) * math.prod(shape) * s, extra={"step_size": STEP_SIZE})
-        bench.run(case, eager, ours, _unsupported)
+    harness.run_elementwise(bench, variants, plan(args.device, args.quick, args.dtypes, variants), _unsupported,
+                            extra={"step_size": STEP_SIZE})
     bench.finish()
 
 

@@ -24,8 +24,6 @@ byte) the floor stays bytes / bandwidth, while on a CPU the RNG is the larger sh
 
 from __future__ import annotations
 
-import math
-
 import harness  # first: puts the repo root on sys.path when diffusion_fast is not installed
 import torch
 
@@ -98,24 +96,12 @@ def plan(device: str, quick: bool, dtypes, variants) -> list:
     return main + side
 
 
-def make_args(shape, dtype, device, n_inputs):
-    def make(requires_grad: bool) -> tuple:
-        return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_inputs))
-
-    return make
-
-
 def main(argv=None) -> None:
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     bench = harness.Harness("bench_sampler_step", "ddpm_step/ddim_step", args)
     variants = _variants(bench.device)
-    for variant, shape, dtype in plan(args.device, args.quick, args.dtypes, variants):
-        eager, ours, n_inputs = variants[variant]
-        print(f"{variant} {list(shape)} {dtype}", flush=True)
-        s = torch.finfo(dtype).bits // 8
-        case = harness.Case(variant, shape, dtype, "fwd", make_args(shape, dtype, bench.device, n_inputs),
-                            (n_inputs + 1) * math.prod(shape) * s, extra={"t": STEP, "T": T})
-        bench.run(case, eager, ours, _unsupported)
+    harness.run_elementwise(bench, variants, plan(args.device, args.quick, args.dtypes, variants), _unsupported,
+                            extra={"t": STEP, "T": T})
     bench.finish()
 
 

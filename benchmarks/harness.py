@@ -404,7 +404,8 @@ class Harness:
             lines.append(
                 f"| {r.variant} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.mode} | {r.provider} "
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
-                f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} | {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
+                f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} "
+                f"| {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
         lines += self.notes
@@ -436,3 +437,29 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------
+# Elementwise ops on same-shape inputs (bench_langevin, bench_sampler_step)
+# ---------------------------------------------------------------------------
+def randn_args(shape, dtype, device, n_inputs: int) -> Callable[[bool], tuple]:
+    """make_args of ``Case``: n_inputs fresh randn tensors of one shape (never zeros; no grads)."""
+
+    def make(requires_grad: bool) -> tuple:
+        return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(n_inputs))
+
+    return make
+
+
+def run_elementwise(bench: Harness, variants: dict, plan: list, unsupported: Callable, extra: dict) -> None:
+    """Time ``variants`` (name -> (eager, ours, n_inputs)) on each (variant, shape, dtype) of ``plan``.
+
+    Forward only; bytes = (n_inputs + 1) * numel * itemsize: read every input once, write one output.
+    """
+    for variant, shape, dtype in plan:
+        eager, ours, n_inputs = variants[variant]
+        print(f"{variant} {list(shape)} {dtype}", flush=True)
+        nbytes = (n_inputs + 1) * math.prod(shape) * (torch.finfo(dtype).bits // 8)
+        case = Case(variant, shape, dtype, "fwd", randn_args(shape, dtype, bench.device, n_inputs), nbytes,
+                    extra=dict(extra))
+        bench.run(case, eager, ours, unsupported)

@@ -15,24 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, tile_normals
+from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
 
 __all__ = ["langevin_step"]
 
 NO_NOISE, PHILOX, GIVEN = 0, 1, 2
-
-
-@triton.jit
-def _pick(z0, z1, z2, z3, K: tl.constexpr):
-    if K == 0:
-        z = z0
-    elif K == 1:
-        z = z1
-    elif K == 2:
-        z = z2
-    else:
-        z = z3
-    return z
 
 
 @triton.jit(do_not_specialize=["alpha_value", "seed_lo", "seed_hi", "step"])
@@ -62,21 +49,15 @@ def _langevin_step_kernel(
     if NOISE == 1:
         z0, z1, z2, z3 = tile_normals(tile, step, seed_lo, seed_hi, TILE)
     for k in tl.static_range(4):
-        offs = tile * (4 * TILE) + k * TILE + tl.arange(0, TILE)
-        mask = offs < numel
+        offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         s = tl.load(score_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = x + alpha * s
         if NOISE == 1:
-            out += noise_scale * _pick(z0, z1, z2, z3, k)
+            out += noise_scale * z
         elif NOISE == 2:
             out += noise_scale * tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _int32_bits(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - 2**32 if v >= 2**31 else v
 
 
 def langevin_step(x, score, alpha, alpha_value, noise, seed, step, add_noise):
@@ -97,7 +78,7 @@ def langevin_step(x, score, alpha, alpha_value, noise, seed, step, add_noise):
     grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _langevin_step_kernel[grid](
         x, score, x if noise is None else noise, out, x if alpha is None else alpha, float(alpha_value), numel,
-        _int32_bits(seed), _int32_bits(seed >> 32), _int32_bits(step),
+        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step),
         ALPHA_PTR=alpha is not None, NOISE=noise_kind, TILE=TILE_COUNTERS,
         num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
     )

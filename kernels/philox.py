@@ -3,14 +3,21 @@
 
 ``tile_normals(tile, step, seed_lo, seed_hi, TILE)`` gives the four [TILE] blocks of normals of
 one noise tile: block k holds elements 4 * TILE * tile + TILE * k + arange(TILE). TILE must be
-256, the tile width of the definition. The uniforms match the other backends bit for bit; the
+256, the tile width of the definition. ``tile_run(tile, k, numel, z0, z1, z2, z3, TILE)`` gives
+run k of the tile (offsets, mask, its normals): the loop of every kernel that draws noise
+(sampler_steps, langevin_step) is
+
+    z0, z1, z2, z3 = tile_normals(tile, step, seed_lo, seed_hi, TILE)   # when it draws noise
+    for k in tl.static_range(4):
+        offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
+        ...  # the op's epilogue on elements offs The uniforms match the other backends bit for bit; the
 normals to float rounding (tl.log, tl.sin, tl.cos are IEEE-accurate libdevice calls on NVIDIA).
 """
 
 import triton
 import triton.language as tl
 
-__all__ = ["philox4x32_10", "tile_normals", "TILE_COUNTERS"]
+__all__ = ["philox4x32_10", "tile_normals", "tile_run", "int32_bits", "TILE_COUNTERS"]
 
 TILE_COUNTERS = 256
 
@@ -79,3 +86,24 @@ def tile_normals(tile, step, seed_lo, seed_hi, TILE: tl.constexpr):
     cos0, sin0 = _cos_sin_two_pi(r1)
     cos1, sin1 = _cos_sin_two_pi(r3)
     return rad0 * cos0, rad0 * sin0, rad1 * cos1, rad1 * sin1
+
+
+@triton.jit
+def tile_run(tile, K: tl.constexpr, numel, z0, z1, z2, z3, TILE: tl.constexpr):
+    """Run K (constexpr, 0..3) of noise tile ``tile``: its int64 offsets, their mask (< numel) and normals."""
+    offs = tile * (4 * TILE) + K * TILE + tl.arange(0, TILE)
+    if K == 0:
+        z = z0
+    elif K == 1:
+        z = z1
+    elif K == 2:
+        z = z2
+    else:
+        z = z3
+    return offs, offs < numel, z
+
+
+def int32_bits(v: int) -> int:
+    """The int32 with the bits of uint32 v mod 2**32 (how a kernel receives seed halves and steps)."""
+    v &= 0xFFFFFFFF
+    return v - 2**32 if v >= 2**31 else v

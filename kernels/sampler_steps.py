@@ -15,22 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, tile_normals
+from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
 
 __all__ = ["sampler_step"]
-
-
-@triton.jit
-def _pick(z0, z1, z2, z3, K: tl.constexpr):
-    if K == 0:
-        z = z0
-    elif K == 1:
-        z = z1
-    elif K == 2:
-        z = z2
-    else:
-        z = z3
-    return z
 
 
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "step"])
@@ -44,7 +31,7 @@ def _sampler_step_kernel(
     numel,
     seed_lo,  # int32 bits of the seed's low 32 bits
     seed_hi,  # int32 bits of the seed's high 32 bits
-    step,  # noise stream step, < 2**31 here
+    step,  # int32 bits of the uint32 noise stream step
     clip,  # float: |x0| bound when CLIP
     CLIP: tl.constexpr,
     HAS_NOISE: tl.constexpr,
@@ -64,8 +51,7 @@ def _sampler_step_kernel(
         if sigma != 0.0:  # t = 0 of DDPM, eta = 0 of DDIM: no noise to make
             z0, z1, z2, z3 = tile_normals(tile, step, seed_lo, seed_hi, TILE)
     for k in tl.static_range(4):
-        offs = tile * (4 * TILE) + k * TILE + tl.arange(0, TILE)
-        mask = offs < numel
+        offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x0 = a * x - b * e
@@ -73,17 +59,10 @@ def _sampler_step_kernel(
             x0 = tl.minimum(tl.maximum(x0, -clip), clip)
         if HAS_NOISE:
             z = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            z = _pick(z0, z1, z2, z3, k)
         out = c1 * x0 + c2 * x + c3 * e + sigma * z
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
         if WRITE_X0:
             tl.store(x0_ptr + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
-
-
-def _int32_bits(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - 2**32 if v >= 2**31 else v
 
 
 def sampler_step(x, eps, coef, noise, seed, step, clip, return_x0):
@@ -91,9 +70,10 @@ def sampler_step(x, eps, coef, noise, seed, step, clip, return_x0):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"sampler_step (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
     if coef.dtype != torch.float32 or coef.shape != (6,):
-        raise ValueError(f"sampler_step (triton): coef must be a (6,) float32 tensor, got {tuple(coef.shape)} {coef.dtype}")
-    if not 0 <= step < 2**31:
-        raise ValueError(f"sampler_step (triton): step must be in [0, 2**31), got {step}")
+        raise ValueError(f"sampler_step (triton): coef must be a (6,) float32 tensor, got {tuple(coef.shape)} "
+                         f"{coef.dtype}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"sampler_step (triton): step must be in [0, 2**32), got {step}")
     out = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty((0,))
     numel = x.numel()
@@ -103,7 +83,7 @@ def sampler_step(x, eps, coef, noise, seed, step, clip, return_x0):
     grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _sampler_step_kernel[grid](
         x, eps, x if noise is None else noise, out, x0 if return_x0 else out, coef.contiguous(), numel,
-        _int32_bits(seed), _int32_bits(seed >> 32), step, 0.0 if clip is None else float(clip),
+        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step), 0.0 if clip is None else float(clip),
         CLIP=clip is not None, HAS_NOISE=noise is not None, WRITE_X0=return_x0, TILE=TILE_COUNTERS,
         num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
     )

@@ -114,6 +114,25 @@ def test_dpm2015_step_bench_quick_cpu(tmp_path):
         if row["provider"] == "cpu" and row["variant"] == "mean":  # like for like: eager's values
             assert row["max_abs_diff"] < 1e-5
 
+def test_sampler_step_bench_quick_cpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sampler_step.py"), "--device", "cpu", "--quick",
+           "--providers", "eager,cpu", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    data = json.loads((tmp_path / "bench_sampler_step.json").read_text())
+    rows = data["rows"]
+    assert {r["variant"] for r in rows} >= {"ddpm", "ddpm_noise", "ddim_eta0"}
+    assert all(r["provider"] in ("eager", "cpu") and r["median_ms"] > 0 for r in rows)
+    assert all(r["bytes"] == (3 + (r["variant"] == "ddpm_noise")) * 2 * 3 * 8 * 8 * 4 for r in rows)  # fp32 2x3x8x8
+    ours = [r for r in rows if r["provider"] == "cpu"]
+    assert ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
+    for row in ours:
+        if row["variant"] in ("ddpm_noise", "ddim_eta0"):  # like for like: the same values as eager
+            assert row["max_abs_diff"] < 1e-5
+
+
 def test_attention_bench_quick_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--quick",

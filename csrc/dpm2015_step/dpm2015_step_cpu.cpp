@@ -1,11 +1,10 @@
 // CPU kernel of dpm2015_step (see dpm2015_step.h), and the argument checks shared with the CUDA
-// file. Work is split by noise tile (1024 elements, csrc/philox.h) over at::parallel_for. Per
-// tile: its noise (philox_cpu.h), then loops over its four contiguous runs of 256 elements.
+// file. The loop over noise tiles is philox_cpu.h's; this file gives its epilogue, a branch-free
+// loop over one contiguous run of elements, written for the auto-vectorizer.
 #include "dpm2015_step/dpm2015_step.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <c10/util/bit_cast.h>
 
 #include <algorithm>
@@ -13,7 +12,6 @@
 #include <cstdint>
 #include <limits>
 
-#include "philox.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
@@ -75,18 +73,12 @@ inline float exp_clamped(float y) {
 
 inline double exp_clamped(double y) { return std::exp(y); }
 
-// The element loop is worth wider vectors than the x86-64 baseline (SSE2), as philox_cpu.cpp's
-// Box-Muller loop: GCC builds it for each listed target and picks one at load time (an ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DF_DPM2015_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DF_DPM2015_CLONES
-#endif
-
-// One contiguous run of `len` elements; z (kNoise) is its noise.
+// One contiguous run of `len` elements; z (kNoise) is its noise. Inlined into philox_cpu.h's loop,
+// which compiles it for the CPU's vector width.
 template <bool kNoise, typename scalar_t, typename acc_t>
-DF_DPM2015_CLONES void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z_mu, const scalar_t* __restrict__ z_sigma,
-              const acc_t* __restrict__ z, scalar_t* __restrict__ out, int64_t len, Dpm2015Coef<acc_t> c) {
+inline void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z_mu,
+                     const scalar_t* __restrict__ z_sigma, const acc_t* __restrict__ z, scalar_t* __restrict__ out,
+                     int64_t len, Dpm2015Coef<acc_t> c) {
   for (int64_t i = 0; i < len; ++i) {
     acc_t o = c.sqrt_keep * static_cast<acc_t>(x[i]) + c.sqrt_beta * static_cast<acc_t>(z_mu[i]);
     if constexpr (kNoise) {
@@ -100,21 +92,8 @@ DF_DPM2015_CLONES void step_run(const scalar_t* __restrict__ x, const scalar_t* 
 template <bool kNoise, typename scalar_t, typename acc_t>
 void dpm2015_step_kernel(const scalar_t* x, const scalar_t* z_mu, const scalar_t* z_sigma, scalar_t* out,
                          int64_t numel, Dpm2015Coef<acc_t> coef, uint64_t seed, uint32_t step) {
-  const int64_t tiles = (numel + philox::kTileElements - 1) / philox::kTileElements;
-  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
-  constexpr int64_t run = philox::kTileCounters;
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t z[kNoise ? philox::kTileElements : 1];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      if constexpr (kNoise) philox::tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
-      for (int64_t lane = 0; lane < 4; ++lane) {
-        const int64_t base = tile * philox::kTileElements + lane * run;
-        const int64_t len = std::min(run, numel - base);
-        if (len <= 0) break;
-        step_run<kNoise>(x + base, z_mu + base, z_sigma + base, kNoise ? z + lane * run : nullptr, out + base, len,
-                         coef);
-      }
-    }
+  philox::for_each_noise_run<acc_t, kNoise>(numel, seed, step, [=](int64_t first, int64_t len, const acc_t* z) {
+    step_run<kNoise>(x + first, z_mu + first, z_sigma + first, z, out + first, len, coef);
   });
 }
 

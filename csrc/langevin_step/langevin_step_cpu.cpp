@@ -1,18 +1,14 @@
 // CPU kernel of langevin_step (see langevin_step.h), and the argument checks shared with the
-// CUDA file. Work is split by noise tile (1024 elements, csrc/philox.h) over at::parallel_for.
-// Per tile: its noise (philox_cpu.h), then branch-free loops over its four contiguous runs of
-// 256 elements, written for the auto-vectorizer.
+// CUDA file. The loop over noise tiles is philox_cpu.h's; this file gives its epilogue, a
+// branch-free loop over one contiguous run of elements, written for the auto-vectorizer.
 #include "langevin_step/langevin_step.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cmath>
 #include <limits>
 
-#include "philox.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
@@ -56,9 +52,9 @@ enum class Noise { kNone, kPhilox, kGiven };
 
 // One contiguous run of `len` elements; z_gen (kPhilox) or z_given (kGiven) is its noise.
 template <Noise kNoise, typename scalar_t, typename acc_t>
-void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ score, const acc_t* __restrict__ z_gen,
-              const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out, int64_t len, acc_t alpha,
-              acc_t noise_scale) {
+inline void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ score,
+                     const acc_t* __restrict__ z_gen, const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out,
+                     int64_t len, acc_t alpha, acc_t noise_scale) {
   for (int64_t i = 0; i < len; ++i) {
     acc_t o = static_cast<acc_t>(x[i]) + alpha * static_cast<acc_t>(score[i]);
     if constexpr (kNoise == Noise::kPhilox) o += noise_scale * z_gen[i];
@@ -70,23 +66,12 @@ void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ score
 template <Noise kNoise, typename scalar_t, typename acc_t>
 void langevin_step_kernel(const scalar_t* x, const scalar_t* score, const scalar_t* noise, scalar_t* out,
                           int64_t numel, acc_t alpha, uint64_t seed, uint32_t step) {
-  const int64_t tiles = (numel + philox::kTileElements - 1) / philox::kTileElements;
-  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
   const acc_t noise_scale = std::sqrt(acc_t(2) * alpha);
-  constexpr int64_t run = philox::kTileCounters;
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t z[kNoise == Noise::kPhilox ? philox::kTileElements : 1];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      if constexpr (kNoise == Noise::kPhilox) philox::tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
-      for (int64_t lane = 0; lane < 4; ++lane) {
-        const int64_t base = tile * philox::kTileElements + lane * run;
-        const int64_t len = std::min(run, numel - base);
-        if (len <= 0) break;
-        step_run<kNoise>(x + base, score + base, kNoise == Noise::kPhilox ? z + lane * run : nullptr,
-                         noise == nullptr ? nullptr : noise + base, out + base, len, alpha, noise_scale);
-      }
-    }
-  });
+  philox::for_each_noise_run<acc_t, kNoise == Noise::kPhilox>(
+      numel, seed, step, [=](int64_t first, int64_t len, const acc_t* z) {
+        step_run<kNoise>(x + first, score + first, z, kNoise == Noise::kGiven ? noise + first : nullptr, out + first,
+                         len, alpha, noise_scale);
+      });
 }
 
 }  // namespace

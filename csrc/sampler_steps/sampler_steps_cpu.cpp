@@ -1,17 +1,15 @@
 // CPU kernel of ddpm_step / ddim_step (see sampler_steps.h), and the argument checks shared
-// with the CUDA file. Work is split by noise tile (1024 elements, csrc/philox.h) over
-// at::parallel_for. Per tile: its noise (philox_cpu.h), then the element loops, branch-free
-// loops over contiguous runs of 256 written for the auto-vectorizer.
+// with the CUDA file. The loop over noise tiles is philox_cpu.h's; this file gives its
+// epilogue, a branch-free loop over one contiguous run of elements, written for the
+// auto-vectorizer.
 #include "sampler_steps/sampler_steps.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <limits>
 
-#include "philox.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
@@ -52,11 +50,11 @@ struct StepCoefs {
   acc_t a, b, c1, c2, c3, sigma, clip;
 };
 
-// One contiguous run of `len` elements; z is the matching run of noise (unused for kNone).
+// One contiguous run of `len` elements; z_gen (kPhilox) or z_given (kGiven) is its noise.
 template <Noise kNoise, typename scalar_t, typename acc_t>
-void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, const acc_t* __restrict__ z_gen,
-              const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out,
-              int64_t len, const StepCoefs<acc_t>& k) {
+inline void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, const acc_t* __restrict__ z_gen,
+                     const scalar_t* __restrict__ z_given, scalar_t* __restrict__ out, scalar_t* __restrict__ x0_out,
+                     int64_t len, const StepCoefs<acc_t>& k) {
   for (int64_t i = 0; i < len; ++i) {
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t ev = static_cast<acc_t>(eps[i]);
@@ -72,22 +70,11 @@ void step_run(const scalar_t* __restrict__ x, const scalar_t* __restrict__ eps, 
 template <Noise kNoise, typename scalar_t, typename acc_t>
 void sampler_step_kernel(const scalar_t* x, const scalar_t* eps, const scalar_t* noise, scalar_t* out,
                          scalar_t* x0_out, int64_t numel, const StepCoefs<acc_t>& k, uint64_t seed, uint32_t step) {
-  const int64_t tiles = (numel + philox::kTileElements - 1) / philox::kTileElements;
-  const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
-  constexpr int64_t run = philox::kTileCounters;
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t z[philox::kTileElements];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      if constexpr (kNoise == Noise::kPhilox) philox::tile_noise<acc_t>(tile, step, key_lo, key_hi, z);
-      for (int64_t lane = 0; lane < 4; ++lane) {
-        const int64_t base = tile * philox::kTileElements + lane * run;
-        const int64_t len = std::min(run, numel - base);
-        if (len <= 0) break;
-        step_run<kNoise>(x + base, eps + base, z + lane * run, noise == nullptr ? nullptr : noise + base, out + base,
-                         x0_out == nullptr ? nullptr : x0_out + base, len, k);
-      }
-    }
-  });
+  philox::for_each_noise_run<acc_t, kNoise == Noise::kPhilox>(
+      numel, seed, step, [=, &k](int64_t first, int64_t len, const acc_t* z) {
+        step_run<kNoise>(x + first, eps + first, z, kNoise == Noise::kGiven ? noise + first : nullptr, out + first,
+                         x0_out == nullptr ? nullptr : x0_out + first, len, k);
+      });
 }
 
 }  // namespace

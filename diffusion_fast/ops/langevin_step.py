@@ -79,11 +79,14 @@ def _fake(x, score, alpha, alpha_value, noise, seed, step, add_noise):
 
 for _name in OPS.values():
     torch.library.register_fake(getattr(torch.ops.diffusion_fast, _name).default, _fake)
+_OVERLOADS = {backend: getattr(torch.ops.diffusion_fast, name).default for backend, name in OPS.items()}
 
 
 # ---------------------------------------------------------------------------
 # Argument checks: every bad input gets a ValueError/TypeError naming the argument.
 # ---------------------------------------------------------------------------
+# Cheapest test first (exact types, no ABC isinstance): a sampling loop calls this per step, and
+# at one small image the Python around the kernel costs more than the kernel.
 def _check_float_tensor(name: str, t, x) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{FN}: {name} must be a Tensor, got {type(t).__name__}")
@@ -94,7 +97,7 @@ def _check_float_tensor(name: str, t, x) -> None:
 
 
 def _check_int(name: str, v, high: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # a tensor would need a host sync: refused
+    if type(v) is not int and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):  # a tensor would sync
         raise TypeError(f"{FN}: {name} must be an int, got {type(v).__name__}")
     if not 0 <= v < high:
         raise ValueError(f"{FN}: {name} must be in [0, {high}), got {v}")
@@ -110,14 +113,14 @@ def _check_inputs(x, score, step_size, seed, step, noise, add_noise) -> None:
         if step_size.numel() != 1:
             raise ValueError(f"{FN}: step_size must be a number or a one-element tensor, got shape "
                              f"{tuple(step_size.shape)}")
-    elif isinstance(step_size, bool) or not isinstance(step_size, numbers.Real):
+    elif type(step_size) is not float and (isinstance(step_size, bool) or not isinstance(step_size, numbers.Real)):
         raise TypeError(f"{FN}: step_size must be a float or a one-element floating tensor, got "
                         f"{type(step_size).__name__}")
     elif not (math.isfinite(step_size) and step_size > 0):
         raise ValueError(f"{FN}: step_size must be finite and > 0, got {step_size}")
     _check_int("seed", seed, 2**64)
     _check_int("step", step, 2**32)
-    if not isinstance(add_noise, bool):
+    if add_noise is not True and add_noise is not False:
         raise TypeError(f"{FN}: add_noise must be a bool, got {type(add_noise).__name__}")
     if noise is not None:
         _check_float_tensor("noise", noise, x)
@@ -128,6 +131,17 @@ def _check_inputs(x, score, step_size, seed, step, noise, add_noise) -> None:
 
 
 _unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
+_selected: dict = {}  # (requested backend, device, dtype) -> backends.select's answer, which depends on nothing else
+
+
+def _backend(x: Tensor) -> str:
+    if torch.compiler.is_compiling():
+        return backends.select(FN, x, _unsupported)
+    key = (backends.current(), x.device, x.dtype)
+    backend = _selected.get(key)
+    if backend is None:
+        backend = _selected[key] = backends.select(FN, x, _unsupported)
+    return backend
 
 
 def langevin_step(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: int = 0, step: int = 0,
@@ -141,8 +155,8 @@ def langevin_step(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: 
     term. Returns a contiguous tensor of x's shape and dtype. Not differentiable (sampling only).
     """
     _check_inputs(x, score, step_size, seed, step, noise, add_noise)
-    seed, step = int(seed), int(step)  # numpy ints too
-    backend = backends.select(FN, x, _unsupported)
+    seed, step = int(seed), int(step)  # numpy ints too (an int stays itself)
+    backend = _backend(x)
     if backend == "torch":
         out = langevin_step_ref(x, score, step_size, seed=seed, step=step, noise=noise, add_noise=add_noise)
         return out.contiguous()  # as on the other backends
@@ -151,11 +165,14 @@ def langevin_step(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: 
     else:
         alpha, alpha_value = None, float(step_size)
     x = x.contiguous()
-    score = score.to(x.dtype).contiguous()
-    noise = None if noise is None else noise.to(x.dtype).contiguous()
+    score = _like_x(score, x)
+    noise = None if noise is None else _like_x(noise, x)
     signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is an int64
-    op = getattr(torch.ops.diffusion_fast, OPS[backend])
-    return op(x, score, alpha, alpha_value, noise, signed_seed, step, add_noise)
+    return _OVERLOADS[backend](x, score, alpha, alpha_value, noise, signed_seed, step, add_noise)
+
+
+def _like_x(t: Tensor, x: Tensor) -> Tensor:
+    return (t if t.dtype == x.dtype else t.to(x.dtype)).contiguous()
 
 
 # The Triton twin runs kernels/langevin_step.py, imported on first use so that importing

@@ -1,0 +1,104 @@
+// The one CUDA loop of every kernel that draws Gaussian noise (sampler_steps, langevin_step): a
+// grid-stride loop over units of four consecutive Philox counters of one noise tile
+// (csrc/philox.h). A unit's thread makes the 16 normals of its counters and hands the op's
+// epilogue four runs of four consecutive elements, 1024 * tile + 256 * k + j0 .. + 3 (k = 0..3),
+// so a warp covers 32 x 4 contiguous elements per run; load4/store4 move one run with one
+// 4-wide vector access when the pointers are aligned. int64 indexing.
+//
+//   for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, epilogue)
+//   epilogue(base, z): elements base .. base + 3 (those < numel), z[q] the noise of element
+//                      base + q (0 when !make_noise)
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "philox.h"
+
+namespace diffusion_fast {
+namespace philox {
+
+constexpr int kNoiseThreads = 256;                                 // threads per block
+constexpr int64_t kUnitCounters = 4;                               // counters per thread unit
+constexpr int64_t kUnitsPerTile = kTileCounters / kUnitCounters;  // 64
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+template <typename T>
+bool aligned4(const T* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
+
+// v[q] = p[base + q] as acc_t (0 past numel); one vector load when kVectorized and all four exist.
+template <bool kVectorized, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load4(const scalar_t* __restrict__ p, int64_t base, int64_t numel, acc_t (&v)[4]) {
+  if (kVectorized && base + 4 <= numel) {
+    const Vec4<scalar_t> t = *reinterpret_cast<const Vec4<scalar_t>*>(p + base);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = static_cast<acc_t>(t.v[q]);
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v[q] = base + q < numel ? static_cast<acc_t>(p[base + q]) : acc_t(0);
+  }
+}
+
+// p[base + q] = v[q] in scalar_t for base + q < numel.
+template <bool kVectorized, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store4(scalar_t* __restrict__ p, int64_t base, int64_t numel, const acc_t (&v)[4]) {
+  if (kVectorized && base + 4 <= numel) {
+    Vec4<scalar_t> t;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) t.v[q] = static_cast<scalar_t>(v[q]);
+    *reinterpret_cast<Vec4<scalar_t>*>(p + base) = t;
+  } else {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (base + q < numel) p[base + q] = static_cast<scalar_t>(v[q]);
+    }
+  }
+}
+
+template <typename acc_t, typename Epilogue>
+__device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_lo, uint32_t key_hi, uint32_t step,
+                                                   bool make_noise, const Epilogue& epilogue) {
+  const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t unit = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; unit < units; unit += stride) {
+    const int64_t tile = unit / kUnitsPerTile;
+    const int64_t j0 = (unit % kUnitsPerTile) * kUnitCounters;
+    acc_t z[4][kUnitCounters];  // [run k][counter q]
+#pragma unroll
+    for (int q = 0; q < kUnitCounters; ++q) {
+      z[0][q] = z[1][q] = z[2][q] = z[3][q] = acc_t(0);
+    }
+    if (make_noise) {  // the same in every thread: no divergence
+      const uint64_t first = static_cast<uint64_t>(tile) * kTileCounters + j0;
+#pragma unroll
+      for (int q = 0; q < kUnitCounters; ++q) {
+        normals4<acc_t>(static_cast<uint32_t>(first) + q, static_cast<uint32_t>(first >> 32), step, key_lo, key_hi,
+                        z[0][q], z[1][q], z[2][q], z[3][q]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t base = tile * kTileElements + k * kTileCounters + j0;
+      if (base < numel) epilogue(base, z[k]);
+    }
+  }
+}
+
+// Blocks for numel elements: one thread per unit, at most 2048 resident threads per SM.
+inline dim3 noise_grid(int64_t numel) {
+  const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
+  const int64_t max_blocks =
+      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * (2048 / kNoiseThreads);
+  return dim3(static_cast<unsigned>(std::min((units + kNoiseThreads - 1) / kNoiseThreads, max_blocks)));
+}
+
+}  // namespace philox
+}  // namespace diffusion_fast
