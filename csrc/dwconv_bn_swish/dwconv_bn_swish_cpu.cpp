@@ -2,11 +2,12 @@
 //
 // Forward, eval: BatchNorm is folded into the conv, y = swish(conv(x, sc * w) + sc * cb + sh) with
 // sc = gamma * rstd, sh = beta - mean * sc from the running statistics: one pass, x read once, y written once.
-// Forward, training, and the backward: a task owns whole channels over the batch, so a channel's batch
+// NCHW training forward and the backward: a task owns whole channels over the batch, so a channel's batch
 // statistics never leave its thread and its data stays in cache between passes.
 //   NCHW: per (n, c) plane, x is copied into a zero-bordered fp32 plane of H + 2R rows of
 //     Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds checks, VW outputs of RB rows
-//     at a time in registers (VW = 8 or 16, RB = 4: each padded row is loaded once per RB output rows).
+//     at a time in registers (VW = 8 or 16, RB = 4: each padded row is loaded once per RB output rows);
+//     fp32 planes 8 wide (NVAE's 8 x 8 scale) put two rows in one 16-lane vector instead (conv_plane_w8).
 //     Eval tasks are planes in memory order instead; training tasks own one channel for every sample.
 //   channels-last forward: a task is a band of output rows of one sample with all its channels, so x is
 //     read and y written in memory order; input rows enter a ring of K rows laid out block-major
@@ -214,6 +215,18 @@ inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, i
   }
 }
 
+// kColMask.m[d + 2][l] = 1 where the column l % 8 + d of lane l is inside an 8-wide row, else 0; d in [-2, 2].
+struct ColMask {
+  float m[5][16];
+};
+constexpr ColMask make_col_mask() {
+  ColMask c{};
+  for (int d = -2; d <= 2; ++d)
+    for (int l = 0; l < 16; ++l) c.m[d + 2][l] = l % 8 + d >= 0 && l % 8 + d < 8 ? 1.0f : 0.0f;
+  return c;
+}
+constexpr ColMask kColMask = make_col_mask();
+
 // Buffer size of conv_plane_w8 (fp32 elements).
 inline int64_t w8_buffer(const Geo& g) { return (g.H + g.K + 4) * 8; }
 
@@ -222,11 +235,7 @@ void conv_plane_w8(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
   using V = Vec<A, 16>;
   constexpr int R = K / 2, PB = 4;
   V wm[K * K];
-  for (int t = 0; t < K * K; ++t)
-    for (int l = 0; l < 16; ++l) {
-      const int col = l % 8 + t % K - R;
-      wm[t][l] = col >= 0 && col < 8 ? wt[t] : A(0);
-    }
+  for (int t = 0; t < K * K; ++t) wm[t] = loadu<16>(kColMask.m[t % K - R + 2]) * wt[t];
   const int64_t pairs = (g.H + 1) / 2;
   int64_t p = 0;
   for (; p + PB <= pairs; p += PB) conv_pairs<K, PB>(buf, wm, bias, p, g.H, out);
