@@ -204,7 +204,8 @@ def test_nvae_cell_bench_quick_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = json.loads((tmp_path / "bench_nvae_cell.json").read_text())["rows"]
     seen = {(r["variant"], r["mode"], r["provider"]) for r in rows}
-    assert seen == {(v, m, p) for v in ("train", "eval", "train_cl") for m in harness.MODES for p in ("eager", "cpu")}
+    assert seen == {(v, m, p) for v in ("train", "eval", "train_cl", "eval_cl") for m in harness.MODES
+                    for p in ("eager", "cpu")}
     for row in rows:
         assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
         if row["provider"] == "cpu":

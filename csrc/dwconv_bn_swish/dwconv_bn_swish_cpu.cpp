@@ -1,18 +1,25 @@
 // CPU kernels of dwconv_bn_swish and bn_swish (math, dtypes and layouts: dwconv_bn_swish.h).
 //
-// Work is split by channel, so the batch statistics of a channel never leave its thread and its data
-// stays in cache between passes:
-//   NCHW: a task owns one channel, for every sample. Per (n, c) plane it copies x into a zero-bordered
-//     fp32 plane of H + 2R rows of Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds
-//     checks, VW outputs of a row at a time in registers (VW = 8 or 16, K unrolled).
-//   channels-last: a task owns the LN = 64 / sizeof(T) channels of one 64-byte line of x, held as the LN
-//     lanes of one vector per position (padded [H + 2R][W + 2R][LN] copies, no transposes); the conv is
-//     one lane-wise FMA per tap and position.
-//   forward, training  pass 1: conv each plane, its mean and M2 (two passes over the plane in L1),
+// Forward, eval: BatchNorm is folded into the conv, y = swish(conv(x, sc * w) + sc * cb + sh) with
+// sc = gamma * rstd, sh = beta - mean * sc from the running statistics: one pass, x read once, y written once.
+// NCHW training forward and the backward: a task owns whole channels over the batch, so a channel's batch
+// statistics never leave its thread and its data stays in cache between passes.
+//   NCHW: per (n, c) plane, x is copied into a zero-bordered fp32 plane of H + 2R rows of
+//     Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds checks, VW outputs of RB rows
+//     at a time in registers (VW = 8 or 16, RB = 4: each padded row is loaded once per RB output rows);
+//     fp32 planes 8 wide (NVAE's 8 x 8 scale) put two rows in one 16-lane vector instead (conv_plane_w8).
+//     Eval tasks are planes in memory order instead; training tasks own one channel for every sample.
+//   channels-last forward: a task is a band of output rows of one sample with all its channels, so x is
+//     read and y written in memory order; input rows enter a ring of K rows laid out block-major
+//     [64-byte channel block][W + 2R][lanes] (see cl_fwd_units), the conv is one lane-wise FMA per tap.
+//     Training runs it twice: conv -> per-row (mean, M2) merged over rows, bands and samples (Chan et al.),
+//     then conv with BatchNorm folded -> swish.
+//   channels-last backward: a task owns the LN = 64 / sizeof(T) channels of one 64-byte line of x, held as
+//     the LN lanes of one vector per position (padded [H + 2R][W + 2R][LN] copies, no transposes).
+//   forward, training NCHW  pass 1: conv each plane, its mean and M2 (two passes over the plane in L1),
 //                      merged over n with Chan's formula (double); pass 2: conv again (or read the
-//                      task's conv output back from a scratch buffer when N*H*W*CB*4 <= 1 MiB),
-//                      y = swish(sc * z + sh) with sc = gamma * rstd, sh = beta - mean * sc.
-//   forward, eval      one pass: conv, y = swish(sc * z + sh) from the running statistics.
+//                      task's conv output back from a scratch buffer when N*H*W*4 <= 1 MiB),
+//                      y = swish(sc * z + sh).
 //   backward           zhat = (z - mean) * rstd, dzn = dy * swish'(zn); training: pass A sums
 //                      A = sum dzn, B = sum dzn * zhat (z and dzn kept in scratch when 2*N*H*W*CB*4 <=
 //                      1 MiB, else rebuilt in pass B); pass B: dz = p * dzn + q * zhat + r with
@@ -20,68 +27,39 @@
 //                      summed in this one pass) into a zero-bordered plane, grad_x = conv(dz, flipped
 //                      weight), grad_w[i][j] = sum dz * x[h+i-R][w+j-R], grad_conv_bias = sum dz,
 //                      grad_bn_weight = B, grad_bn_bias = A.
-// Memory traffic (activation-sized reads R and writes W): training fwd 1R + 1W while the channel block fits
-// the scratch (its second pass reads cache), else 2R + 1W; training bwd 2R + 1W (x, dy; dx), else 4R + 1W;
-// eval fwd 1R + 1W, eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W, bwd 8R + 3W.
+// Memory traffic (activation-sized reads R and writes W): eval fwd 1R + 1W; training fwd NCHW 1R + 1W while
+// the channel fits the scratch (its second pass reads cache), else 2R + 1W; training fwd channels-last
+// 2R + 1W; training bwd 2R + 1W (x, dy; dx), else 4R + 1W; eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W,
+// bwd 8R + 3W.
 // bn_swish is the same code with K = 1, weight 1 and no bias (z = x exactly).
 // The conv and weight-grad register blocks use GCC vector types; the element loops are plain C++ that GCC
-// vectorises. All are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time
-// (following ATEN_CPU_CAPABILITY), as in group_norm_silu_cpu.cpp.
+// vectorises. All are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time (cpu_vec.h,
+// shared with group_norm_silu_cpu.cpp).
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
+
+#include "cpu_vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
-#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
-
-// GCC vector types are passed in registers only inside the flattened, target-specific kernels.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace diffusion_fast {
 namespace {
 
-// ---------------------------------------------------------------------------
-// Element math (the exp fit of group_norm_silu_cpu.cpp: relative error < 2.4e-7).
-// ---------------------------------------------------------------------------
-inline float exp2_approx(float t) {
-  const float round = 12582912.0f;  // 1.5 * 2^23: t + round holds round(t) in its low mantissa bits
-  const float k = t + round;
-  const float f = t - (k - round);
-  float p = 1.3278164e-3f;
-  p = p * f + 9.6755559e-3f;
-  p = p * f + 5.5507079e-2f;
-  p = p * f + 2.4022119e-1f;
-  p = p * f + 6.9314694e-1f;
-  p = p * f + 1.0000001f;
-  return p * c10::bit_cast<float>((c10::bit_cast<int32_t>(k) - (c10::bit_cast<int32_t>(round) - 127)) << 23);
-}
-
-// e^-z, with -z * log2(e) clamped to [-125, 57.7] (float; past it sigmoid is 1 or < 5e-18), exact for double.
-inline float exp_neg(float z) { return exp2_approx(std::min(std::max(z * -1.44269504f, -125.0f), 57.7f)); }
-inline double exp_neg(double z) { return std::exp(-z); }
-
-// y = swish ? z * sigmoid(z) : z
-template <bool SWISH, typename A>
-inline A act(A z) {
-  return SWISH ? z * (A(1) / (A(1) + exp_neg(z))) : z;
-}
-
-// dz = dy * act'(z) = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for swish
-template <bool SWISH, typename A>
-inline A act_grad(A z, A dy) {
-  if (!SWISH) return dy;
-  const A s = A(1) / (A(1) + exp_neg(z));
-  return dy * s * (A(1) + z * (A(1) - s));
-}
+using cpu_vec::act;
+using cpu_vec::act_grad;
+using cpu_vec::ExpBounds;
+using cpu_vec::loadu;
+using cpu_vec::prefetch;
+using cpu_vec::storeu;
+using cpu_vec::Vec;
 
 constexpr int kLanes = 16;                 // independent accumulators per sum (vectorisable without fast-math)
 constexpr int kMaxCB = 32;                 // channels per task, at most (channels-last: one 64-byte line)
@@ -143,39 +121,47 @@ void copy_plane(int64_t n, const I* __restrict src, O* __restrict dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = O(src[i]);
 }
 
-// VW lanes of A as one GCC vector: lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so the
-// conv's register blocking does not depend on the auto-vectoriser. Unaligned loads/stores go through memcpy.
-template <typename A, int VW>
-struct VecOf {
-  typedef A type __attribute__((vector_size(VW * sizeof(A))));
-};
-template <typename A, int VW>
-using Vec = typename VecOf<A, VW>::type;
-
-template <int VW, typename A>
-inline Vec<A, VW> loadu(const A* p) {
-  Vec<A, VW> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
+// out[h * W + w] = bias + sum_{i,j} wv[i * K + j] * pad[(h + i) * Wp + w + j] for the RB rows h0 .. h0 + RB - 1:
+// each of their K + RB - 1 padded input rows is loaded once (K shifted vectors) for all RB accumulators.
+template <int K, int VW, int RB, typename A>
+inline void conv_rows(const Geo& g, const A* pad, const Vec<A, VW>* wv, A bias, int64_t h0, A* out) {
+  using V = Vec<A, VW>;
+  for (int64_t b = 0; b < g.nb; ++b) {
+    V acc[RB];
+#pragma GCC unroll 8
+    for (int o = 0; o < RB; ++o) acc[o] = V{} + bias;
+#pragma GCC unroll 8
+    for (int r = 0; r < K + RB - 1; ++r) {
+      const A* row = pad + (h0 + r) * g.Wp + b * VW;
+#pragma GCC unroll 5
+      for (int j = 0; j < K; ++j) {
+        const V v = loadu<VW>(row + j);
+#pragma GCC unroll 8
+        for (int o = 0; o < RB; ++o)
+          if (r - o >= 0 && r - o < K) acc[o] += wv[(r - o) * K + j] * v;
+      }
+    }
+    const int64_t n = std::min<int64_t>(VW, g.W - b * VW);
+    for (int o = 0; o < RB; ++o) {
+      A* dst = out + (h0 + o) * g.W + b * VW;
+      if (n == VW)
+        storeu<VW>(dst, acc[o]);
+      else
+        std::memcpy(dst, &acc[o], sizeof(A) * n);
+    }
+  }
 }
 
-// out[h * W + w] = bias + sum_{i,j} wt[i * K + j] * pad[(h + i) * Wp + w + j]
+// out[h * W + w] = bias + sum_{i,j} wt[i * K + j] * pad[(h + i) * Wp + w + j], RB = 4 rows at a time.
 template <int K, int VW, typename A>
 void conv_plane(const Geo& g, const A* pad, const A* wt, A bias, A* out) {
   using V = Vec<A, VW>;
-  A wk[K * K];
-  for (int t = 0; t < K * K; ++t) wk[t] = wt[t];
-  for (int64_t h = 0; h < g.H; ++h) {
-    for (int64_t b = 0; b < g.nb; ++b) {
-      V acc = V{} + bias;
-      for (int i = 0; i < K; ++i) {
-        const A* row = pad + (h + i) * g.Wp + b * VW;
-        for (int j = 0; j < K; ++j) acc += wk[i * K + j] * loadu<VW>(row + j);
-      }
-      A* o = out + h * g.W + b * VW;
-      std::memcpy(o, &acc, sizeof(A) * std::min<int64_t>(VW, g.W - b * VW));
-    }
-  }
+  constexpr int RB = 4;
+  V wv[K * K];
+  for (int t = 0; t < K * K; ++t) wv[t] = V{} + wt[t];
+  int64_t h = 0;
+  for (; h + RB <= g.H; h += RB) conv_rows<K, VW, RB>(g, pad, wv, bias, h, out);
+  for (; h < g.H; ++h) conv_rows<K, VW, 1>(g, pad, wv, bias, h, out);
 }
 
 // dw[i * K + j] += sum_{h,w} dz[h][w] * x[h + i - R][w + j - R], from zero-bordered padded planes.
@@ -197,6 +183,87 @@ void wgrad_plane(const Geo& g, const A* dzpad, const A* xpad, double* dw) {
       for (int l = 0; l < VW; ++l) s += acc[j][l];
       dw[i * K + j] += s;
     }
+  }
+}
+
+// W == 8, float: two output rows per 16-lane vector (a row is only 8 lanes). The plane sits in buf with row
+// stride 8 and R + 1 zero rows above and below (x row r at buf + (r + R + 1) * 8, zeros elsewhere), so the
+// 16-lane load at buffer row r, column j - R holds rows r and r + 1 shifted by j - R; its lanes whose column
+// w + j - R leaves [0, 8) read the neighbouring row, and their weights are zero (wm). (Non-finite x thus
+// reaches outputs up to one row further than the k x k window.) PB row pairs share each load.
+template <int K, int PB, typename A>
+inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, int64_t H, A* out) {
+  using V = Vec<A, 16>;
+  constexpr int R = K / 2;
+  V acc[PB];
+#pragma GCC unroll 8
+  for (int q = 0; q < PB; ++q) acc[q] = V{} + bias;
+#pragma GCC unroll 16
+  for (int s = 0; s < 2 * (PB - 1) + K; ++s) {
+    const A* row = buf + (2 * p0 + s + 1) * 8 - R;
+#pragma GCC unroll 5
+    for (int j = 0; j < K; ++j) {
+      const V v = loadu<16>(row + j);
+#pragma GCC unroll 8
+      for (int q = 0; q < PB; ++q)
+        if (s - 2 * q >= 0 && s - 2 * q < K) acc[q] += wm[(s - 2 * q) * K + j] * v;
+    }
+  }
+  for (int q = 0; q < PB; ++q) {
+    const int64_t h = 2 * (p0 + q);
+    std::memcpy(out + h * 8, &acc[q], sizeof(A) * (h + 1 < H ? 16 : 8));
+  }
+}
+
+// kColMask.m[d + 2][l] = 1 where the column l % 8 + d of lane l is inside an 8-wide row, else 0; d in [-2, 2].
+struct ColMask {
+  float m[5][16];
+};
+constexpr ColMask make_col_mask() {
+  ColMask c{};
+  for (int d = -2; d <= 2; ++d)
+    for (int l = 0; l < 16; ++l) c.m[d + 2][l] = l % 8 + d >= 0 && l % 8 + d < 8 ? 1.0f : 0.0f;
+  return c;
+}
+constexpr ColMask kColMask = make_col_mask();
+
+// Buffer size of conv_plane_w8 (fp32 elements).
+inline int64_t w8_buffer(const Geo& g) { return (g.H + g.K + 4) * 8; }
+
+template <int K, typename A>
+void conv_plane_w8(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
+  using V = Vec<A, 16>;
+  constexpr int R = K / 2, PB = 4;
+  V wm[K * K];
+  for (int t = 0; t < K * K; ++t) wm[t] = loadu<16>(kColMask.m[t % K - R + 2]) * wt[t];
+  const int64_t pairs = (g.H + 1) / 2;
+  int64_t p = 0;
+  for (; p + PB <= pairs; p += PB) conv_pairs<K, PB>(buf, wm, bias, p, g.H, out);
+  for (; p < pairs; ++p) conv_pairs<K, 1>(buf, wm, bias, p, g.H, out);
+}
+
+// Forward conv of one NCHW plane src (H x W) into z (H x W): z = conv(src, wt) + bias. pad: a zeroed buffer of
+// max(PS, w8_buffer) elements, used by this call's geometry only.
+template <typename T, typename A>
+void conv_fwd_plane(const Geo& g, const T* src, const A* wt, A bias, A* pad, A* z) {
+  if constexpr (sizeof(A) == 4) {
+    if (g.W == 8) {
+      copy_plane(g.HW, src, pad + (g.R + 1) * 8);
+      with_k(g, [&](auto K) { conv_plane_w8<decltype(K)::value>(g, pad, wt, bias, z); });
+      return;
+    }
+  }
+  load_padded(src, g, pad);
+  with_kv(g, [&](auto K, auto VW) { conv_plane<decltype(K)::value, decltype(VW)::value>(g, pad, wt, bias, z); });
+}
+
+// Calls f(integral_constant K) for the geometry's kernel size.
+template <typename F>
+void with_k(const Geo& g, const F& f) {
+  switch (g.K) {
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    default: return f(std::integral_constant<int, 1>{});
   }
 }
 
@@ -234,8 +301,8 @@ void plane_stats(const A* z, int64_t n, double& mean, double& m2) {
 
 // dst[i] = act(sc * z[i] + sh) over a dense plane
 template <bool SWISH, typename O, typename A>
-void apply_plane(int64_t n, const A* __restrict z, A sc, A sh, O* __restrict dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = O(act<SWISH>(sc * z[i] + sh));
+void apply_plane(int64_t n, const A* __restrict z, A sc, A sh, O* __restrict dst, ExpBounds eb) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = O(act<SWISH>(sc * z[i] + sh, eb));
 }
 
 // Per-channel BatchNorm coefficients of one call.
@@ -247,10 +314,11 @@ struct Coef {
 
 // dzn = dy * act'(sc * z + sh) over a plane, into dzn; adds sum dzn and sum dzn * zhat to sa, sb.
 template <bool SWISH, typename A>
-void dzn_plane(int64_t n, const A* z, const A* dy, const Coef<A>& k, A* dzn, double& sa, double& sb) {
+void dzn_plane(int64_t n, const A* z, const A* dy, const Coef<A>& k, A* dzn, double& sa, double& sb,
+               ExpBounds eb) {
   A la[kLanes] = {}, lb[kLanes] = {};
   const auto step = [&](int64_t i, int j) {
-    const A d = act_grad<SWISH>(k.sc * z[i] + k.sh, dy[i]);
+    const A d = act_grad<SWISH>(k.sc * z[i] + k.sh, dy[i], eb);
     dzn[i] = d;
     la[j] += d;
     lb[j] += d * ((z[i] - k.mean) * k.rstd);
@@ -291,6 +359,7 @@ struct Args {
   Geo g;
   bool training, swish;
   double eps;
+  ExpBounds eb;
   const T* x;
   const T* dy;                 // bwd: grad_y, x's layout
   T* out;                      // y (fwd) or grad_x (bwd)
@@ -329,31 +398,72 @@ inline void merge_plane(double& mean, double& m2, double pm, double pm2, int64_t
   m2 += pm2 + delta * delta * double(hw) * double(n) * f;
 }
 
-// NCHW forward of channels [t0, t1).
+// NCHW training forward of channels [t0, t1). The planes of a channel are C * H * W apart: the next one
+// is prefetched while the current one is convolved.
 template <typename T, typename A>
 void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
-  const bool keep = a.training && g.N * g.HW <= kMaxScratch;
-  std::vector<A> pad(g.PS, A(0)), zs((keep ? g.N : 1) * g.HW);
+  const bool keep = g.N * g.HW <= kMaxScratch;
+  const int64_t KK = g.K * g.K;
+  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), zs((keep ? g.N : 1) * g.HW);
   const auto z_of = [&](int64_t n) { return zs.data() + (keep ? n * g.HW : 0); };
+  const auto fetch = [&](int64_t n, int64_t c) {
+    if (n < g.N) prefetch(reinterpret_cast<uintptr_t>(a.x + g.plane(n, c)), g.HW * int64_t(sizeof(T)));
+  };
+  A wt[25];
   for (int64_t c = t0; c < t1; ++c) {
-    if (a.training) {  // batch statistics: per-plane (mean, M2), merged over n
-      double mean = 0, m2 = 0;
-      for (int64_t n = 0; n < g.N; ++n) {
-        conv_of(a, n, c, pad.data(), z_of(n));
-        double pm, pm2;
-        plane_stats(z_of(n), g.HW, pm, pm2);
-        merge_plane(mean, m2, pm, pm2, n, g.HW);
-      }
-      a.mean[c] = A(mean);
-      a.var[c] = A(m2 / double(g.N * g.HW));
+    for (int64_t t = 0; t < KK; ++t) wt[t] = a.w ? a.w[c * KK + t] : A(1);
+    const A bias = a.cb ? a.cb[c] : A(0);
+    const auto conv = [&](int64_t n) { conv_fwd_plane(g, a.x + g.plane(n, c), wt, bias, pad.data(), z_of(n)); };
+    double mean = 0, m2 = 0;  // batch statistics: per-plane (mean, M2), merged over n
+    for (int64_t n = 0; n < g.N; ++n) {
+      fetch(n + 1, c);
+      conv(n);
+      double pm, pm2;
+      plane_stats(z_of(n), g.HW, pm, pm2);
+      merge_plane(mean, m2, pm, pm2, n, g.HW);
     }
+    a.mean[c] = A(mean);
+    a.var[c] = A(m2 / double(g.N * g.HW));
     const Coef<A> k = coef_of(a, c);
     for (int64_t n = 0; n < g.N; ++n) {
-      if (!keep) conv_of(a, n, c, pad.data(), z_of(n));
+      if (!keep) {
+        fetch(n + 1, c);
+        conv(n);
+      }
       T* y = a.out + g.plane(n, c);
-      a.swish ? apply_plane<true>(g.HW, z_of(n), k.sc, k.sh, y) : apply_plane<false>(g.HW, z_of(n), k.sc, k.sh, y);
+      a.swish ? apply_plane<true>(g.HW, z_of(n), k.sc, k.sh, y, a.eb)
+              : apply_plane<false>(g.HW, z_of(n), k.sc, k.sh, y, a.eb);
     }
+  }
+}
+
+// The conv weights and bias of every channel with BatchNorm folded in: wf[c][t] = sc * w[c][t] (sc without a
+// conv), bf[c] = sc * cb + sh.
+template <typename T, typename A>
+void fold_weights(const Args<T, A>& a, std::vector<A>& wf, std::vector<A>& bf) {
+  const int64_t KK = a.g.K * a.g.K;
+  wf.resize(a.g.C * KK);
+  bf.resize(a.g.C);
+  for (int64_t c = 0; c < a.g.C; ++c) {
+    const Coef<A> k = coef_of(a, c);
+    for (int64_t t = 0; t < KK; ++t) wf[c * KK + t] = (a.w ? a.w[c * KK + t] : A(1)) * k.sc;
+    bf[c] = (a.cb ? a.cb[c] : A(0)) * k.sc + k.sh;
+  }
+}
+
+// NCHW eval forward of planes [p0, p1) in memory order (p = n * C + c): y = act(conv(x, wf[c]) + bf[c]),
+// BatchNorm folded into wf, bf (fold_weights).
+template <typename T, typename A>
+void fwd_eval_planes(const Args<T, A>& a, const A* wf, const A* bf, int64_t p0, int64_t p1) {
+  const Geo& g = a.g;
+  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), z(g.HW);
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t c = p % g.C;
+    conv_fwd_plane(g, a.x + p * g.HW, wf + c * g.K * g.K, bf[c], pad.data(), z.data());
+    T* y = a.out + p * g.HW;
+    a.swish ? apply_plane<true>(g.HW, z.data(), A(1), A(0), y, a.eb)
+            : apply_plane<false>(g.HW, z.data(), A(1), A(0), y, a.eb);
   }
 }
 
@@ -374,8 +484,8 @@ void bwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
     const auto rebuild = [&](int64_t n, double& sa_, double& sb_) {
       conv_of(a, n, c, pad.data(), slot(zs, n));
       copy_plane(g.HW, a.dy + g.plane(n, c), buf.data());
-      a.swish ? dzn_plane<true>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_)
-              : dzn_plane<false>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_);
+      a.swish ? dzn_plane<true>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_, a.eb)
+              : dzn_plane<false>(g.HW, slot(zs, n), buf.data(), k, slot(dzns, n), sa_, sb_, a.eb);
     };
     if (a.training) {  // pass A: the sums that dz needs
       for (int64_t n = 0; n < g.N; ++n) rebuild(n, sa, sb);
@@ -460,59 +570,23 @@ void cl_wgrad(const Geo& g, const A* dzpad, const A* xpad, double* dw) {
     for (int l = 0; l < LN; ++l) dw[t * LN + l] += acc[t][l];
 }
 
-// Per-lane (mean, M2) of a lane plane, two passes; row sums first, so each sum adds W + H terms.
-template <int LN, typename A>
-void cl_stats(const Geo& g, const A* z, double* mean, double* m2) {
-  A s[LN] = {}, q[LN] = {}, m[LN];
-  for (int64_t h = 0; h < g.H; ++h) {
-    A r[LN] = {};
-    for (int64_t w = 0; w < g.W; ++w)
-      for (int l = 0; l < LN; ++l) r[l] += z[(h * g.W + w) * LN + l];
-    for (int l = 0; l < LN; ++l) s[l] += r[l];
-  }
-  for (int l = 0; l < LN; ++l) m[l] = s[l] / A(g.HW);
-  for (int64_t h = 0; h < g.H; ++h) {
-    A r[LN] = {};
-    for (int64_t w = 0; w < g.W; ++w)
-      for (int l = 0; l < LN; ++l) {
-        const A d = z[(h * g.W + w) * LN + l] - m[l];
-        r[l] += d * d;
-      }
-    for (int l = 0; l < LN; ++l) q[l] += r[l];
-  }
-  for (int l = 0; l < LN; ++l) mean[l] = double(m[l]), m2[l] = double(q[l]);
-}
-
 // Per-lane BatchNorm coefficients (as Coef).
 template <typename A>
 struct LaneCoef {
   A mean[kMaxCB] = {}, rstd[kMaxCB] = {}, sc[kMaxCB] = {}, sh[kMaxCB] = {}, q[kMaxCB] = {}, r[kMaxCB] = {};
 };
 
-// dst[p * C + l] = act(sc[l] * z[p][l] + sh[l]) for the cbn channels.
-template <bool SWISH, int LN, typename T, typename A>
-void cl_apply(const Geo& g, const A* z, const LaneCoef<A>& k, int64_t cbn, T* dst) {
-  for (int64_t p = 0; p < g.HW; ++p) {
-    const A* zp = z + p * LN;
-    T* d = dst + p * g.C;
-    if (cbn == LN)
-      for (int l = 0; l < LN; ++l) d[l] = T(act<SWISH>(k.sc[l] * zp[l] + k.sh[l]));
-    else
-      for (int64_t l = 0; l < cbn; ++l) d[l] = T(act<SWISH>(k.sc[l] * zp[l] + k.sh[l]));
-  }
-}
-
 // dzn[p][l] = dy * act'(sc z + sh); adds sum dzn and sum dzn * zhat per lane to sa, sb (row by row).
 template <bool SWISH, int LN, typename T, typename A>
 void cl_dzn(const Geo& g, const A* z, const T* dy, const LaneCoef<A>& k, int64_t cbn, A* dzn, double* sa,
-            double* sb) {
+            double* sb, ExpBounds eb) {
   for (int64_t h = 0; h < g.H; ++h) {
     A ra[LN] = {}, rb[LN] = {};
     for (int64_t w = 0; w < g.W; ++w) {
       const int64_t p = h * g.W + w;
       const T* dp = dy + p * g.C;
       for (int64_t l = 0; l < cbn; ++l) {
-        const A zz = z[p * LN + l], d = act_grad<SWISH>(k.sc[l] * zz + k.sh[l], A(dp[l]));
+        const A zz = z[p * LN + l], d = act_grad<SWISH>(k.sc[l] * zz + k.sh[l], A(dp[l]), eb);
         dzn[p * LN + l] = d;
         ra[l] += d;
         rb[l] += d * ((zz - k.mean[l]) * k.rstd[l]);
@@ -546,16 +620,6 @@ void cl_store(const Geo& g, const A* src, int64_t cbn, T* dst) {
     for (int64_t l = 0; l < cbn; ++l) dst[p * g.C + l] = T(src[p * LN + l]);
 }
 
-// Calls f(integral_constant K) for the geometry's kernel size.
-template <typename F>
-void with_k(const Geo& g, const F& f) {
-  switch (g.K) {
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    default: return f(std::integral_constant<int, 1>{});
-  }
-}
-
 // Lane-major conv weights of channels c0 .. c0 + cbn: wl[t * LN + l] = w[c0 + l][t] (flipped: t -> KK - 1 - t),
 // weight 1 without a conv; bl[l] = conv bias.
 template <int LN, typename T, typename A>
@@ -577,42 +641,175 @@ LaneCoef<A> lane_coef_of(const Args<T, A>& a, int64_t c0, int64_t cbn) {
   return k;
 }
 
-// Channels-last forward of channel blocks [t0, t1).
-template <typename T, typename A>
-void fwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
-  constexpr int LN = 64 / sizeof(T);
-  const Geo& g = a.g;
-  const int64_t plane = g.HW * LN;
-  const bool keep = a.training && g.N * plane <= kMaxScratch;
-  std::vector<A> pad(g.PQ * LN, A(0)), zs((keep ? g.N : 1) * plane), wl(g.K * g.K * LN), bl(LN);
-  const auto z_of = [&](int64_t n) { return zs.data() + (keep ? n * plane : 0); };
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t c0 = t * LN, cbn = std::min<int64_t>(LN, g.C - c0);
-    cl_weights<LN>(a, c0, cbn, false, wl.data(), bl.data());
-    const auto conv = [&](int64_t n) {
-      cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());
-      with_k(g, [&](auto K) { cl_conv<decltype(K)::value, LN>(g, pad.data(), wl.data(), bl.data(), z_of(n)); });
-    };
-    if (a.training) {  // batch statistics: per-plane, per-lane (mean, M2), merged over n
-      double mean[LN] = {}, m2[LN] = {};
-      for (int64_t n = 0; n < g.N; ++n) {
-        conv(n);
-        double pm[LN], pm2[LN];
-        cl_stats<LN>(g, z_of(n), pm, pm2);
-        for (int l = 0; l < LN; ++l) merge_plane(mean[l], m2[l], pm[l], pm2[l], n, g.HW);
-      }
-      for (int64_t l = 0; l < cbn; ++l) {
-        a.mean[c0 + l] = A(mean[l]);
-        a.var[c0 + l] = A(m2[l] / double(g.N * g.HW));
-      }
+// ---------------------------------------------------------------------------
+// Channels-last forward. A unit is a band of output rows of one sample with all its channels, so x is read
+// and y written in memory order. Each input row enters a ring of K rows, laid out block-major
+// [channel block][Wq][LN] (LN = 64 bytes of A; zero columns either side of W, zero lanes past C), so one
+// block's K input rows are contiguous strips in L1; rows outside the image point at a zero row. The conv of
+// one block and row keeps WB positions in registers: per tap row, WB + K - 1 input vectors and K weight
+// vectors serve K * WB lane-wise FMAs.
+// ---------------------------------------------------------------------------
+struct Bands {
+  int64_t per_sample, rows;  // bands per sample, output rows per band (the last may have fewer)
+};
+
+// Whole samples when there are enough of them; else the rows are split so that every thread gets work.
+Bands make_bands(const Geo& g) {
+  const int64_t want = 4 * at::get_num_threads();
+  const int64_t per = g.N >= want ? 1 : std::min<int64_t>(g.H, (want + g.N - 1) / g.N);
+  const int64_t rows = (g.H + per - 1) / per;
+  return {(g.H + rows - 1) / rows, rows};
+}
+
+// Lane-major weights of every channel block: wl[(b * KK + t) * LN + l] = s[c] * w[c][t], bl[b * LN + l] =
+// s[c] * cb[c] + t[c] for c = b * LN + l (zero past C), with BatchNorm folded in (s = sc, t = sh) or not
+// (s = 1, t = 0). Weight 1 without a conv.
+template <int LN, typename T, typename A>
+void cl_block_weights(const Args<T, A>& a, bool fold, std::vector<A>& wl, std::vector<A>& bl) {
+  const int64_t KK = a.g.K * a.g.K, nblk = (a.g.C + LN - 1) / LN;
+  wl.assign(nblk * KK * LN, A(0));
+  bl.assign(nblk * LN, A(0));
+  for (int64_t c = 0; c < a.g.C; ++c) {
+    const int64_t b = c / LN, l = c % LN;
+    A s = A(1), t = A(0);
+    if (fold) {
+      const Coef<A> k = coef_of(a, c);
+      s = k.sc, t = k.sh;
     }
-    const LaneCoef<A> k = lane_coef_of(a, c0, cbn);
-    for (int64_t n = 0; n < g.N; ++n) {
-      if (!keep) conv(n);
-      T* y = a.out + g.plane(n, c0);
-      a.swish ? cl_apply<true, LN>(g, z_of(n), k, cbn, y) : cl_apply<false, LN>(g, z_of(n), k, cbn, y);
+    for (int64_t i = 0; i < KK; ++i) wl[(b * KK + i) * LN + l] = (a.w ? a.w[c * KK + i] : A(1)) * s;
+    bl[b * LN + l] = (a.cb ? a.cb[c] : A(0)) * s + t;
+  }
+}
+
+// One input row x[n][r] (W * C values) into a ring row: dst[(b * Wq + w + R) * LN + l] = x[n][r][w][b * LN + l].
+template <int LN, typename T, typename A>
+void cl_ring_load(const Geo& g, const T* __restrict src, A* __restrict dst) {
+  const int64_t full = g.C / LN, tail = g.C - full * LN;
+  for (int64_t w = 0; w < g.W; ++w) {
+    const T* s = src + w * g.C;
+    A* d = dst + (w + g.R) * LN;
+    for (int64_t b = 0; b < full; ++b)
+      for (int l = 0; l < LN; ++l) d[b * g.Wq * LN + l] = A(s[b * LN + l]);
+    for (int64_t l = 0; l < tail; ++l) d[full * g.Wq * LN + l] = A(s[full * LN + l]);
+  }
+}
+
+// z[(w + o) * LN + l] = bias[l] + sum_{i,j} wt[(i * K + j) * LN + l] * rows[i][(w + o + j) * LN + l], o < WB.
+template <int K, int LN, int WB, typename A>
+inline void cl_conv_positions(const A* const* rows, const A* wt, const A* bias, int64_t w, A* z) {
+  using V = Vec<A, LN>;
+  V acc[WB];
+  const V bv = loadu<LN>(bias);
+#pragma GCC unroll 8
+  for (int o = 0; o < WB; ++o) acc[o] = bv;
+#pragma GCC unroll 5
+  for (int i = 0; i < K; ++i) {
+    const A* r = rows[i] + w * LN;
+    V in[WB + K - 1];
+#pragma GCC unroll 12
+    for (int t = 0; t < WB + K - 1; ++t) in[t] = loadu<LN>(r + t * LN);
+#pragma GCC unroll 5
+    for (int j = 0; j < K; ++j) {
+      const V wv = loadu<LN>(wt + (i * K + j) * LN);
+#pragma GCC unroll 8
+      for (int o = 0; o < WB; ++o) acc[o] += wv * in[o + j];
     }
   }
+#pragma GCC unroll 8
+  for (int o = 0; o < WB; ++o) storeu<LN>(z + (w + o) * LN, acc[o]);
+}
+
+// One output row of one channel block: z[w * LN + l], w < W.
+template <int K, int LN, typename A>
+void cl_conv_row(const Geo& g, const A* const* rows, const A* wt, const A* bias, A* z) {
+  constexpr int WB = 8;
+  int64_t w = 0;
+  for (; w + WB <= g.W; w += WB) cl_conv_positions<K, LN, WB>(rows, wt, bias, w, z);
+  for (; w < g.W; ++w) cl_conv_positions<K, LN, 1>(rows, wt, bias, w, z);
+}
+
+// Chan et al.: merges (mean mb, M2 m2b) of nb values into the running (mean, m2) of na values.
+inline void merge_stats(double& mean, double& m2, int64_t na, double mb, double m2b, int64_t nb) {
+  const double n = double(na + nb), delta = mb - mean;
+  mean += delta * double(nb) / n;
+  m2 += m2b + delta * delta * double(na) * double(nb) / n;
+}
+
+// Units [u0, u1) of the channels-last forward. STATS (training, first pass): z = conv(x, w) + cb, per-channel
+// (mean, M2) of each unit into pm, pm2 [unit][C]. Else y = act(z) with wl, bl holding BatchNorm folded in.
+template <bool STATS, bool SWISH, int K, typename T, typename A>
+void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const A* bl, double* pm, double* pm2,
+                       int64_t u0, int64_t u1) {
+  constexpr int LN = 64 / sizeof(A);
+  const Geo& g = a.g;
+  const int64_t nblk = (g.C + LN - 1) / LN, strip = g.Wq * LN, row = nblk * strip, KK = g.K * g.K;
+  std::vector<A> ring(K * row, A(0)), zero(row, A(0)), z(g.W * LN);
+  const ExpBounds eb = a.eb;
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t n = u / bd.per_sample, h0 = (u % bd.per_sample) * bd.rows, h1 = std::min(g.H, h0 + bd.rows);
+    int64_t held[K];  // the input row each ring slot holds
+    std::fill(held, held + K, int64_t(-1));
+    double* mean = STATS ? pm + u * g.C : nullptr;
+    double* m2 = STATS ? pm2 + u * g.C : nullptr;
+    if (STATS) std::fill(mean, mean + g.C, 0.0), std::fill(m2, m2 + g.C, 0.0);
+    for (int64_t h = h0; h < h1; ++h) {
+      // the next input row to enter the ring, prefetched a part per channel block
+      const int64_t next = h + g.R + 1, part = (g.W * g.C * int64_t(sizeof(T)) + nblk - 1) / nblk;
+      const uintptr_t next_row = reinterpret_cast<uintptr_t>(a.x + (n * g.H + next) * g.W * g.C);
+      const A* rows[K];
+      for (int i = 0; i < K; ++i) {
+        const int64_t r = h + i - g.R;
+        if (r < 0 || r >= g.H) {
+          rows[i] = zero.data();
+          continue;
+        }
+        A* slot = ring.data() + (r % K) * row;
+        if (held[r % K] != r) {
+          cl_ring_load<LN>(g, a.x + (n * g.H + r) * g.W * g.C, slot);
+          held[r % K] = r;
+        }
+        rows[i] = slot;
+      }
+      T* y = a.out + (n * g.H + h) * g.W * g.C;
+      for (int64_t b = 0; b < nblk; ++b) {
+        const A* brows[K];
+        for (int i = 0; i < K; ++i) brows[i] = rows[i] + b * strip;
+        if (next < std::min(g.H, h1 + g.R)) prefetch(next_row + b * part, part);
+        cl_conv_row<K, LN>(g, brows, wl + b * KK * LN, bl + b * LN, z.data());
+        const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);
+        if (STATS) {  // this row's per-lane (mean, M2), two passes over z in L1, merged into the unit's
+          A s[LN] = {}, q[LN] = {};
+          for (int64_t w = 0; w < g.W; ++w)
+            for (int l = 0; l < LN; ++l) s[l] += z[w * LN + l];
+          for (int l = 0; l < LN; ++l) s[l] /= A(g.W);
+          for (int64_t w = 0; w < g.W; ++w)
+            for (int l = 0; l < LN; ++l) q[l] += (z[w * LN + l] - s[l]) * (z[w * LN + l] - s[l]);
+          for (int64_t l = 0; l < cbn; ++l)
+            merge_stats(mean[c0 + l], m2[c0 + l], (h - h0) * g.W, double(s[l]), double(q[l]), g.W);
+        } else if (cbn == LN) {
+          for (int64_t w = 0; w < g.W; ++w)
+            for (int l = 0; l < LN; ++l) y[w * g.C + c0 + l] = T(act<SWISH>(z[w * LN + l], eb));
+        } else {
+          for (int64_t w = 0; w < g.W; ++w)
+            for (int64_t l = 0; l < cbn; ++l) y[w * g.C + c0 + l] = T(act<SWISH>(z[w * LN + l], eb));
+        }
+      }
+    }
+  }
+}
+
+template <typename T, typename A>
+void cl_fwd_units(const Args<T, A>& a, const Bands& bd, const A* wl, const A* bl, double* pm, double* pm2,
+                  int64_t u0, int64_t u1) {
+  with_k(a.g, [&](auto K) {
+    constexpr int kK = decltype(K)::value;
+    if (pm)
+      cl_fwd_units_impl<true, false, kK>(a, bd, wl, bl, pm, pm2, u0, u1);
+    else if (a.swish)
+      cl_fwd_units_impl<false, true, kK>(a, bd, wl, bl, pm, pm2, u0, u1);
+    else
+      cl_fwd_units_impl<false, false, kK>(a, bd, wl, bl, pm, pm2, u0, u1);
+  });
 }
 
 // Channels-last backward of channel blocks [t0, t1) (the passes of bwd_tasks).
@@ -639,8 +836,8 @@ void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
       cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());
       with_k(g, [&](auto K) { cl_conv<decltype(K)::value, LN>(g, pad.data(), wl.data(), bl.data(), slot(zs, n)); });
       const T* dy = a.dy + g.plane(n, c0);
-      a.swish ? cl_dzn<true, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_)
-              : cl_dzn<false, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_);
+      a.swish ? cl_dzn<true, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_, a.eb)
+              : cl_dzn<false, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_, a.eb);
     };
     if (a.training) {  // pass A: the sums that dz needs
       for (int64_t n = 0; n < g.N; ++n) rebuild(n, sa, sb);
@@ -676,60 +873,12 @@ void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
 }
 
 // ---------------------------------------------------------------------------
-// Instruction-set dispatch: name##_isa(args, begin, end).
+// Instruction-set dispatch (cpu_vec.h): name##_isa(args...).
 // ---------------------------------------------------------------------------
-enum class Isa { base, avx2, avx512 };
-
-#if defined(__x86_64__) && defined(__GNUC__)
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();  // ATen's choice, lowered by ATEN_CPU_CAPABILITY
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (cap == "AVX512" && avx512) return Isa::avx512;
-    if ((cap == "AVX512" || cap == "AVX2") && avx2) return Isa::avx2;
-    return Isa::base;
-  }();
-  return isa;
-}
-
-// `flatten` inlines the whole stage into each wrapper, so it is compiled for the wrapper's target.
-#define DF_MULTIVERSION(name)                                                                                \
-  template <typename T, typename A>                                                                          \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten)) void name##_avx512(        \
-      const Args<T, A>& a, int64_t begin, int64_t end) {                                                     \
-    name(a, begin, end);                                                                                     \
-  }                                                                                                          \
-  template <typename T, typename A>                                                                          \
-  __attribute__((target("avx2,fma"), flatten)) void name##_avx2(const Args<T, A>& a, int64_t begin,          \
-                                                                int64_t end) {                               \
-    name(a, begin, end);                                                                                     \
-  }                                                                                                          \
-  template <typename T, typename A>                                                                          \
-  __attribute__((flatten)) void name##_base(const Args<T, A>& a, int64_t begin, int64_t end) {               \
-    name(a, begin, end);                                                                                     \
-  }                                                                                                          \
-  template <typename T, typename A>                                                                          \
-  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end) {                                         \
-    switch (cpu_isa()) {                                                                                     \
-      case Isa::avx512: return name##_avx512(a, begin, end);                                                 \
-      case Isa::avx2: return name##_avx2(a, begin, end);                                                     \
-      default: return name##_base(a, begin, end);                                                            \
-    }                                                                                                        \
-  }
-#else
-#define DF_MULTIVERSION(name)                                                   \
-  template <typename T, typename A>                                             \
-  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end) {            \
-    name(a, begin, end);                                                        \
-  }
-#endif
-
 DF_MULTIVERSION(fwd_tasks)
+DF_MULTIVERSION(fwd_eval_planes)
 DF_MULTIVERSION(bwd_tasks)
-DF_MULTIVERSION(fwd_tasks_cl)
+DF_MULTIVERSION(cl_fwd_units)
 DF_MULTIVERSION(bwd_tasks_cl)
 
 // ---------------------------------------------------------------------------
@@ -754,6 +903,41 @@ A* mut_or_null(at::Tensor& t) {
 
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
+// Channels-last forward: (training) conv -> per-unit statistics -> per-channel mean and biased variance,
+// then conv with BatchNorm folded -> act.
+template <typename T, typename A>
+void fwd_cl(const Args<T, A>& a) {
+  constexpr int LN = 64 / sizeof(A);
+  const Geo& g = a.g;
+  const Bands bd = make_bands(g);
+  const int64_t units = g.N * bd.per_sample;
+  std::vector<A> wl, bl;
+  if (a.training) {
+    cl_block_weights<LN>(a, false, wl, bl);
+    std::vector<double> pm(units * g.C), pm2(units * g.C);
+    at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+      cl_fwd_units_isa(a, bd, wl.data(), bl.data(), pm.data(), pm2.data(), u0, u1);
+    });
+    at::parallel_for(0, g.C, 64, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double mean = 0, m2 = 0;
+        int64_t count = 0;
+        for (int64_t u = 0; u < units; ++u) {
+          const int64_t h0 = (u % bd.per_sample) * bd.rows, nu = (std::min(g.H, h0 + bd.rows) - h0) * g.W;
+          merge_stats(mean, m2, count, pm[u * g.C + c], pm2[u * g.C + c], nu);
+          count += nu;
+        }
+        a.mean[c] = A(mean);
+        a.var[c] = A(m2 / double(count));
+      }
+    });
+  }
+  cl_block_weights<LN>(a, true, wl, bl);
+  at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
+    cl_fwd_units_isa(a, bd, wl.data(), bl.data(), static_cast<double*>(nullptr), static_cast<double*>(nullptr), u0, u1);
+  });
+}
+
 // Grain 1: a task is a whole channel (block) over the batch.
 template <typename F>
 void run_tasks(const Geo& g, const F& f) {
@@ -774,11 +958,20 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
   const at::Tensor cb = to_acc(conv_bias, acc), gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_swish_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    const Args<scalar_t, A> a{make_geo(s, sizeof(scalar_t)), training, swish, eps, x.const_data_ptr<scalar_t>(),
+    const Args<scalar_t, A> a{make_geo(s, sizeof(scalar_t)), training, swish, eps, ExpBounds{}, x.const_data_ptr<scalar_t>(),
                               nullptr, y.mutable_data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(cb),
                               ptr_or_null<A>(gamma), ptr_or_null<A>(beta), mean.mutable_data_ptr<A>(),
                               var.mutable_data_ptr<A>(), nullptr, nullptr, nullptr, nullptr};
-    run_tasks(a.g, [&](int64_t b, int64_t e) { a.g.cl ? fwd_tasks_cl_isa(a, b, e) : fwd_tasks_isa(a, b, e); });
+    if (a.g.cl)
+      fwd_cl(a);
+    else if (training)
+      run_tasks(a.g, [&](int64_t b, int64_t e) { fwd_tasks_isa(a, b, e); });
+    else {
+      std::vector<A> wf, bf;
+      fold_weights(a, wf, bf);
+      at::parallel_for(0, s.N * s.C, 1 + (1 << 15) / std::max<int64_t>(1, a.g.HW),
+                       [&](int64_t b, int64_t e) { fwd_eval_planes_isa(a, wf.data(), bf.data(), b, e); });
+    }
   });
   return {y, mean, var};
 }
@@ -805,7 +998,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_swish_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     // mean/var are only read; Args shares one struct with the forward, which writes them.
-    const Args<scalar_t, A> a{make_geo(s, sizeof(scalar_t)), training, swish, eps, x.const_data_ptr<scalar_t>(),
+    const Args<scalar_t, A> a{make_geo(s, sizeof(scalar_t)), training, swish, eps, ExpBounds{}, x.const_data_ptr<scalar_t>(),
                               grad_y.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(),
                               ptr_or_null<A>(w), ptr_or_null<A>(cb), ptr_or_null<A>(gamma), ptr_or_null<A>(beta),
                               const_cast<A*>(mean_c.const_data_ptr<A>()), const_cast<A*>(var_c.const_data_ptr<A>()),

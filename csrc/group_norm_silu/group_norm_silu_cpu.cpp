@@ -14,14 +14,14 @@
 // is then one read of x (and grad_y) and one write of the output; with fewer segments each stage is
 // its own parallel loop and the inputs are read twice.
 // Inner loops are plain C++ that GCC vectorises; they are compiled for AVX-512, AVX2+FMA and baseline
-// x86-64 and picked at run time (following ATEN_CPU_CAPABILITY), so the build needs no -march flag.
+// x86-64 and picked at run time (cpu_vec.h, shared with dwconv_bn_swish), so the build needs no -march flag.
 #include "group_norm_silu/group_norm_silu.h"
+
+#include "cpu_vec.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
-#include <c10/util/bit_cast.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,49 +32,10 @@
 namespace diffusion_fast {
 namespace {
 
-// ---------------------------------------------------------------------------
-// Element math, branch-free so that loops vectorise.
-// ---------------------------------------------------------------------------
-
-// 2^t for t in [-125, 125]: 2^n * p(f), n = round(t), |f| <= 1/2, p a degree-5 near-minimax fit of 2^f
-// (relative error < 2.4e-7, i.e. 4 ulp; the silu output is far less sensitive).
-inline float exp2_approx(float t) {
-  const float round = 12582912.0f;  // 1.5 * 2^23: t + round holds round(t) in its low mantissa bits
-  const float k = t + round;
-  const float f = t - (k - round);
-  float p = 1.3278164e-3f;
-  p = p * f + 9.6755559e-3f;
-  p = p * f + 5.5507079e-2f;
-  p = p * f + 2.4022119e-1f;
-  p = p * f + 6.9314694e-1f;
-  p = p * f + 1.0000001f;
-  return p * c10::bit_cast<float>((c10::bit_cast<int32_t>(k) - (c10::bit_cast<int32_t>(round) - 127)) << 23);
-}
-
-// Bounds of exp2's argument in exp_neg, passed at run time: as compile-time constants, GCC splits the
-// vectorised loops into clamped/unclamped paths that each pay a division. Past them sigmoid(z) is 1
-// or < 5e-18 anyway; wider bounds make the selects produce denormals (microcode assists, ~10x slower).
-struct ExpBounds {
-  float lo = -125.0f, hi = 57.7f;  // e^-z in [2^-125, e^40]
-};
-
-// e^-z with -z * log2(e) clamped to the bounds (float); exact std::exp (double).
-inline float exp_neg(float z, ExpBounds eb) { return exp2_approx(std::min(std::max(z * -1.44269504f, eb.lo), eb.hi)); }
-inline double exp_neg(double z, ExpBounds) { return std::exp(-z); }
-
-// y = silu ? z * sigmoid(z) : z
-template <bool silu, typename A>
-inline A act(A z, ExpBounds eb) {
-  return silu ? z * (A(1) / (A(1) + exp_neg(z, eb))) : z;
-}
-
-// dz = dy * act'(z) = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for silu
-template <bool silu, typename A>
-inline A act_grad(A z, A dy, ExpBounds eb) {
-  if (!silu) return dy;
-  const A s = A(1) / (A(1) + exp_neg(z, eb));
-  return dy * s * (A(1) + z * (A(1) - s));
-}
+using cpu_vec::act;
+using cpu_vec::act_grad;
+using cpu_vec::ExpBounds;
+using cpu_vec::prefetch;
 
 constexpr int kLanes = 32;        // accumulators per sum
 constexpr int64_t kBlock = 128;  // elements between prefetches in apply loops
@@ -144,13 +105,6 @@ struct Seg {
   A* dz = nullptr;        // bwd: scratch for dz over the segment (else recomputed)
   bool prefetch = false;  // fwd apply: prefetch the next segment, overlapping its loads with this one's math
 };
-
-// Hints the cache to fetch the bytes [addr, addr + bytes); prefetches never fault, addr may be past the data.
-inline void prefetch(uintptr_t addr, int64_t bytes) {
-#if defined(__GNUC__)
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(addr + b));
-#endif
-}
 
 // Runs stats(units), combine(groups), apply(units) over index ranges [begin, end): per segment on one
 // thread when there are enough segments (with a dz scratch buffer if use_scratch, prefetching the next
@@ -516,57 +470,8 @@ void bwd_apply(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
 }
 
 // ---------------------------------------------------------------------------
-// Instruction-set dispatch of the hot stages: name##_isa(args, begin, end, scratch).
+// Instruction-set dispatch of the hot stages (cpu_vec.h): name##_isa(args, begin, end, seg).
 // ---------------------------------------------------------------------------
-enum class Isa { base, avx2, avx512 };
-
-#if defined(__x86_64__) && defined(__GNUC__)
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();  // ATen's choice, lowered by ATEN_CPU_CAPABILITY
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (cap == "AVX512" && avx512) return Isa::avx512;
-    if ((cap == "AVX512" || cap == "AVX2") && avx2) return Isa::avx2;
-    return Isa::base;
-  }();
-  return isa;
-}
-
-// `flatten` inlines the whole stage into each wrapper, so it is compiled for the wrapper's target.
-#define DF_MULTIVERSION(name)                                                                          \
-  template <typename T, typename A>                                                                    \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten)) void name##_avx512(  \
-      const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {                                    \
-    name(a, begin, end, seg);                                                                          \
-  }                                                                                                    \
-  template <typename T, typename A>                                                                    \
-  __attribute__((target("avx2,fma"), flatten)) void name##_avx2(const Args<T, A>& a, int64_t begin,    \
-                                                                int64_t end, Seg<A> seg) {              \
-    name(a, begin, end, seg);                                                                          \
-  }                                                                                                    \
-  template <typename T, typename A>                                                                    \
-  __attribute__((flatten)) void name##_base(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) { \
-    name(a, begin, end, seg);                                                                          \
-  }                                                                                                    \
-  template <typename T, typename A>                                                                    \
-  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {                        \
-    switch (cpu_isa()) {                                                                               \
-      case Isa::avx512: return name##_avx512(a, begin, end, seg);                                      \
-      case Isa::avx2: return name##_avx2(a, begin, end, seg);                                          \
-      default: return name##_base(a, begin, end, seg);                                                 \
-    }                                                                                                  \
-  }
-#else
-#define DF_MULTIVERSION(name)                                                    \
-  template <typename T, typename A>                                              \
-  void name##_isa(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) { \
-    name(a, begin, end, seg);                                                    \
-  }
-#endif
-
 DF_MULTIVERSION(fwd_stats)
 DF_MULTIVERSION(fwd_apply)
 DF_MULTIVERSION(bwd_stats)

@@ -32,9 +32,11 @@ Passes over activation-sized memory (R = one read, W = one write of an x-sized t
                            needs dz at the k x k neighbours of a tile: 6R+2W).
     ours, eval        fwd 1R+1W; bwd 2R+1W in C++ (no reduction is needed before dz; Triton and
                       CUDA run their training passes, 6R+2W).
-    The C++ CPU kernels work channel by channel and keep a channel's conv output (and dzn) in a
-    scratch buffer when it fits (N*H*W*4 bytes per channel, 1 MiB per thread), so their second passes
-    read cache: training fwd 1R+1W, bwd 2R+1W from memory (larger channels: as above, recomputing).
+    The C++ CPU kernels fold BatchNorm into the conv in eval (one pass, 1R+1W). In training they work
+    channel by channel and keep a channel's conv output (and dzn) in a scratch buffer when it fits
+    (N*H*W*4 bytes per channel, 1 MiB per thread), so their second passes read cache: NCHW training
+    fwd 1R+1W, bwd 2R+1W from memory (larger channels: as above, recomputing). The channels-last
+    forward walks x in memory order, all channels of a row at once: training 2R+1W (conv twice).
 
 Backends: ``cuda`` (our extension: C++ on CPU tensors, CUDA on GPU tensors), ``triton`` and
 ``torch`` (``dwconv_bn_swish_ref``/``bn_swish_ref``), chosen per call by ``diffusion_fast.backends``.

@@ -31,6 +31,7 @@ CASES = {
     "H, W < k": (3, 3, 2, 3),
     "batch 1": (1, 5, 6, 9),
     "wide rows (two 16-blocks)": (2, 3, 3, 19),
+    "8 wide, odd H (C++: two rows per vector)": (2, 3, 5, 8),
     "1x1 spatial": (8, 3, 1, 1),
 }
 # Extras: which optional inputs are present, and swish.
@@ -141,7 +142,8 @@ def test_every_dtype_and_extras(backend, device, extras, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_layouts(backend, device, layout, training):
     for dtype in dtypes_fast(backend, device):
-        for k, shape in ((5, (2, 20, 5, 7)), (3, (3, 3, 4, 3))):  # 20 channels: more than a 64-byte line
+        # 20 and 17 channels: more than a 64-byte line; W = 9: a block of 8 positions and a tail (C++)
+        for k, shape in ((5, (2, 20, 5, 7)), (3, (3, 3, 4, 3)), (5, (1, 17, 3, 9))):
             x, p = make_inputs(shape, k, dtype, device, layout)
             check_against_reference(backend, x, p, dtype, training)
 

@@ -1,0 +1,172 @@
+// Pieces shared by the C++ CPU kernels (group_norm_silu_cpu.cpp, dwconv_bn_swish_cpu.cpp):
+//   * element math written branch-free so that GCC vectorises the loops that call it: e^-z from a
+//     polynomial fit of 2^f, swish/SiLU y = z * sigmoid(z) (Ramachandran et al. 2017; Elfwing et al.
+//     2018) and its derivative;
+//   * GCC vector types for hand-blocked register tiles, and a cache prefetch hint;
+//   * run-time instruction-set dispatch: a stage compiled for AVX-512, AVX2+FMA and baseline x86-64,
+//     picked once per process following ATen's choice (ATEN_CPU_CAPABILITY), so the build needs no -march.
+#pragma once
+
+#include <ATen/Version.h>
+#include <c10/util/bit_cast.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+
+// GCC vector types are passed in registers only inside the flattened, target-specific stages.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace diffusion_fast {
+namespace cpu_vec {
+
+// ---------------------------------------------------------------------------
+// Element math.
+// ---------------------------------------------------------------------------
+
+// 2^t for t in [-125, 125]: 2^n * p(f), n = round(t), |f| <= 1/2, p a degree-5 near-minimax fit of 2^f
+// (relative error < 2.4e-7, i.e. 4 ulp; sigmoid and swish outputs are far less sensitive).
+inline float exp2_approx(float t) {
+  const float round = 12582912.0f;  // 1.5 * 2^23: t + round holds round(t) in its low mantissa bits
+  const float k = t + round;
+  const float f = t - (k - round);
+  float p = 1.3278164e-3f;
+  p = p * f + 9.6755559e-3f;
+  p = p * f + 5.5507079e-2f;
+  p = p * f + 2.4022119e-1f;
+  p = p * f + 6.9314694e-1f;
+  p = p * f + 1.0000001f;
+  return p * c10::bit_cast<float>((c10::bit_cast<int32_t>(k) - (c10::bit_cast<int32_t>(round) - 127)) << 23);
+}
+
+// Bounds of exp2's argument in exp_neg, passed at run time: as compile-time constants, GCC splits the
+// vectorised loops into clamped/unclamped paths that each pay a division. Past them sigmoid(z) is 1
+// or < 5e-18 anyway; wider bounds make the selects produce denormals (microcode assists, ~10x slower).
+struct ExpBounds {
+  float lo = -125.0f, hi = 57.7f;  // e^-z in [2^-125, e^40]
+};
+
+// e^-z with -z * log2(e) clamped to the bounds (float); exact std::exp (double).
+inline float exp_neg(float z, ExpBounds eb) { return exp2_approx(std::min(std::max(z * -1.44269504f, eb.lo), eb.hi)); }
+inline double exp_neg(double z, ExpBounds) { return std::exp(-z); }
+
+// 1 / d for finite float d >= 1, without a division (a vector division costs more than the rest of sigmoid):
+// a bit-trick first guess (relative error < 5.1%), then three Newton steps r += r * (1 - d * r), each
+// squaring the error (< 1.5e-7 at the end). Exact for double.
+inline float recip(float d) {
+  float r = c10::bit_cast<float>(int32_t(0x7EF311C3) - c10::bit_cast<int32_t>(d));
+  r += r * (1.0f - d * r);
+  r += r * (1.0f - d * r);
+  r += r * (1.0f - d * r);
+  return r;
+}
+inline double recip(double d) { return 1.0 / d; }
+
+// sigmoid(z) = 1 / (1 + e^-z)
+template <typename A>
+inline A sigmoid(A z, ExpBounds eb) {
+  return recip(A(1) + exp_neg(z, eb));
+}
+
+// y = swish ? z * sigmoid(z) : z
+template <bool swish, typename A>
+inline A act(A z, ExpBounds eb) {
+  return swish ? z * sigmoid(z, eb) : z;
+}
+
+// dz = dy * act'(z) = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for swish
+template <bool swish, typename A>
+inline A act_grad(A z, A dy, ExpBounds eb) {
+  if (!swish) return dy;
+  const A s = sigmoid(z, eb);
+  return dy * s * (A(1) + z * (A(1) - s));
+}
+
+// Hints the cache to fetch the bytes [addr, addr + bytes); prefetches never fault, addr may be past the data.
+inline void prefetch(uintptr_t addr, int64_t bytes) {
+#if defined(__GNUC__)
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(addr + b));
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// GCC vector types: N lanes of A, lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so that
+// register blocking does not depend on the auto-vectoriser. Unaligned loads/stores go through memcpy.
+// ---------------------------------------------------------------------------
+template <typename A, int N>
+struct VecOf {
+  typedef A type __attribute__((vector_size(N * sizeof(A))));
+};
+template <typename A, int N>
+using Vec = typename VecOf<A, N>::type;
+
+template <int N, typename A>
+inline Vec<A, N> loadu(const A* p) {
+  Vec<A, N> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int N, typename A>
+inline void storeu(A* p, const Vec<A, N>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// ---------------------------------------------------------------------------
+// Instruction-set dispatch.
+// ---------------------------------------------------------------------------
+enum class Isa { base, avx2, avx512 };
+
+#if defined(__x86_64__) && defined(__GNUC__)
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();  // ATen's choice, lowered by ATEN_CPU_CAPABILITY
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (cap == "AVX512" && avx512) return Isa::avx512;
+    if ((cap == "AVX512" || cap == "AVX2") && avx2) return Isa::avx2;
+    return Isa::base;
+  }();
+  return isa;
+}
+
+// name##_isa(args...) calls name(args...) compiled for the best instruction set of this CPU. `flatten`
+// inlines the whole stage into each wrapper, so it is compiled for the wrapper's target.
+#define DF_MULTIVERSION(name)                                                                                \
+  template <typename... P>                                                                                   \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"), flatten)) void name##_avx512(        \
+      const P&... p) {                                                                                       \
+    name(p...);                                                                                              \
+  }                                                                                                          \
+  template <typename... P>                                                                                   \
+  __attribute__((target("avx2,fma"), flatten)) void name##_avx2(const P&... p) {                             \
+    name(p...);                                                                                              \
+  }                                                                                                          \
+  template <typename... P>                                                                                   \
+  __attribute__((flatten)) void name##_base(const P&... p) {                                                 \
+    name(p...);                                                                                              \
+  }                                                                                                          \
+  template <typename... P>                                                                                   \
+  void name##_isa(const P&... p) {                                                                           \
+    switch (::diffusion_fast::cpu_vec::cpu_isa()) {                                                          \
+      case ::diffusion_fast::cpu_vec::Isa::avx512: return name##_avx512(p...);                               \
+      case ::diffusion_fast::cpu_vec::Isa::avx2: return name##_avx2(p...);                                   \
+      default: return name##_base(p...);                                                                     \
+    }                                                                                                        \
+  }
+#else
+inline Isa cpu_isa() { return Isa::base; }
+
+#define DF_MULTIVERSION(name)     \
+  template <typename... P>        \
+  void name##_isa(const P&... p) { \
+    name(p...);                   \
+  }
+#endif
+
+}  // namespace cpu_vec
+}  // namespace diffusion_fast
