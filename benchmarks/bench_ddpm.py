@@ -51,7 +51,7 @@ def plan(device: str, quick: bool, dtypes, steps: int) -> list:
     if quick:
         return [("tiny", task, 2, d) for task in ("forward", "sample") for d in dtypes or [fp32]]
     if device == "cpu":
-        return [(c, task, b, d) for d in dtypes or [fp32, bf16] for task in ("forward", "sample")
+        return [(c, task, b, d) for task in ("forward", "sample") for d in dtypes or [fp32, bf16]
                 for c, b in (("tiny", 8), ("small", 1), ("small", 8))]
     return [("cifar10", task, b, d) for task in ("forward", "sample") for d in dtypes or [fp32, bf16]
             for b in (1, 128)]
