@@ -184,8 +184,9 @@ def _dwconv_bn_swish_fwd_kernel(
         total = tl.sum(j_cnt, axis=0)
         mean = tl.sum(j_cnt * j_mean, axis=0) / total
         var = tl.sum(j_m2 + j_cnt * (j_mean - mean[None, :]) * (j_mean - mean[None, :]), axis=0) / total
-        tl.store(mean_ptr + c, mean, mask=cm & (t == 0))
-        tl.store(var_ptr + c, var, mask=cm & (t == 0))
+        first = cm & (c * 0 + t == 0)  # block-shaped: Triton 3.9's interpreter breaks block & scalar masks
+        tl.store(mean_ptr + c, mean, mask=first)
+        tl.store(var_ptr + c, var, mask=first)
     else:
         mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
         var = tl.load(var_ptr + c, mask=cm, other=1.0)

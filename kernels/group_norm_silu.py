@@ -314,8 +314,9 @@ def _group_norm_silu_bwd_kernel(
                                             c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
                                             HAS_SCALE, HAS_SHIFT)
         k = w * sc1
-        # per-(n, c) gradients, written once by split 0
-        first = cm & (split == 0)
+        # per-(n, c) gradients, written once by split 0 (the test is made block-shaped: Triton
+        # 3.9's interpreter gives a non-boolean mask for block & scalar)
+        first = cm & (c * 0 + split == 0)
         A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
         B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
         if HAS_WEIGHT:
