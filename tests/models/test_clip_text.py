@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_DEVICES, assert_close
+from helpers import BACKEND_DEVICES, assert_close, randomize_
 
 import diffusion_fast
 from diffusion_fast.models import (
@@ -39,14 +39,6 @@ def open_clip_tiny(open_clip, quick_gelu=True):
     text = open_clip.model.CLIPTextCfg(context_length=77, vocab_size=TINY["vocab_size"], width=TINY["width"],
                                        heads=TINY["heads"], layers=TINY["layers"])
     return randomize_(open_clip.model.CLIP(TINY["embed_dim"], vision, text, quick_gelu=quick_gelu)).eval()
-
-
-def randomize_(model, scale=0.1):
-    """Give every parameter (LayerNorm affines, zero biases) non-trivial values."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 def random_tokens(lengths, vocab=TINY["vocab_size"], context=77, dtype=torch.int64):

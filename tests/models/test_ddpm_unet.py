@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_DEVICES, assert_close
+from helpers import BACKEND_DEVICES, assert_close, randomize_
 
 import diffusion_fast
 from diffusion_fast import backends
@@ -24,14 +24,6 @@ MODEL_BACKENDS = [p for p in BACKEND_DEVICES if p.id != "triton-interp"]
 def tiny(**overrides):
     """8x8 inputs, two levels, attention at 4x4: every kind of block, cheap on a CPU."""
     return DDPMUNet.tiny(**{**dict(resolution=8, attn_resolutions=(4,)), **overrides})
-
-
-def randomize_(model, scale=0.1):
-    """Give every parameter (norm affines, zero-initialised convs) non-trivial values."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 # ---------------------------------------------------------------------------

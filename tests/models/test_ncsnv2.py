@@ -4,7 +4,7 @@ official parameter layout, 1/σ conditioning, backends, checkpoint loading, DSM 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_DEVICES, assert_close, dtypes_for, require_backend, to_layout
+from helpers import BACKEND_DEVICES, assert_close, dtypes_for, randomize_, require_backend, to_layout
 
 import diffusion_fast
 from diffusion_fast import backends
@@ -13,16 +13,10 @@ from diffusion_fast.nn import InstanceNorm2dPlus
 from diffusion_fast.nn.instance_norm_plus import instance_norm_plus, instance_norm_plus_ref
 from diffusion_fast.ops.group_norm_silu import _unsupported as group_norm_silu_unsupported
 
+
 def tiny(**overrides):
     """8x8 inputs, ngf 4: every kind of block (pooled, dilated, MSF with resize), cheap on a CPU."""
     return NCSNv2(**{**dict(channels=2, ngf=4, num_classes=6, sigma_begin=2.0, sigma_end=0.05), **overrides})
-
-
-def randomize_(model, scale=0.1):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 # ---------------------------------------------------------------------------
