@@ -14,9 +14,7 @@ Writes ``ncsn_digits.png``: training digits beside samples.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
@@ -25,30 +23,24 @@ from diffusion_fast.samplers import annealed_langevin_dynamics
 from diffusion_fast.score_matching import dsm_loss
 from diffusion_fast.training import EMA, batches
 
+import _example  # examples/_example.py: command line and figure saving
 
-def plot(path: Path, data: torch.Tensor, samples: torch.Tensor) -> None:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(data: torch.Tensor, samples: torch.Tensor):
     def grid(images: torch.Tensor, cols: int = 8) -> torch.Tensor:
         rows = images.shape[0] // cols
         imgs = torch.nn.functional.pad(images[: rows * cols, 0].clamp(0, 1), (1, 1, 1, 1))  # 1-pixel frame
         return imgs.reshape(rows, cols, 10, 10).permute(0, 2, 1, 3).reshape(rows * 10, cols * 10)
 
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+    fig, axes = _example.subplots(1, 2, figsize=(6.4, 3.4))
     for ax, title, imgs in ((axes[0], "training digits", data), (axes[1], "NCSNv2 samples", samples)):
         ax.imshow(grid(imgs), cmap="gray_r", vmin=0, vmax=1)
         ax.set(title=title, xticks=[], yticks=[])
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("examples/results"), help="folder for the PNG")
+    parser = _example.parser(__doc__)
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps")
     parser.add_argument("--ngf", type=int, default=8)
     parser.add_argument("--levels", type=int, default=24, help="number of noise levels L")
@@ -59,11 +51,7 @@ def main() -> None:
     parser.add_argument("--n-steps-each", type=int, default=20, help="Langevin steps per noise level")
     parser.add_argument("--step-lr", type=float, default=5e-5, help="ε: step α_i = ε σ_i² / σ_L²")
     parser.add_argument("--n-samples", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _example.parse(parser)
 
     from sklearn.datasets import load_digits
 
@@ -94,10 +82,7 @@ def main() -> None:
     print(f"sampled {args.n_samples} digits ({args.levels} x {args.n_steps_each} Langevin steps) "
           f"in {time.perf_counter() - start:.1f} s; pixel range [{samples.min():.2f}, {samples.max():.2f}]")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "ncsn_digits.png"
-    plot(path, data[: args.n_samples], samples)
-    print(f"wrote {path}")
+    _example.save(plot(data[: args.n_samples], samples), args.out, "ncsn_digits.png")
 
 
 if __name__ == "__main__":

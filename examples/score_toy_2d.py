@@ -15,9 +15,7 @@ data (Technique 1) to σ_L = 0.01; ε from Technique 4 (``step_size_for``).
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +24,8 @@ from diffusion_fast.data import gaussian_mixture, swiss_roll
 from diffusion_fast.samplers import annealed_langevin_dynamics
 from diffusion_fast.score_matching import dsm_loss, geometric_sigmas, sigma_max_from_data, step_size_for
 from diffusion_fast.training import EMA, batches
+
+import _example  # examples/_example.py: command line and figure saving
 
 
 class ToyScoreNet(nn.Module):
@@ -67,13 +67,8 @@ def mixture_fractions(samples: Tensor, means: Tensor) -> Tensor:
     return torch.bincount(nearest, minlength=means.shape[0]).float() / samples.shape[0]
 
 
-def plot(path: Path, panels: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(panels), 4, figsize=(13, 3.3 * len(panels)), squeeze=False)
+def plot(panels: list):
+    fig, axes = _example.subplots(len(panels), 4, figsize=(13, 3.3 * len(panels)), squeeze=False)
     for row, (name, data, samples, model, sigmas) in zip(axes, panels):
         lo, hi = data.min(0).values - 0.5, data.max(0).values + 0.5
         row[0].scatter(*data[:2000].T, s=1, c="tab:blue")
@@ -91,25 +86,18 @@ def plot(path: Path, panels: list) -> None:
             ax.set_title(f"learned score, σ = {float(sigmas[level]):.3g} (unit arrows)")
         for ax in row:
             ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), aspect="equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("examples/results"), help="folder for the PNG")
+    parser = _example.parser(__doc__)
     parser.add_argument("--steps", type=int, default=6000, help="optimizer steps per data set")
     parser.add_argument("--levels", type=int, default=20, help="number of noise levels L")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--n-steps-each", type=int, default=100, help="Langevin steps per noise level")
     parser.add_argument("--n-samples", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _example.parse(parser)
 
     means = torch.tensor([[-2.0, -2.0], [2.0, 2.0], [2.0, -2.0]])
     weights = torch.tensor([0.2, 0.5, 0.3])
@@ -130,10 +118,7 @@ def main() -> None:
             print("  samples per component", [round(f, 3) for f in fractions.tolist()],
                   "true weights", weights.tolist())
         panels.append((name, data, samples, model, sigmas))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "score_toy_2d.png"
-    plot(path, panels)
-    print(f"wrote {path}")
+    _example.save(plot(panels), args.out, "score_toy_2d.png")
 
 
 if __name__ == "__main__":

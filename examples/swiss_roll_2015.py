@@ -15,14 +15,14 @@ Writes ``swiss_roll_2015_h<hidden>.png``: data, model samples, and the reverse t
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import torch
 
 from diffusion_fast.diffusion.dpm2015 import DiffusionProcess2015, null_log_likelihood, to_bits, train_dpm2015
 from diffusion_fast.models.dpm2015 import RBFReverseNet
+
+import _example  # examples/_example.py: command line and figure saving
 
 PAPER = {"K": 2.35, "K - L_null": 6.45}  # bits, Table 1 of the paper
 
@@ -34,26 +34,18 @@ def swiss_roll(n: int, seed: int) -> torch.Tensor:
     return torch.tensor(x[:, [0, 2]], dtype=torch.float32)
 
 
-def plot(path: Path, data: torch.Tensor, trajectory, num_steps: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(data: torch.Tensor, trajectory, num_steps: int):
     shown = [("data", data), (f"x^{num_steps} (prior)", trajectory[0]),
              (f"x^{num_steps // 2}", trajectory[num_steps - num_steps // 2]), ("x^0 (samples)", trajectory[-1])]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2))
+    fig, axes = _example.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.2))
     for ax, (title, pts) in zip(axes, shown, strict=True):
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="C1" if title == "data" else "C0")
         ax.set(title=title, xlim=(-2.6, 2.6), ylim=(-2.6, 2.6), aspect="equal", xticks=[], yticks=[])
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    return fig
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("examples/results"), help="folder for the PNG")
+    parser = _example.parser(__doc__)
     parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
     parser.add_argument("--hidden", type=int, default=16, help="RBF units (the paper: 16)")
     parser.add_argument("--num-steps", type=int, default=40, help="diffusion steps T (the paper: 40)")
@@ -62,11 +54,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--n-train", type=int, default=20000)
     parser.add_argument("--n-test", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small network: 1 is fastest)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    args = _example.parse(parser)
 
     train, test = swiss_roll(args.n_train, args.seed), swiss_roll(args.n_test, args.seed + 1)
     mean, std = train.mean(0), train.std(0)
@@ -87,10 +75,8 @@ def main() -> None:
     print(f"{'K':14s}{k:8.2f}{PAPER['K']:8.2f}")
     print(f"{'K - L_null':14s}{k - l_null:8.2f}{PAPER['K - L_null']:8.2f}   (L_null = {l_null:.2f})")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"swiss_roll_2015_h{args.hidden}.png"
-    plot(path, test[:2000], process.sample(2000, seed=args.seed, trajectory=True), args.num_steps)
-    print(f"wrote {path}")
+    trajectory = process.sample(2000, seed=args.seed, trajectory=True)
+    _example.save(plot(test[:2000], trajectory, args.num_steps), args.out, f"swiss_roll_2015_h{args.hidden}.png")
 
 
 if __name__ == "__main__":

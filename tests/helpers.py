@@ -61,6 +61,15 @@ def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.contiguous()
 
 
+def randomize_(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Add N(0, scale²) noise to every parameter in place, so norm affines, zero biases and
+    zero-initialised layers take non-trivial values; returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model
+
+
 def require_backend(backend: str, op: str, x: torch.Tensor, unsupported) -> None:
     """Fail (not skip) when a backend that must run here cannot: a silent fallback is a bug."""
     reason = unsupported(backend, x)

@@ -19,14 +19,30 @@ import harness  # noqa: E402
 import torch  # noqa: E402
 
 
-def test_group_norm_silu_bench_quick_cpu(tmp_path):
+def run_quick(tmp_path: Path, name: str, providers: str = "eager,cpu", timeout: int = 120) -> dict:
+    """Runs benchmarks/<name>.py --device cpu --quick --out tmp_path; returns the JSON it wrote."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_group_norm_silu.py"), "--device", "cpu",
-           "--quick", "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--device", "cpu", "--quick",
+           "--providers", providers, "--out", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads((tmp_path / f"{name}.json").read_text())
 
-    data = json.loads((tmp_path / "bench_group_norm_silu.json").read_text())
+
+def assert_timed(row: dict) -> None:
+    """The row's timing quartiles are ordered and positive and it counts the bytes moved."""
+    assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+
+
+def assert_cpu_ran_or_skipped(data: dict) -> list:
+    """Our C++ backend either ran or is listed as skipped with a reason, never silently missing: its rows."""
+    ours = [r for r in data["rows"] if r["provider"] == "cpu"]
+    assert ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
+    return ours
+
+
+def test_group_norm_silu_bench_quick_cpu(tmp_path):
+    data = run_quick(tmp_path, "bench_group_norm_silu")
     assert (tmp_path / "bench_group_norm_silu.md").read_text().startswith("# bench_group_norm_silu")
     assert data["env"]["copy_gbps"] > 0 and "backends" in data["env"]["env_info"]
     fields = {f.name for f in dataclasses.fields(harness.Row)}
@@ -35,27 +51,17 @@ def test_group_norm_silu_bench_quick_cpu(tmp_path):
     for row in rows:
         assert set(row) == fields
         assert row["device"] == "cpu" and row["provider"] in ("eager", "cpu")
-        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"]
-        assert row["bytes"] > 0 and row["gbps"] > 0 and row["ratio_to_eager"] > 0
+        assert_timed(row)
+        assert row["gbps"] > 0 and row["ratio_to_eager"] > 0
         assert row["ratio_to_compile"] is None  # compile not run
     eager = [(r["variant"], r["mode"]) for r in rows if r["provider"] == "eager"]
     assert {m for _, m in eager} == set(harness.MODES) and {v for v, _ in eager} >= {"plain", "temb", "scale_shift"}
-    # Our C++ backend either ran or is listed as skipped with a reason, never silently missing.
-    ran_ours = any(r["provider"] == "cpu" for r in rows)
-    assert ran_ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
-    for row in rows:
-        if row["provider"] == "cpu":
-            assert row["max_abs_diff"] < 1e-3
+    assert all(row["max_abs_diff"] < 1e-3 for row in assert_cpu_ran_or_skipped(data))
 
 
 def test_ddpm_bench_quick_cpu(tmp_path):
     """The end-to-end bench runs the UNet forward and the sampling loop and reports images/s."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_ddpm.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_ddpm.json").read_text())["rows"]
+    rows = run_quick(tmp_path, "bench_ddpm", timeout=300)["rows"]
     assert {(r["variant"], r["provider"]) for r in rows} == {
         (v, p) for v in ("tiny-forward", "tiny-sample") for p in ("eager", "cpu")}
     for row in rows:
@@ -66,81 +72,47 @@ def test_ddpm_bench_quick_cpu(tmp_path):
 
 def test_clip_text_bench_quick_cpu(tmp_path):
     pytest.importorskip("open_clip")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_clip_text.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_clip_text.json").read_text())["rows"]
+    rows = run_quick(tmp_path, "bench_clip_text")["rows"]
     assert {(r["provider"], r["shape"][0]) for r in rows} == {(p, b) for p in ("eager", "cpu") for b in (1, 2)}
     for row in rows:
         assert row["variant"] == "tiny" and row["shape"][1] == 77 and row["extra"]["flops"] > 0
-        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        assert_timed(row)
         assert row["max_abs_diff"] < 1e-4  # our encoder vs open_clip's on the same weights
 
 
 def test_langevin_bench_quick_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_langevin.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    data = json.loads((tmp_path / "bench_langevin.json").read_text())
+    data = run_quick(tmp_path, "bench_langevin")
     rows = data["rows"]
     assert {r["variant"] for r in rows} == {"langevin", "langevin_table", "langevin_noise", "denoise"}
     assert all(r["provider"] in ("eager", "cpu") and r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
-    ours = [r for r in rows if r["provider"] == "cpu"]
-    assert ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
-    for row in ours:
+    for row in assert_cpu_ran_or_skipped(data):
         if row["variant"] in ("langevin_noise", "denoise"):  # like for like: the same values as eager
             assert row["max_abs_diff"] < 1e-5
 
 
-
 def test_dpm2015_step_bench_quick_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_dpm2015_step.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    data = json.loads((tmp_path / "bench_dpm2015_step.json").read_text())
-    rows = data["rows"]
+    rows = run_quick(tmp_path, "bench_dpm2015_step")["rows"]
     assert {(r["variant"], r["provider"]) for r in rows} == {
         (v, p) for v in ("dpm2015", "dpm2015_table", "mean") for p in ("eager", "cpu")}
     for row in rows:
-        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        assert_timed(row)
         if row["provider"] == "cpu" and row["variant"] == "mean":  # like for like: eager's values
             assert row["max_abs_diff"] < 1e-5
 
-def test_sampler_step_bench_quick_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_sampler_step.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    data = json.loads((tmp_path / "bench_sampler_step.json").read_text())
+def test_sampler_step_bench_quick_cpu(tmp_path):
+    data = run_quick(tmp_path, "bench_sampler_step")
     rows = data["rows"]
     assert {r["variant"] for r in rows} >= {"ddpm", "ddpm_noise", "ddim_eta0"}
     assert all(r["provider"] in ("eager", "cpu") and r["median_ms"] > 0 for r in rows)
     assert all(r["bytes"] == (3 + (r["variant"] == "ddpm_noise")) * 2 * 3 * 8 * 8 * 4 for r in rows)  # fp32 2x3x8x8
-    ours = [r for r in rows if r["provider"] == "cpu"]
-    assert ours or any(s["provider"] == "cpu" and s["reason"] for s in data["skipped"])
-    for row in ours:
+    for row in assert_cpu_ran_or_skipped(data):
         if row["variant"] in ("ddpm_noise", "ddim_eta0"):  # like for like: the same values as eager
             assert row["max_abs_diff"] < 1e-5
 
 
 def test_attention_bench_quick_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu,sdpa,sdpa_math", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    data = json.loads((tmp_path / "bench_attention.json").read_text())
+    data = run_quick(tmp_path, "bench_attention", "eager,cpu,sdpa,sdpa_math", timeout=180)
     rows = data["rows"]
     assert {r["provider"] for r in rows} == {"eager", "sdpa", "sdpa_math"}
     assert {(r["variant"], r["mode"]) for r in rows} == {(v, m) for v in ("ddpm", "clip") for m in harness.MODES}
@@ -184,12 +156,7 @@ def test_attention_winner_table_feeds_auto(tmp_path, monkeypatch):
 
 
 def test_instance_norm_plus_bench_quick_cpu(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_instance_norm_plus.py"), "--device", "cpu",
-           "--quick", "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_instance_norm_plus.json").read_text())["rows"]
+    rows = run_quick(tmp_path, "bench_instance_norm_plus")["rows"]
     assert {(r["variant"], r["mode"]) for r in rows if r["provider"] == "eager"} == {
         (v, m) for v in ("elu", "swish") for m in harness.MODES}
     assert all(r["max_abs_diff"] < 1e-3 and r["gbps"] > 0 for r in rows if r["provider"] == "cpu")
@@ -197,16 +164,11 @@ def test_instance_norm_plus_bench_quick_cpu(tmp_path):
 
 def test_nvae_cell_bench_quick_cpu(tmp_path):
     """The NVAE cell bench (dwconv 5x5 + BN + Swish), --quick on the CPU: every variant and mode, our C++ run."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_nvae_cell.py"), "--device", "cpu", "--quick",
-           "--providers", "eager,cpu", "--out", str(tmp_path)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = json.loads((tmp_path / "bench_nvae_cell.json").read_text())["rows"]
+    rows = run_quick(tmp_path, "bench_nvae_cell")["rows"]
     seen = {(r["variant"], r["mode"], r["provider"]) for r in rows}
     assert seen == {(v, m, p) for v in ("train", "eval", "train_cl", "eval_cl") for m in harness.MODES
                     for p in ("eager", "cpu")}
     for row in rows:
-        assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+        assert_timed(row)
         if row["provider"] == "cpu":
             assert row["max_abs_diff"] < 1e-3

@@ -23,6 +23,7 @@ pytest.importorskip("sklearn")
 ])
 def test_example_runs_and_writes_its_png(script, args, png, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [script, "--out", str(tmp_path), *args])
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # as `python examples/<script>` does: finds examples/_example.py
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(EXAMPLES / script), run_name="__main__")

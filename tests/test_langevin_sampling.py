@@ -77,7 +77,10 @@ def test_backends_give_the_same_samples(backend, device):
     sigmas = geometric_sigmas(1.0, 0.05, 4)
     model = GaussianScore(0.1, 0.3, sigmas)
     x0 = torch.rand(2, 3, 8, 8, device=device)
-    run = lambda: annealed_langevin_dynamics(model, x0, sigmas, n_steps_each=3, step_lr=1e-3, seed=5)
+
+    def run():
+        return annealed_langevin_dynamics(model, x0, sigmas, n_steps_each=3, step_lr=1e-3, seed=5)
+
     with diffusion_fast.use_backend("torch"):
         expected = run()
     with diffusion_fast.use_backend(backend):
@@ -96,7 +99,10 @@ def test_seed_decides_the_sample():
 
 def test_plain_langevin_dynamics():
     x0 = torch.randn(3, 2000, dtype=torch.float64)
-    score = lambda x: -(x - 1.0) / 0.25
+
+    def score(x):  # score of N(1, 0.5²)
+        return -(x - 1.0) / 0.25
+
     x = langevin_dynamics(score, x0, 0.01, 7, seed=3)
     y = x0
     for t in range(7):

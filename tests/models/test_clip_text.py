@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import BACKEND_DEVICES, assert_close, randomize_
 
 import diffusion_fast
 from diffusion_fast.models import (
@@ -24,16 +24,7 @@ from diffusion_fast.models import (
 
 # (backend, device) pairs that must give the same network (see test_ddpm_unet.py). The Triton
 # interpreter runs only the tiny fp32 comparison.
-MODEL_BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("cuda", "cpu", id="ext-cpu"),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
-    pytest.param("cuda", "cuda", id="ext-cuda", marks=pytest.mark.cuda),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-]
-INTERP = pytest.param("triton", "cpu", id="triton-interp",
-                      marks=pytest.mark.skipif(not diffusion_fast.backends.triton_interpret(),
-                                               reason="TRITON_INTERPRET not set"))
+MODEL_BACKENDS = [p for p in BACKEND_DEVICES if p.id != "triton-interp"]
 TINY = dict(vocab_size=1000, width=64, heads=4, layers=2, embed_dim=32)
 
 
@@ -48,14 +39,6 @@ def open_clip_tiny(open_clip, quick_gelu=True):
     text = open_clip.model.CLIPTextCfg(context_length=77, vocab_size=TINY["vocab_size"], width=TINY["width"],
                                        heads=TINY["heads"], layers=TINY["layers"])
     return randomize_(open_clip.model.CLIP(TINY["embed_dim"], vision, text, quick_gelu=quick_gelu)).eval()
-
-
-def randomize_(model, scale=0.1):
-    """Give every parameter (LayerNorm affines, zero biases) non-trivial values."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 def random_tokens(lengths, vocab=TINY["vocab_size"], context=77, dtype=torch.int64):
@@ -139,7 +122,7 @@ def test_state_dict_has_open_clips_text_keys(open_clip):
 # ---------------------------------------------------------------------------
 # Forward: against open_clip's encode_text and the float64 reference, on every backend
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend, device", MODEL_BACKENDS + [INTERP])
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("quick_gelu", [True, False], ids=["quickgelu", "gelu"])
 def test_matches_open_clip_tiny(open_clip, backend, device, quick_gelu):
     theirs = open_clip_tiny(open_clip, quick_gelu)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import BACKEND_DEVICES, assert_close, randomize_
 
 import diffusion_fast
 from diffusion_fast import backends
@@ -18,26 +18,12 @@ from diffusion_fast.ops.group_norm_silu import _unsupported as group_norm_silu_u
 # (extension not built/loaded) is skipped, not failed: tests/ops fail loudly for that already.
 # Triton's CPU interpreter takes over a minute for a whole UNet, so Triton runs here only on a
 # GPU (tests/ops cover its kernels on the CPU).
-MODEL_BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("cuda", "cpu", id="ext-cpu"),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
-    pytest.param("cuda", "cuda", id="ext-cuda", marks=pytest.mark.cuda),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-]
+MODEL_BACKENDS = [p for p in BACKEND_DEVICES if p.id != "triton-interp"]
 
 
 def tiny(**overrides):
     """8x8 inputs, two levels, attention at 4x4: every kind of block, cheap on a CPU."""
     return DDPMUNet.tiny(**{**dict(resolution=8, attn_resolutions=(4,)), **overrides})
-
-
-def randomize_(model, scale=0.1):
-    """Give every parameter (norm affines, zero-initialised convs) non-trivial values."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 # ---------------------------------------------------------------------------

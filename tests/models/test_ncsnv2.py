@@ -4,7 +4,7 @@ official parameter layout, 1/σ conditioning, backends, checkpoint loading, DSM 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKEND_DEVICES, assert_close, dtypes_for, require_backend, to_layout
+from helpers import BACKEND_DEVICES, assert_close, dtypes_for, randomize_, require_backend, to_layout
 
 import diffusion_fast
 from diffusion_fast import backends
@@ -13,27 +13,10 @@ from diffusion_fast.nn import InstanceNorm2dPlus
 from diffusion_fast.nn.instance_norm_plus import instance_norm_plus, instance_norm_plus_ref
 from diffusion_fast.ops.group_norm_silu import _unsupported as group_norm_silu_unsupported
 
-MODEL_BACKENDS = [
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param("cuda", "cpu", id="ext-cpu"),
-    pytest.param("triton", "cpu", id="triton-interp",
-                 marks=pytest.mark.skipif(not backends.triton_interpret(), reason="TRITON_INTERPRET not set")),
-    pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.cuda),
-    pytest.param("cuda", "cuda", id="ext-cuda", marks=pytest.mark.cuda),
-    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
-]
-
 
 def tiny(**overrides):
     """8x8 inputs, ngf 4: every kind of block (pooled, dilated, MSF with resize), cheap on a CPU."""
     return NCSNv2(**{**dict(channels=2, ngf=4, num_classes=6, sigma_begin=2.0, sigma_end=0.05), **overrides})
-
-
-def randomize_(model, scale=0.1):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 # ---------------------------------------------------------------------------
@@ -272,7 +255,7 @@ def test_small_configs_fit_a_cpu_and_keep_the_layout():
     assert model(torch.rand(3, 1, 8, 8), torch.tensor([0, 4, 9])).shape == (3, 1, 8, 8)
 
 
-@pytest.mark.parametrize("backend, device", MODEL_BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_forward_matches_float64_reference(backend, device, dtype):
     if backend == "triton" and dtype == torch.float64:

@@ -347,10 +347,49 @@ def test_cifar10_flows_at_paper_latent_size():
         assert f[0].cell1.mu.weight.grad.abs().sum() > 0 and f[0].cell2.mu.weight.grad.abs().sum() > 0
 
 
-def test_flows_feed_the_decoder_and_kl_estimate_is_unbiased():
+@pytest.fixture(scope="module")
+def digits() -> Tensor:
+    """scikit-learn's 1797 digits on the 8-bit grid in [0, 1]: (1797, 1, 8, 8) float32."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
+    return torch.round(x * 255) / 255
+
+
+@pytest.fixture
+def digits_nf() -> NVAE:
+    """A fresh digits NVAE with one flow per group (num_nf = 1), initialised from seed 0."""
+    torch.manual_seed(0)
+    return NVAE.digits(num_nf=1)
+
+
+def _train_on_digits(model: NVAE, x: Tensor, steps: int) -> tuple:
+    """Adamax (lr 1e-2) on batches of 32 of x but its last 256 images; (held-out bits/dim before, after, losses)."""
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    held_out = x[-256:]
+
+    def bpd():
+        model.eval()
+        with torch.no_grad():
+            out = elbo_bpd(model, held_out).bpd.item()
+        model.train()
+        return out
+
+    before, losses = bpd(), []
+    for step in range(steps):
+        batch = x[torch.randint(0, len(x) - 256, (32,))]
+        loss, _ = training_loss(model, batch, step, steps, weight_decay_norm=1e-3, weight_decay_norm_init=1e-2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return before, bpd(), losses
+
+
+def test_flows_feed_the_decoder_and_kl_estimate_is_unbiased(digits_nf):
     """Group 0's decoder latent is the flow of the plain posterior sample; with identity flows the one-sample KL
     estimate log q(z) - log p(z) averages to the analytic KL (the num_nf = 0 model) within 5 standard errors."""
-    plain, nf = NVAE.digits(), NVAE.digits(num_nf=1)
+    plain, nf = NVAE.digits(), digits_nf
     nf.load_state_dict(plain.state_dict(), strict=False)
     assert set(nf.state_dict()) - set(plain.state_dict()) == {k for k in nf.state_dict() if k.startswith("flows.")}
     plain.eval(), nf.eval()
@@ -383,31 +422,9 @@ def test_flows_feed_the_decoder_and_kl_estimate_is_unbiased():
     assert diff.mean().abs() < 5 * diff.std() / math.sqrt(len(diff)), (diff.mean(), diff.std())
 
 
-def test_digits_training_with_flows():
-    from sklearn.datasets import load_digits
-    torch.manual_seed(0)
-    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
-    x = torch.round(x * 255) / 255
-    model = NVAE.digits(num_nf=1)
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
-    held_out = x[-256:]
-
-    def bpd():
-        model.eval()
-        with torch.no_grad():
-            out = elbo_bpd(model, held_out).bpd.item()
-        model.train()
-        return out
-
-    before, steps, losses = bpd(), 40, []
-    for step in range(steps):
-        batch = x[torch.randint(0, len(x) - 256, (32,))]
-        loss, _ = training_loss(model, batch, step, steps, weight_decay_norm=1e-3, weight_decay_norm_init=1e-2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    after = bpd()
+def test_digits_training_with_flows(digits, digits_nf):
+    x, model = digits, digits_nf
+    before, after, losses = _train_on_digits(model, x, 40)
     print(f"digits NVAE (num_nf=1) bits/dim: {before:.3f} -> {after:.3f}")
     assert all(math.isfinite(v) for v in losses) and after < before - 0.3, (before, after)
     assert sum(losses[-10:]) < sum(losses[:10])
@@ -436,30 +453,10 @@ def test_kl_warmup_and_balancing():
     torch.testing.assert_close(weighted, 0.5 * (torch.stack(kl_all, 1) * w).sum(1))
 
 
-def test_digits_training_improves_bpd():
-    from sklearn.datasets import load_digits
+def test_digits_training_improves_bpd(digits):
     torch.manual_seed(0)
-    x = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
-    x = torch.round(x * 255) / 255                                              # 8-bit grid in [0, 1]
     model = NVAE.digits()
-    opt = torch.optim.Adamax(model.parameters(), lr=1e-2)
-    held_out = x[-256:]
-
-    def bpd():
-        model.eval()
-        with torch.no_grad():
-            out = elbo_bpd(model, held_out).bpd.item()
-        model.train()
-        return out
-
-    before, steps = bpd(), 200
-    for step in range(steps):
-        batch = x[torch.randint(0, len(x) - 256, (32,))]
-        loss, _ = training_loss(model, batch, step, steps, weight_decay_norm=1e-3, weight_decay_norm_init=1e-2)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = bpd()
+    before, after, _ = _train_on_digits(model, digits, 200)
     print(f"digits NVAE bits/dim: {before:.3f} -> {after:.3f}")
     assert after < before - 0.7, (before, after)
     model.readjust_bn(num_batches=2, batch_size=32)
