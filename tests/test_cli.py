@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion_fast
 from diffusion_fast import cli, zoo
 from diffusion_fast.data import swiss_roll
 
@@ -95,6 +96,14 @@ def test_bad_option_values_are_refused_by_argparse(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["sample", "-n", "0"])
     assert exc.value.code == 2 and "positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["sample", "train"])
+def test_backend_option_takes_auto_and_every_backend(command):
+    for backend in ("auto",) + tuple(diffusion_fast.BACKENDS):
+        assert cli.parser().parse_args([command, "--backend", backend]).backend == backend
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args([command, "--backend", "fast"])
 
 
 def test_info_prints_env_info(capsys):
