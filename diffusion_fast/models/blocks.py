@@ -116,6 +116,7 @@ class AttnBlock(nn.Module):
         self.k = linear(ch, ch)
         self.v = linear(ch, ch)
         self.proj_out = linear(ch, ch, init_scale=0.0)
+        self._qkv_cache = None  # (parameter versions, weight, bias) of the joint q/k/v projection
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_contiguous(memory_format=torch.channels_last):
@@ -130,9 +131,19 @@ class AttnBlock(nn.Module):
 
     def _qkv(self, tokens: Tensor) -> tuple:
         """q, k, v: (N, 1, HW, C) views of one (C -> 3C) projection of tokens (N, 1, HW, C)."""
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])  # (3C, C)
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        return F.linear(tokens, weight, bias).chunk(3, dim=-1)  # row stride 3C
+        return F.linear(tokens, *self._qkv_params()).chunk(3, dim=-1)  # row stride 3C
+
+    def _qkv_params(self) -> tuple:
+        """The (3C, C) weight and (3C,) bias of the joint projection. Without autograd (sampling)
+        they are concatenated once and reused until a parameter changes (in place: its version
+        counter moves; replaced or moved: its storage does), not once per call."""
+        params = (self.q.weight, self.k.weight, self.v.weight, self.q.bias, self.k.bias, self.v.bias)
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            return torch.cat(params[:3]), torch.cat(params[3:])
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != key:
+            self._qkv_cache = (key, torch.cat(params[:3]), torch.cat(params[3:]))
+        return self._qkv_cache[1:]
 
     def _forward_tokens(self, x: Tensor) -> Tensor:
         """x channels_last: its memory already is the (N, HW, C) token matrix, so nothing is transposed."""

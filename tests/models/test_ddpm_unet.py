@@ -290,6 +290,34 @@ def test_attention_block_fused_paths_equal_the_plain_path(shape):
             assert_close(got, want, torch.float64, f"AttnBlock on {backend}, {layout}")
 
 
+def test_attention_block_reuses_its_joint_projection_until_a_parameter_changes():
+    """Sampling (no autograd) concatenates q/k/v once; an in-place update, a dtype change or a
+    new tensor must each be seen, so the result is always the plain path's."""
+    from diffusion_fast.models.blocks import AttnBlock
+    block = randomize_(AttnBlock(32)).double()
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    def check(what):
+        with torch.no_grad():
+            with diffusion_fast.use_backend("torch"):
+                want = block(x.contiguous())
+            got = block(x)
+        assert_close(got, want, x.dtype, what)
+
+    check("first call")
+    cached = block._qkv_cache[1]
+    check("second call")
+    assert block._qkv_cache[1] is cached, "the joint weight was rebuilt although nothing changed"
+    with torch.no_grad():
+        block.k.weight.mul_(-2.0)
+    check("after an in-place update of k's weight")
+    block.v.bias = torch.nn.Parameter(torch.randn(32, dtype=torch.float64))
+    check("after replacing v's bias")
+    block.float()
+    x = x.float()
+    check("after .float()")
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------
