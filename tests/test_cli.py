@@ -51,6 +51,23 @@ def test_train_writes_a_checkpoint_and_a_grid(checkpoint):
     assert checkpoint.with_suffix(".png").stat().st_size > 100
 
 
+def test_train_on_a_folder_of_images(tmp_path, one_thread):
+    """--data FOLDER: images of any size and mode, resized to the config's resolution and channels."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        pixels = rng.integers(0, 256, size=(12 + i, 10, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "folder.pt"
+    assert cli.main(["train", "--data", str(folder), "--steps", "2", "--batch", "4", "--out", str(out),
+                     "--no-progress"]) == 0
+    ckpt = zoo.load_checkpoint(out)
+    assert ckpt["trainer"]["step"] == 2 and ckpt["data"]["shape"] == [1, 8, 8]
+
+
 def test_resume_continues_from_the_saved_step(checkpoint, tmp_path, one_thread):
     path = tmp_path / "resumed.pt"
     path.write_bytes(checkpoint.read_bytes())
