@@ -29,18 +29,28 @@ _FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # a hash lookup: cheaper than the tu
 # ---------------------------------------------------------------------------
 # Schemas and kernels
 # ---------------------------------------------------------------------------
-def define(fn: str, schema: str, fake: Callable, kernels: str, launcher: str, *, no_backward: bool = False) -> dict:
+def _contiguous_like_x(x, *args):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def define(fn: str, schema: str, fake: Callable = _contiguous_like_x, *, kernels: str, launcher: str,
+           no_backward: bool = False) -> dict:
     """Define ``fn`` and ``fn + "_triton"`` with ``schema``, register the shape function ``fake``
-    for both, and ``diffusion_fast.kernels.<kernels>.<launcher>`` as the Triton twin's CPU and
-    CUDA kernel. ``no_backward``: backward through either raises NotImplementedError (sampling
-    op). Returns the op names by backend, {"cuda": fn, "triton": fn + "_triton"}."""
+    (default: one contiguous output like the first argument, x) for both, and
+    ``diffusion_fast.kernels.<kernels>.<launcher>`` as the Triton twin's CPU and CUDA kernel.
+    ``no_backward``: backward through either raises NotImplementedError (a sampling op).
+    Returns the op names by backend, {"cuda": fn, "triton": fn + "_triton"}."""
     names = {"cuda": fn, "triton": fn + "_triton"}
+
+    def backward(ctx, grad):
+        raise NotImplementedError(f"{fn} is a sampling op and has no backward; use {fn}_ref to differentiate")
+
     for name in names.values():
         backends.LIBRARY.define(name + schema)
         op = getattr(torch.ops.diffusion_fast, name).default
         torch.library.register_fake(op, fake)
         if no_backward:
-            torch.library.register_autograd(op, _no_backward(fn), setup_context=_no_context)
+            torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)
     launch = None
 
     def triton_impl(*args):
@@ -57,17 +67,6 @@ def define(fn: str, schema: str, fake: Callable, kernels: str, launcher: str, *,
 def overloads(names: dict) -> dict:
     """The ``.default`` overload of each op in ``names`` (resolved once, not per call)."""
     return {backend: getattr(torch.ops.diffusion_fast, name).default for backend, name in names.items()}
-
-
-def _no_context(ctx, inputs, output) -> None:
-    pass
-
-
-def _no_backward(fn: str) -> Callable:
-    def backward(ctx, grad):
-        raise NotImplementedError(f"{fn} is a sampling op and has no backward; use {fn}_ref to differentiate")
-
-    return backward
 
 
 def backend_selector(fn: str, unsupported=backends.unsupported) -> Callable[[Tensor], str]:
@@ -102,8 +101,7 @@ def check_float_tensor(fn: str, name: str, t, x: Optional[Tensor], x_name: str =
 
 
 def check_int(fn: str, name: str, v, high: int) -> int:
-    """v as an int, once checked to be an int (numpy ints too; not a bool, not a tensor, which
-    would sync) in [0, high)."""
+    """v as an int, checked: an int (numpy ints too; a tensor would sync) in [0, high), not a bool."""
     if type(v) is not int:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")

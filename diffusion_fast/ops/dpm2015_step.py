@@ -31,18 +31,8 @@ import torch
 from torch import Tensor
 
 from diffusion_fast import backends
-from diffusion_fast.ops._noise_step import (
-    backend_selector,
-    check_bool,
-    check_float_tensor,
-    check_int,
-    check_scalar,
-    define,
-    like_x,
-    overloads,
-    scalar_arg,
-    signed_seed,
-)
+from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, check_scalar,
+                                            define, like_x, overloads, scalar_arg, signed_seed)
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["dpm2015_step", "dpm2015_step_ref"]
@@ -80,11 +70,7 @@ SCHEMA = ("(Tensor x, Tensor z_mu, Tensor z_sigma, Tensor? beta, float beta_valu
           "bool add_noise) -> Tensor")
 
 
-def _fake(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-OPS = define(FN, SCHEMA, _fake, "dpm2015_step", "dpm2015_step", no_backward=True)
+OPS = define(FN, SCHEMA, kernels="dpm2015_step", launcher="dpm2015_step", no_backward=True)
 _OVERLOADS = overloads(OPS)
 
 

@@ -29,18 +29,8 @@ import torch
 from torch import Tensor
 
 from diffusion_fast import backends
-from diffusion_fast.ops._noise_step import (
-    backend_selector,
-    check_bool,
-    check_float_tensor,
-    check_int,
-    check_scalar,
-    define,
-    like_x,
-    overloads,
-    scalar_arg,
-    signed_seed,
-)
+from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, check_scalar,
+                                            define, like_x, overloads, scalar_arg, signed_seed)
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["langevin_step", "langevin_step_ref"]
@@ -79,11 +69,7 @@ SCHEMA = ("(Tensor x, Tensor score, Tensor? alpha, float alpha_value, Tensor? no
           "bool add_noise) -> Tensor")
 
 
-def _fake(x, score, alpha, alpha_value, noise, seed, step, add_noise):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-OPS = define(FN, SCHEMA, _fake, "langevin_step", "langevin_step")
+OPS = define(FN, SCHEMA, kernels="langevin_step", launcher="langevin_step")
 _OVERLOADS = overloads(OPS)
 
 

@@ -37,17 +37,8 @@ import torch
 from torch import Tensor
 
 from diffusion_fast import backends
-from diffusion_fast.ops._noise_step import (
-    backend_selector,
-    check_bool,
-    check_float_tensor,
-    check_int,
-    define,
-    kernel_dtype,
-    like_x,
-    overloads,
-    signed_seed,
-)
+from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, define,
+                                            kernel_dtype, like_x, overloads, signed_seed)
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_coefficients", "ddim_coefficients", "ddpm_step_ref", "ddim_step_ref"]
@@ -180,7 +171,8 @@ def _fake(x, eps, coef, noise, seed, step, clip, return_x0):
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty((0,)))
 
 
-OPS = {op: define(op, SCHEMA, _fake, "sampler_steps", "sampler_step") for op in ("ddpm_step", "ddim_step")}
+OPS = {op: define(op, SCHEMA, _fake, kernels="sampler_steps", launcher="sampler_step")
+       for op in ("ddpm_step", "ddim_step")}
 _OVERLOADS = {op: overloads(names) for op, names in OPS.items()}
 
 
