@@ -16,22 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, tile_normals
+from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
 
 __all__ = ["dpm2015_step"]
-
-
-@triton.jit
-def _pick(z0, z1, z2, z3, K: tl.constexpr):
-    if K == 0:
-        z = z0
-    elif K == 1:
-        z = z1
-    elif K == 2:
-        z = z2
-    else:
-        z = z3
-    return z
 
 
 @triton.jit(do_not_specialize=["beta_value", "seed_lo", "seed_hi", "step"])
@@ -63,21 +50,15 @@ def _dpm2015_step_kernel(
     if NOISE:
         z0, z1, z2, z3 = tile_normals(tile, step, seed_lo, seed_hi, TILE)
     for k in tl.static_range(4):
-        offs = tile * (4 * TILE) + k * TILE + tl.arange(0, TILE)
-        mask = offs < numel
+        offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         z_mu = tl.load(z_mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         out = sqrt_keep * x + sqrt_beta * z_mu
         if NOISE:
             z_sigma = tl.load(z_sigma_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             std = 1.0 / tl.sqrt(1.0 + tl.exp(-(z_sigma + logit_beta)))  # sqrt(sigmoid(.)); 0 when exp overflows
-            out += std * _pick(z0, z1, z2, z3, k)
+            out += std * z
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def _int32_bits(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - 2**32 if v >= 2**31 else v
 
 
 def dpm2015_step(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
@@ -100,7 +81,7 @@ def dpm2015_step(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
     grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _dpm2015_step_kernel[grid](
         x, z_mu, z_sigma, out, x if beta is None else beta, float(beta_value), numel,
-        _int32_bits(seed), _int32_bits(seed >> 32), _int32_bits(step),
+        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step),
         BETA_PTR=beta is not None, NOISE=add_noise, TILE=TILE_COUNTERS,
         num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
     )

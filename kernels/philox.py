@@ -5,13 +5,15 @@
 one noise tile: block k holds elements 4 * TILE * tile + TILE * k + arange(TILE). TILE must be
 256, the tile width of the definition. ``tile_run(tile, k, numel, z0, z1, z2, z3, TILE)`` gives
 run k of the tile (offsets, mask, its normals): the loop of every kernel that draws noise
-(sampler_steps, langevin_step) is
+(sampler_steps, langevin_step, dpm2015_step) is
 
     z0, z1, z2, z3 = tile_normals(tile, step, seed_lo, seed_hi, TILE)   # when it draws noise
     for k in tl.static_range(4):
         offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
-        ...  # the op's epilogue on elements offs The uniforms match the other backends bit for bit; the
-normals to float rounding (tl.log, tl.sin, tl.cos are IEEE-accurate libdevice calls on NVIDIA).
+        ...  # the op's epilogue on elements offs
+
+The uniforms match the other backends bit for bit; the normals to float rounding (tl.log, tl.sin,
+tl.cos are IEEE-accurate libdevice calls on NVIDIA).
 """
 
 import triton

@@ -5,6 +5,7 @@ import torch
 
 import diffusion_fast
 from diffusion_fast import backends
+from diffusion_fast.ops.philox import philox_normal_ref
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -19,6 +20,14 @@ BACKEND_DEVICES = [
     pytest.param("cuda", "cuda", id="ext-cuda", marks=pytest.mark.cuda),
     pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.cuda),
 ]
+
+
+def backend_devices_without(backend: str) -> list:
+    """BACKEND_DEVICES less the entries of one backend."""
+    return [p for p in BACKEND_DEVICES if p.values[0] != backend]
+
+
+OURS = backend_devices_without("torch")  # our kernels: every backend but the reference
 
 # Max error allowed, relative to the largest magnitude of the float64 reference.
 TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
@@ -79,3 +88,23 @@ def require_backend(backend: str, op: str, x: torch.Tensor, unsupported) -> None
 def run_backend(backend: str, fn, *args, **kwargs):
     with diffusion_fast.use_backend(backend):
         return fn(*args, **kwargs)
+
+
+# In-kernel Philox noise of the noise-step ops: max |z - philox_normal_ref|, z ~ N(0, 1).
+NOISE_TOL = {torch.float32: 4e-6, torch.float64: 1e-12}
+# (seed, step, numel): seeds and steps at the ends of their 64/32 bits, and partial noise tiles.
+NOISE_CASES = [(0, 0, 1), (1234, 5, 2200), (2**64 - 1, 2**32 - 1, 1500), (2**64 - 1, 2**31 - 1, 1500),
+               (2**63, 2**31, 1100), (2**63, 2**32 - 1, 1100), (2**40 + 3, 999, 385)]
+
+
+def assert_noise_stream(backend: str, device: str, draw) -> None:
+    """``draw(zeros, seed, step)`` returns an op's noise term z for x = ``zeros`` (1-D, float32 and,
+    off Triton, float64); z must be ``philox_normal_ref(seed, step, numel)`` for every NOISE_CASES."""
+    dtypes = [torch.float32] + ([torch.float64] if backend != "triton" else [])
+    for seed, step, numel in NOISE_CASES:
+        expected = philox_normal_ref(seed, step, numel)
+        for dtype in dtypes:
+            z = draw(torch.zeros(numel, dtype=dtype, device=device), seed, step)
+            assert z.shape == expected.shape and z.dtype == dtype
+            err = (z.double().cpu() - expected).abs().max().item()
+            assert err <= NOISE_TOL[dtype], f"seed {seed} step {step}: noise error {err:.3g} ({dtype}, {backend})"

@@ -26,17 +26,17 @@ Backends: ``cuda`` (our extension: C++ on CPU tensors, CUDA on GPU tensors), ``t
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from diffusion_fast import backends
+from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, check_scalar,
+                                            define, like_x, overloads, scalar_arg, signed_seed)
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["dpm2015_step", "dpm2015_step_ref"]
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FN = "dpm2015_step"
 
 
@@ -68,70 +68,31 @@ def dpm2015_step_ref(x: Tensor, z_mu: Tensor, z_sigma: Tensor, beta: float | Ten
 # ---------------------------------------------------------------------------
 SCHEMA = ("(Tensor x, Tensor z_mu, Tensor z_sigma, Tensor? beta, float beta_value, int seed, int step, "
           "bool add_noise) -> Tensor")
-OPS = {"cuda": FN, "triton": FN + "_triton"}
-
-for _name in OPS.values():
-    backends.LIBRARY.define(_name + SCHEMA)
 
 
-def _fake(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
-    raise NotImplementedError(f"{FN} is a sampling op and has no backward; use dpm2015_step_ref to differentiate")
-
-
-for _name in OPS.values():
-    _op = getattr(torch.ops.diffusion_fast, _name).default
-    torch.library.register_fake(_op, _fake)
-    torch.library.register_autograd(_op, _backward, setup_context=_setup_context)
+OPS = define(FN, SCHEMA, kernels="dpm2015_step", launcher="dpm2015_step", no_backward=True)
+_OVERLOADS = overloads(OPS)
 
 
 # ---------------------------------------------------------------------------
 # Argument checks: every bad input gets a ValueError/TypeError naming the argument.
 # ---------------------------------------------------------------------------
-def _check_float_tensor(name: str, t, x) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{FN}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{FN}: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
-    if x is not None and t.device != x.device:
-        raise ValueError(f"{FN}: {name} is on {t.device} but x is on {x.device}; move them to one device")
-
-
-def _check_int(name: str, v, high: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # a tensor would need a host sync: refused
-        raise TypeError(f"{FN}: {name} must be an int, got {type(v).__name__}")
-    if not 0 <= v < high:
-        raise ValueError(f"{FN}: {name} must be in [0, {high}), got {v}")
-
-
-def _check_inputs(x, z_mu, z_sigma, beta, seed, step, add_noise) -> None:
-    _check_float_tensor("x", x, None)
+def _check_inputs(x, z_mu, z_sigma, beta, seed, step, add_noise) -> tuple:
+    """Raise on bad input; else return (seed, step) as ints."""
+    check_float_tensor(FN, "x", x, None)
     for name, t in (("z_mu", z_mu), ("z_sigma", z_sigma)):
-        _check_float_tensor(name, t, x)
+        check_float_tensor(FN, name, t, x)
         if t.shape != x.shape:
             raise ValueError(f"{FN}: {name} must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
-    if isinstance(beta, Tensor):
-        _check_float_tensor("beta", beta, x)
-        if beta.numel() != 1:
-            raise ValueError(f"{FN}: beta must be a number or a one-element tensor, got shape {tuple(beta.shape)}")
-    elif isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"{FN}: beta must be a float or a one-element floating tensor, got {type(beta).__name__}")
-    elif not 0.0 < beta < 1.0:  # NaN fails too
+    if not check_scalar(FN, "beta", beta, x) and not 0.0 < beta < 1.0:  # NaN fails too
         raise ValueError(f"{FN}: beta must be in (0, 1), got {beta}")
-    _check_int("seed", seed, 2**64)
-    _check_int("step", step, 2**32)
-    if not isinstance(add_noise, bool):
-        raise TypeError(f"{FN}: add_noise must be a bool, got {type(add_noise).__name__}")
+    seed, step = check_int(FN, "seed", seed, 2**64), check_int(FN, "step", step, 2**32)
+    check_bool(FN, "add_noise", add_noise)
+    return seed, step
 
 
 _unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
+_backend = backend_selector(FN, _unsupported)
 
 
 def dpm2015_step(x: Tensor, z_mu: Tensor, z_sigma: Tensor, beta: float | Tensor, *, seed: int = 0, step: int = 0,
@@ -145,30 +106,11 @@ def dpm2015_step(x: Tensor, z_mu: Tensor, z_sigma: Tensor, beta: float | Tensor,
     ``add_noise=False`` returns the mean mu. Returns a contiguous tensor of x's shape and dtype.
     Not differentiable on our kernels (sampling only).
     """
-    _check_inputs(x, z_mu, z_sigma, beta, seed, step, add_noise)
-    seed, step = int(seed), int(step)  # numpy ints too
-    backend = backends.select(FN, x, _unsupported)
+    seed, step = _check_inputs(x, z_mu, z_sigma, beta, seed, step, add_noise)
+    backend = _backend(x)
     if backend == "torch":
         return dpm2015_step_ref(x, z_mu, z_sigma, beta, seed=seed, step=step, add_noise=add_noise).contiguous()
-    if isinstance(beta, Tensor):
-        beta_t, beta_value = beta.to(torch.float64 if x.dtype == torch.float64 else torch.float32).reshape(1), 0.0
-    else:
-        beta_t, beta_value = None, float(beta)
+    beta_t, beta_value = scalar_arg(beta, x)
     x = x.contiguous()
-    z_mu = z_mu.to(x.dtype).contiguous()
-    z_sigma = z_sigma.to(x.dtype).contiguous()
-    signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is an int64
-    op = getattr(torch.ops.diffusion_fast, OPS[backend])
-    return op(x, z_mu, z_sigma, beta_t, beta_value, signed_seed, step, add_noise)
-
-
-# The Triton twin runs kernels/dpm2015_step.py, imported on first use so that importing
-# diffusion_fast never imports triton. CPU tensors reach it only under TRITON_INTERPRET=1.
-def _triton_step(*args):
-    from diffusion_fast.kernels import dpm2015_step as kernels
-
-    return kernels.dpm2015_step(*args)
-
-
-for _key in ("CPU", "CUDA"):
-    backends.LIBRARY.impl(OPS["triton"], _triton_step, _key)
+    z_mu, z_sigma = like_x(z_mu, x), like_x(z_sigma, x)
+    return _OVERLOADS[backend](x, z_mu, z_sigma, beta_t, beta_value, signed_seed(seed), step, add_noise)

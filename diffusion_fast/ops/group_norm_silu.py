@@ -152,7 +152,8 @@ def _check_tensor(name: str, t, x: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"group_norm_silu: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
+        raise TypeError(f"group_norm_silu: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), "
+                        f"got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; move them to one device")
 
@@ -162,12 +163,14 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
         raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
     _check_tensor("x", x, x)
     if x.dim() < 2:
-        raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+        raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int):
         raise TypeError(f"group_norm_silu: num_groups must be an int, got {type(num_groups).__name__}")
     if num_groups <= 0 or c % num_groups != 0:
-        raise ValueError(f"group_norm_silu: num_groups must be positive and divide the {c} channels of x, got {num_groups}")
+        raise ValueError(f"group_norm_silu: num_groups must be positive and divide the {c} channels of x, "
+                         f"got {num_groups}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"group_norm_silu: eps must be a float, got {type(eps).__name__}")
     if not math.isfinite(eps) or eps <= 0:
@@ -178,7 +181,8 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
         if t is not None:
             _check_tensor(name, t, x)
             if tuple(t.shape) != (c,):
-                raise ValueError(f"group_norm_silu: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
+                raise ValueError(f"group_norm_silu: {name} must have shape ({c},) for {c} channels, "
+                                 f"got {tuple(t.shape)}")
     for name, t in (("pre_bias", pre_bias), ("scale", scale), ("shift", shift)):
         if t is not None:
             _check_tensor(name, t, x)
@@ -212,7 +216,8 @@ def group_norm_silu(
     _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu)
     backend = backends.select("group_norm_silu", x, _unsupported)
     if backend == "torch":
-        y = group_norm_silu_ref(x, num_groups, weight, bias, eps, pre_bias=pre_bias, scale=scale, shift=shift, silu=silu)
+        y = group_norm_silu_ref(x, num_groups, weight, bias, eps, pre_bias=pre_bias, scale=scale, shift=shift,
+                                silu=silu)
         return _like_layout(y, x) if is_channels_last(x) else y
     n, c = x.shape[0], x.shape[1]
     if not (x.is_contiguous() or is_channels_last(x)):

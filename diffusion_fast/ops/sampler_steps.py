@@ -37,11 +37,12 @@ import torch
 from torch import Tensor
 
 from diffusion_fast import backends
+from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, define,
+                                            kernel_dtype, like_x, overloads, signed_seed)
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_coefficients", "ddim_coefficients", "ddpm_step_ref", "ddim_step_ref"]
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 COEFFICIENTS = ("a", "b", "c1", "c2", "c3", "sigma")  # one row of a table
 VARIANCES = ("fixedlarge", "fixedsmall")
 
@@ -138,7 +139,7 @@ def _step_ref(x, eps, row, seed, step, clip, noise, upcast):
     out = c1 * x0 + c2 * xc + c3 * ec
     if noise is not None:
         out = out + sigma * noise.to(compute)
-    elif torch.compiler.is_compiling() or row.device.type != "cpu" or float(row[5]) != 0.0:  # CPU: sigma is free to read
+    elif torch.compiler.is_compiling() or row.device.type != "cpu" or float(row[5]) != 0.0:  # CPU: sigma read freely
         out = out + sigma * philox_normal_ref(seed, step, x.numel(), compute, x.device).reshape(x.shape)
     return out.to(x.dtype), x0.to(x.dtype)
 
@@ -164,83 +165,60 @@ def ddim_step_ref(x_t, eps, coefficients, i, *, seed=0, clip_x0=True, clip_range
 # ---------------------------------------------------------------------------
 SCHEMA = ("(Tensor x, Tensor eps, Tensor coef, Tensor? noise, int seed, int step, float? clip, "
           "bool return_x0) -> (Tensor x_prev, Tensor x0)")
-OPS = {op: {"cuda": op, "triton": op + "_triton"} for op in ("ddpm_step", "ddim_step")}
-
-for _names in OPS.values():
-    for _name in _names.values():
-        backends.LIBRARY.define(_name + SCHEMA)
 
 
 def _fake(x, eps, coef, noise, seed, step, clip, return_x0):
     return torch.empty_like(x), (torch.empty_like(x) if return_x0 else x.new_empty((0,)))
 
 
-for _names in OPS.values():
-    for _name in _names.values():
-        torch.library.register_fake(getattr(torch.ops.diffusion_fast, _name).default, _fake)
+OPS = {op: define(op, SCHEMA, _fake, kernels="sampler_steps", launcher="sampler_step")
+       for op in ("ddpm_step", "ddim_step")}
+_OVERLOADS = {op: overloads(names) for op, names in OPS.items()}
 
 
 # ---------------------------------------------------------------------------
 # Argument checks: every bad input gets a ValueError/TypeError naming the argument.
 # ---------------------------------------------------------------------------
-def _check_float_tensor(fn: str, name: str, t, x) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{fn}: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
-    if x is not None and t.device != x.device:
-        raise ValueError(f"{fn}: {name} is on {t.device} but x_t is on {x.device}; move them to one device")
-
-
-def _check_int(fn: str, name: str, v, high: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):  # a tensor would need a host sync: refused
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
-    if not 0 <= v < high:
-        raise ValueError(f"{fn}: {name} must be in [0, {high}), got {v}")
-
-
 def _check_inputs(fn, index_name, x, eps, coefficients, index, seed, clip_x0, clip_range, noise, return_x0):
-    _check_float_tensor(fn, "x_t", x, None)
+    """Raise on bad input; else return (index, seed) as ints."""
+    check_float_tensor(fn, "x_t", x, None)
     if x.dim() == 0:
         raise ValueError(f"{fn}: x_t must have shape (B, ...), got a 0-D tensor")
-    _check_float_tensor(fn, "eps", eps, x)
+    check_float_tensor(fn, "eps", eps, x, "x_t")
     if eps.shape != x.shape:
         raise ValueError(f"{fn}: eps must have x_t's shape {tuple(x.shape)}, got {tuple(eps.shape)}")
     if noise is not None:
-        _check_float_tensor(fn, "noise", noise, x)
+        check_float_tensor(fn, "noise", noise, x, "x_t")
         if noise.shape != x.shape:
             raise ValueError(f"{fn}: noise must have x_t's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
-    _check_float_tensor(fn, "coefficients", coefficients, x)
+    check_float_tensor(fn, "coefficients", coefficients, x, "x_t")
     if coefficients.dim() != 2 or coefficients.shape[1] != len(COEFFICIENTS):
         raise ValueError(f"{fn}: coefficients must be a (steps, {len(COEFFICIENTS)}) table from "
                          f"{fn.replace('step', 'coefficients')}, got shape {tuple(coefficients.shape)}")
-    _check_int(fn, index_name, index, coefficients.shape[0])
-    _check_int(fn, "seed", seed, 2**64)
-    for name, v in (("clip_x0", clip_x0), ("return_x0", return_x0)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{fn}: {name} must be a bool, got {type(v).__name__}")
+    index, seed = check_int(fn, index_name, index, coefficients.shape[0]), check_int(fn, "seed", seed, 2**64)
+    check_bool(fn, "clip_x0", clip_x0)
+    check_bool(fn, "return_x0", return_x0)
     if isinstance(clip_range, bool) or not isinstance(clip_range, (int, float)):
         raise TypeError(f"{fn}: clip_range must be a float, got {type(clip_range).__name__}")
     if not (math.isfinite(clip_range) and clip_range > 0):
         raise ValueError(f"{fn}: clip_range must be finite and > 0, got {clip_range}")
+    return index, seed
 
 
 _unsupported = backends.unsupported  # every dtype on our extension, all but float64 on Triton
+_BACKEND = {op: backend_selector(op, _unsupported) for op in OPS}
 
 
 def _step(fn, x, eps, coefficients, index, seed, clip, noise, return_x0):
-    index, seed = int(index), int(seed)  # numpy ints too
-    backend = backends.select(fn, x, _unsupported)
+    backend = _BACKEND[fn](x)
     if backend == "torch":
         out, x0 = _step_ref(x, eps, coefficients[index], seed, index, clip, noise, True)
         return (out, x0) if return_x0 else out
-    row = coefficients[index].to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    row = coefficients[index].to(kernel_dtype(x)).contiguous()
     x = x.contiguous()
-    eps = eps.to(x.dtype).contiguous()
-    noise = None if noise is None else noise.to(x.dtype).contiguous()
-    signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is an int64
-    op = getattr(torch.ops.diffusion_fast, OPS[fn][backend])
-    out, x0 = op(x, eps, row.contiguous(), noise, signed_seed, index, clip, return_x0)
+    eps = like_x(eps, x)
+    noise = None if noise is None else like_x(noise, x)
+    out, x0 = _OVERLOADS[fn][backend](x, eps, row, noise, signed_seed(seed), index, clip, return_x0)
     return (out, x0) if return_x0 else out
 
 
@@ -254,7 +232,7 @@ def ddpm_step(x_t: Tensor, eps: Tensor, coefficients: Tensor, t: int, *, seed: i
     ``noise`` replaces the generated z. Returns x_{t-1}, or (x_{t-1}, x0) with ``return_x0``.
     Not differentiable (sampling only).
     """
-    _check_inputs("ddpm_step", "t", x_t, eps, coefficients, t, seed, clip_x0, clip_range, noise, return_x0)
+    t, seed = _check_inputs("ddpm_step", "t", x_t, eps, coefficients, t, seed, clip_x0, clip_range, noise, return_x0)
     return _step("ddpm_step", x_t, eps, coefficients, t, seed, float(clip_range) if clip_x0 else None, noise,
                  return_x0)
 
@@ -268,19 +246,6 @@ def ddim_step(x_t: Tensor, eps: Tensor, coefficients: Tensor, i: int, *, seed: i
     diffusers' ``clip_sample``/``clip_sample_range``; ``noise`` as its ``variance_noise``.
     Returns x_prev, or (x_prev, x0) with ``return_x0``. Not differentiable (sampling only).
     """
-    _check_inputs("ddim_step", "i", x_t, eps, coefficients, i, seed, clip_x0, clip_range, noise, return_x0)
+    i, seed = _check_inputs("ddim_step", "i", x_t, eps, coefficients, i, seed, clip_x0, clip_range, noise, return_x0)
     return _step("ddim_step", x_t, eps, coefficients, i, seed, float(clip_range) if clip_x0 else None, noise,
                  return_x0)
-
-
-# The Triton twins run kernels/sampler_steps.py, imported on first use so that importing
-# diffusion_fast never imports triton. CPU tensors reach them only under TRITON_INTERPRET=1.
-def _triton_step(*args):
-    from diffusion_fast.kernels import sampler_steps as kernels
-
-    return kernels.sampler_step(*args)
-
-
-for _names in OPS.values():
-    for _key in ("CPU", "CUDA"):
-        backends.LIBRARY.impl(_names["triton"], _triton_step, _key)

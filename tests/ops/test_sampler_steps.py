@@ -8,7 +8,16 @@ import sys
 
 import pytest
 import torch
-from helpers import BACKEND_DEVICES, assert_close, dtypes_for, require_backend, run_backend
+from helpers import (
+    BACKEND_DEVICES,
+    OURS,
+    assert_close,
+    assert_noise_stream,
+    backend_devices_without,
+    dtypes_for,
+    require_backend,
+    run_backend,
+)
 
 import diffusion_fast
 from diffusion_fast.ops.philox import philox4x32_10_ref, philox_normal_ref, philox_uniforms_ref
@@ -32,7 +41,6 @@ SHAPES = {
     "several tiles + tail": (2, 1, 1100),  # 2200 elements
     "1-D": (13,),
 }
-NOISE_TOL = {torch.float32: 4e-6, torch.float64: 1e-12}  # |z - z_ref|, z ~ N(0, 1)
 
 
 def image_inputs(shape, dtype, device, scale=1.0):
@@ -130,16 +138,7 @@ def backend_noise(backend, zeros, seed, step):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_noise_identical_on_every_backend(backend, device):
     """In-kernel noise equals the reference stream to float rounding, for seeds and steps up to 64/32 bits."""
-    cases = [(0, 0, 1), (1234, 5, 2200), (2**64 - 1, 2**31 - 1, 1500), (2**40 + 3, 999, 385)]
-    if backend != "triton":
-        cases.append((2**63, 2**32 - 1, 1100))
-    dtypes = [torch.float32] + ([torch.float64] if backend != "triton" else [])
-    for seed, step, numel in cases:
-        expected = philox_normal_ref(seed, step, numel)
-        for dtype in dtypes:
-            z = backend_noise(backend, torch.zeros(numel, dtype=dtype, device=device), seed, step)
-            err = (z.double().cpu() - expected).abs().max().item()
-            assert err <= NOISE_TOL[dtype], f"seed {seed} step {step}: noise error {err:.3g} ({dtype})"
+    assert_noise_stream(backend, device, lambda zeros, seed, step: backend_noise(backend, zeros, seed, step))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="x86 Philox paths are Linux/GCC-only")
@@ -261,7 +260,7 @@ def test_empty_batch(backend, device):
     assert out.shape == x0.shape == x.shape
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+@pytest.mark.parametrize("backend,device", OURS)
 def test_short_chain_matches_reference(backend, device):
     """Ten DDPM steps of a toy eps model, seeded: the backend's samples match the reference's."""
     table = ddpm_coefficients(BETAS.to(device))
@@ -318,7 +317,7 @@ def test_ddim_matches_diffusers_scheduler(eta, clip, use_clipped):
 # ---------------------------------------------------------------------------
 # torch.library integration
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+@pytest.mark.parametrize("backend,device", OURS)
 @pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
 def test_opcheck(backend, device, op):
     x, eps = image_inputs((2, 3, 5, 7), torch.float32, device)
@@ -329,7 +328,7 @@ def test_opcheck(backend, device, op):
     torch.library.opcheck(fn, (x, eps, coef, torch.randn_like(x), 2**40, 0, None, False))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "triton"])
+@pytest.mark.parametrize("backend,device", backend_devices_without("triton"))
 def test_torch_compile_fullgraph(backend, device):
     table = ddpm_coefficients(BETAS.to(device))
     x, eps = image_inputs((2, 3, 4, 4), torch.float32, device)
