@@ -127,6 +127,16 @@ def test_null_reverse_kernels_give_k_equal_to_l_null():
     assert null_log_likelihood(x0).mean().item() == pytest.approx(-(1 + math.log(2 * math.pi)), rel=1e-9)
 
 
+def test_l_null_units_match_the_papers_table_1():
+    """Table 1 gives K = 2.35 and K - L_null = 6.45 bits on the swiss roll, so L_null = -4.10 bits: the
+    log-likelihood under π = N(0, I) of 2-D data of unit variance, in bits per point (not per dimension)."""
+    x0 = swiss_roll(5000, 3)
+    l_null = to_bits(null_log_likelihood(x0)).mean().item()
+    by_hand = -(1 + math.log(2 * math.pi)) / math.log(2)  # -D/2 (1 + log 2π) nats, D = 2, E|x|² = 2
+    assert l_null == pytest.approx(by_hand, abs=2e-3)
+    assert l_null == pytest.approx(2.35 - 6.45, abs=0.01)
+
+
 def test_bound_estimate_is_unbiased():
     proc = process(randomize=0.3)
     x0 = swiss_roll(64, 0)
