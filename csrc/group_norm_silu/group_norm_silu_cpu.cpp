@@ -604,22 +604,33 @@ void fwd_groups_impl(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
       }
       a.rstd[ng] = A(1) / std::sqrt(m2 * inv_L + A(a.eps));  // as ATen's, in the accumulation type
     }
+    // Rows of >= kBlock positions: y = act(z) per row (as fwd_apply); shorter: z per row, then act flat.
+    const int64_t len = (b1 - b0) * L;
+    const bool direct = S >= kBlock;
+    const uintptr_t next = b1 < end ? reinterpret_cast<uintptr_t>(a.x + b1 * L) : 0;  // prefetched meanwhile
     for (int64_t ng = b0, c = b0 * D % p.C; ng < b1; ++ng) {
-      const T* x = a.x + ng * L;
-      A* z = buf + (ng - b0) * L;
       const A m = a.mean[ng], rstd = effective_rstd(a, ng);
-      for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc, ++c, x += S, z += S) {
+      for (int64_t nc = ng * D, o = (ng - b0) * L; nc < (ng + 1) * D; ++nc, ++c, o += S) {
         const A scale1 = a.sc ? A(1) + a.sc[nc] : A(1);
         const A ca = rstd * (a.w ? a.w[c] : A(1)) * scale1;
         const A cb = (a.b ? a.b[c] : A(0)) * scale1 + (a.sh ? a.sh[nc] : A(0));
-        z_row(S, x, m - (a.pb ? a.pb[nc] : A(0)), ca, cb, z);
+        const A mx = m - (a.pb ? a.pb[nc] : A(0));
+        const T* x = a.x + b0 * L + o;
+        if (!direct) {
+          z_row(S, x, mx, ca, cb, buf + o);
+          continue;
+        }
+        T* y = a.out + b0 * L + o;
+        for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
+          const int64_t i1 = std::min(S, i0 + kBlock);
+          if (next) prefetch(next + (o + i0) * sizeof(T), (i1 - i0) * sizeof(T));
+          nchw_fwd_row<silu>(i1 - i0, x + i0, mx, ca, cb, y + i0, eb);
+        }
       }
       if (c == p.C) c = 0;
     }
-    const int64_t len = (b1 - b0) * L;
-    const T* x = a.x + b0 * L;
+    if (direct) continue;
     T* y = a.out + b0 * L;
-    const uintptr_t next = b1 < end ? reinterpret_cast<uintptr_t>(x + len) : 0;
     for (int64_t i0 = 0; i0 < len; i0 += kBlock) {
       const int64_t i1 = std::min(len, i0 + kBlock);
       if (next) prefetch(next + i0 * sizeof(T), (i1 - i0) * sizeof(T));
