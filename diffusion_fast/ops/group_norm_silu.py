@@ -115,7 +115,7 @@ def _make_backward(bwd_op):
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         x, weight, bias, pre_bias, scale, shift, mean, rstd = ctx.saved_tensors
         grad_y = _like_layout(grad_y, x)
-        grads = bwd_op(grad_y, x, weight, bias, pre_bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu)
+        grads = _call(bwd_op, (grad_y, x, weight, bias, pre_bias, scale, shift, mean, rstd, ctx.num_groups, ctx.silu))
         grad_x, rest = grads[0], grads[1:]
         optional = (weight, bias, pre_bias, scale, shift)
         return (grad_x,) + tuple(None if t is None else g for t, g in zip(optional, rest)) + (None, None, None)
@@ -148,19 +148,20 @@ def _like_layout(t: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 # Argument checks: every bad input gets a ValueError/TypeError naming the argument.
 # ---------------------------------------------------------------------------
-def _check_tensor(name: str, t, x: Tensor) -> None:
+def _check_tensor(name: str, t, device: Optional[torch.device]) -> None:
+    """t is a floating tensor on ``device`` (any device for None)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"group_norm_silu: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if device is not None and t.device != device:
+        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {device}; move them to one device")
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
-    _check_tensor("x", x, x)
+    _check_tensor("x", x, None)
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
     n, c = x.shape[0], x.shape[1]
@@ -176,12 +177,12 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
         raise TypeError(f"group_norm_silu: silu must be a bool, got {type(silu).__name__}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            _check_tensor(name, t, x)
+            _check_tensor(name, t, x.device)
             if tuple(t.shape) != (c,):
                 raise ValueError(f"group_norm_silu: {name} must have shape ({c},) for {c} channels, got {tuple(t.shape)}")
     for name, t in (("pre_bias", pre_bias), ("scale", scale), ("shift", shift)):
         if t is not None:
-            _check_tensor(name, t, x)
+            _check_tensor(name, t, x.device)
             if tuple(t.shape[:2]) != (n, c) or any(s != 1 for s in t.shape[2:]):
                 raise ValueError(
                     f"group_norm_silu: {name} must have shape ({n}, {c}) or ({n}, {c}, 1, ...), got {tuple(t.shape)}"
@@ -217,10 +218,35 @@ def group_norm_silu(
     n, c = x.shape[0], x.shape[1]
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
-    pre_bias, scale, shift = (None if t is None else t.reshape(n, c).contiguous() for t in (pre_bias, scale, shift))
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    fwd = getattr(torch.ops.diffusion_fast, OPS[backend] + "_fwd")
-    return fwd(x, weight, bias, pre_bias, scale, shift, num_groups, float(eps), silu)[0]
+    args = (x, _contiguous(weight), _contiguous(bias), _per_nc(pre_bias, n, c), _per_nc(scale, n, c),
+            _per_nc(shift, n, c), num_groups, float(eps), silu)
+    return _call(_FWD[backend], args)[0]
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _per_nc(t: Optional[Tensor], n: int, c: int) -> Optional[Tensor]:
+    return None if t is None else t.reshape(n, c).contiguous()
+
+
+_FWD = {backend: getattr(torch.ops.diffusion_fast, name + "_fwd").default for backend, name in OPS.items()}
+
+
+def _call(op, args: tuple):
+    """op(*args), straight to the kernel when no input needs a gradient.
+
+    That is what the autograd kernel of ``register_autograd`` does then too, after a round trip
+    through Python that costs as much as the whole op on a 4x4 map (~5 us). Traced calls and
+    torch.func transforms keep the full dispatch.
+    """
+    if (torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in args[:9])) or (
+        torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+    ):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
 
 
 # The Triton twins run kernels/group_norm_silu.py, imported on first use so that importing
