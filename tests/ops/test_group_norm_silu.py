@@ -154,7 +154,7 @@ CPU_NCHW_CASES = {
     # whole groups (<= 4096 elements), 136 per block: 17 blocks, the last partial; 2 threads split mid-sample
     "whole groups, 3x5 maps, many blocks": ((71, 64, 3, 5), 32),
     "whole groups, 2x2 maps": ((5, 64, 2, 2), 4),
-    "whole groups, rows of >= 128 positions": ((4, 16, 12, 12), 8),
+    "whole groups (forward; units backward), rows of >= 128 positions": ((4, 16, 12, 12), 8),
     "units: groups of 6400 elements": ((4, 8, 40, 40), 2),
 }
 
