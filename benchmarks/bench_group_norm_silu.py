@@ -37,6 +37,8 @@ GROUPS, EPS = 32, 1e-5
 # (N, C, H, W): DDPM UNet activations (CIFAR-10 32x32 and LSUN/CelebA-HQ 64x64 levels);
 # N = 1 is one sampling step, 32 and 128 are training batches.
 CPU_SHAPES = [(1, 512, 8, 8), (8, 128, 32, 32), (16, 256, 16, 16), (32, 128, 32, 32)]
+# Small maps, where per-group and per-call costs dominate: DDPM CIFAR-10's 4x4 level, the digits demo's 2x2.
+CPU_SMALL_SHAPES = [(64, 64, 4, 4), (8, 128, 8, 8), (1, 256, 4, 4), (32, 512, 2, 2)]
 GPU_SHAPES = [
     (1, 128, 64, 64), (1, 256, 32, 32), (1, 512, 8, 8),
     (32, 128, 64, 64), (32, 256, 32, 32), (32, 512, 16, 16),
@@ -87,7 +89,7 @@ def plan(device: str, quick: bool, dtypes) -> list:
         points = [(s, d) for d in dtypes or [fp32] for s in QUICK_SHAPES]
         extras = points[:1]
     elif device == "cpu":
-        points = [(s, d) for d in dtypes or [fp32] for s in CPU_SHAPES]
+        points = [(s, d) for d in dtypes or [fp32] for s in CPU_SHAPES + CPU_SMALL_SHAPES]
         extras = [(VARIANT_SHAPE["cpu"], d) for d in dtypes or [fp32]]
     else:  # every dtype on the subset, then the variants, then bf16 (or --dtypes) on the other shapes
         points = [(s, d) for d in dtypes or [bf16, fp16, fp32] for s in GPU_SUBSET]

@@ -148,20 +148,21 @@ def _like_layout(t: Tensor, x: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------
 # Argument checks: every bad input gets a ValueError/TypeError naming the argument.
 # ---------------------------------------------------------------------------
-def _check_tensor(name: str, t, x: Tensor) -> None:
+def _check_tensor(name: str, t, device: Optional[torch.device]) -> None:
+    """t is a floating tensor on ``device`` (any device for None)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"group_norm_silu: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"group_norm_silu: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), "
                         f"got {t.dtype}")
-    if t.device != x.device:
-        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {x.device}; move them to one device")
+    if device is not None and t.device != device:
+        raise ValueError(f"group_norm_silu: {name} is on {t.device} but x is on {device}; move them to one device")
 
 
 def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"group_norm_silu: x must be a Tensor, got {type(x).__name__}")
-    _check_tensor("x", x, x)
+    _check_tensor("x", x, None)
     if x.dim() < 2:
         raise ValueError(f"group_norm_silu: x must have shape (N, C, *), got a {x.dim()}-D tensor of shape "
                          f"{tuple(x.shape)}")
@@ -179,13 +180,13 @@ def _check_inputs(x, num_groups, weight, bias, eps, pre_bias, scale, shift, silu
         raise TypeError(f"group_norm_silu: silu must be a bool, got {type(silu).__name__}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            _check_tensor(name, t, x)
+            _check_tensor(name, t, x.device)
             if tuple(t.shape) != (c,):
                 raise ValueError(f"group_norm_silu: {name} must have shape ({c},) for {c} channels, "
                                  f"got {tuple(t.shape)}")
     for name, t in (("pre_bias", pre_bias), ("scale", scale), ("shift", shift)):
         if t is not None:
-            _check_tensor(name, t, x)
+            _check_tensor(name, t, x.device)
             if tuple(t.shape[:2]) != (n, c) or any(s != 1 for s in t.shape[2:]):
                 raise ValueError(
                     f"group_norm_silu: {name} must have shape ({n}, {c}) or ({n}, {c}, 1, ...), got {tuple(t.shape)}"
@@ -222,10 +223,20 @@ def group_norm_silu(
     n, c = x.shape[0], x.shape[1]
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
-    pre_bias, scale, shift = (None if t is None else t.reshape(n, c).contiguous() for t in (pre_bias, scale, shift))
-    weight, bias = (None if t is None else t.contiguous() for t in (weight, bias))
-    fwd = getattr(torch.ops.diffusion_fast, OPS[backend] + "_fwd")
-    return fwd(x, weight, bias, pre_bias, scale, shift, num_groups, float(eps), silu)[0]
+    args = (x, _contiguous(weight), _contiguous(bias), _per_nc(pre_bias, n, c), _per_nc(scale, n, c),
+            _per_nc(shift, n, c), num_groups, float(eps), silu)
+    return _FWD[backend](*args)[0]
+
+
+def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def _per_nc(t: Optional[Tensor], n: int, c: int) -> Optional[Tensor]:
+    return None if t is None else t.reshape(n, c).contiguous()
+
+
+_FWD = {backend: getattr(torch.ops.diffusion_fast, name + "_fwd").default for backend, name in OPS.items()}
 
 
 # The Triton twins run kernels/group_norm_silu.py, imported on first use so that importing

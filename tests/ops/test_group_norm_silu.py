@@ -1,5 +1,6 @@
 """group_norm_silu: every backend against the float64 reference, forward and backward."""
 
+import contextlib
 import math
 
 import pytest
@@ -108,7 +109,20 @@ def test_mixed_precision_params(backend, device):
     check_against_reference(backend, x, 4, kw, True, torch.float16)
 
 
-def test_gradcheck_extension_cpu():
+@contextlib.contextmanager
+def num_threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# 6 groups: the C++ CPU kernel takes NCHW groups whole with one thread, splits them into units with two
+# (fewer than 4 groups per thread).
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gradcheck_extension_cpu(threads):
     x, kw = make_inputs((2, 6, 3, 4), torch.float64, "cpu", "contiguous", True, True, True)
     require_backend("cuda", "group_norm_silu", x, _unsupported)
     names = list(kw)
@@ -118,7 +132,48 @@ def test_gradcheck_extension_cpu():
             return group_norm_silu(x, 3, silu=True, **dict(zip(names, ts)))
 
     inputs = [x.requires_grad_()] + [t.requires_grad_() for t in kw.values()]
-    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+    with num_threads(threads):
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+def test_no_grad_call_matches(backend, device):
+    """Under no_grad or without inputs that need gradients: the same values, and no graph."""
+    x, kw = make_inputs((2, 8, 3, 3), torch.float32, device, "contiguous", True, True, True)
+    y_graph = run_backend(backend, group_norm_silu, x.clone().requires_grad_(), 4, **kw)
+    with torch.no_grad():
+        y_no_grad = run_backend(backend, group_norm_silu, x.clone().requires_grad_(), 4, **kw)
+    y_plain = run_backend(backend, group_norm_silu, x, 4, **kw)
+    assert y_graph.grad_fn is not None and y_no_grad.grad_fn is None and y_plain.grad_fn is None
+    torch.testing.assert_close(y_no_grad, y_graph.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(y_plain, y_graph.detach(), rtol=0, atol=0)
+
+
+# The C++ CPU kernel's NCHW schedules (group_norm_silu_cpu.cpp), with 1 and 2 threads.
+CPU_NCHW_CASES = {
+    # whole groups (<= 4096 elements), 136 per block: 17 blocks, the last partial; 2 threads split mid-sample
+    "whole groups, 3x5 maps, many blocks": ((71, 64, 3, 5), 32),
+    "whole groups, 2x2 maps": ((5, 64, 2, 2), 4),
+    "whole groups (forward; units backward), rows of >= 128 positions": ((4, 16, 12, 12), 8),
+    "units: groups of 6400 elements": ((4, 8, 40, 40), 2),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(CPU_NCHW_CASES))
+def test_extension_cpu_nchw_schedules(case, threads):
+    shape, groups = CPU_NCHW_CASES[case]
+    require_backend("cuda", "group_norm_silu", torch.empty(0), _unsupported)
+    # (dtype, affine, pre_bias, scale_shift, silu): every extra and both activations across the dtypes
+    for dtype, affine, pre_bias, scale_shift, silu in [
+        (torch.float32, True, True, True, True),
+        (torch.float16, True, True, False, True),
+        (torch.bfloat16, True, False, True, False),
+        (torch.float32, False, False, False, True),
+    ]:
+        x, kw = make_inputs(shape, dtype, "cpu", "contiguous", affine, pre_bias, scale_shift)
+        with num_threads(threads):
+            check_against_reference("cuda", x, groups, kw, silu, dtype)
 
 
 def test_gradcheck_extension_channels_last():
