@@ -6,6 +6,10 @@
 #
 #   benchmarks/run_gpu.sh OUTDIR        e.g. benchmarks/results/h100-2025-01-31
 #
+# It writes some 30 files (a log per step, JSON + markdown per bench). Where only a few files can
+# come back from the machine (our lent GPU machines return at most 8 from $OUT), pack them:
+#   bash benchmarks/run_gpu.sh /tmp/gpu; tar -czf "$OUT/gpu.tgz" -C /tmp gpu
+#
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
 # BUILD_CAP_S (default 300) and TEST_CAP_S (default 180); the benches share what is left.
 set -u -o pipefail
