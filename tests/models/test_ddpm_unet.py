@@ -318,6 +318,46 @@ def test_attention_block_reuses_its_joint_projection_until_a_parameter_changes()
     check("after .float()")
 
 
+@pytest.mark.parametrize("shape", [(1, 8, 5, 7), (3, 6, 4, 4)])
+def test_conv2d_keeps_a_channels_last_weight_for_channels_last_inputs(shape):
+    """Same result as nn.Conv2d on every layout, with and without autograd; when sampling on a
+    channels_last input the weight is converted once (no clone inside the convolution) and the
+    copy is refreshed after an in-place update."""
+    from diffusion_fast.models.blocks import Conv2d
+    n, c, h, w = shape
+    conv = randomize_(Conv2d(c, 5, 3, padding=1)).double()
+    plain = torch.nn.Conv2d(c, 5, 3, padding=1).double()
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(shape, dtype=torch.float64)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.clone(memory_format=layout).requires_grad_()
+        y = conv(xl)
+        y.square().sum().backward()
+        xg = x.clone().requires_grad_()
+        y_want = plain(xg)
+        y_want.square().sum().backward()
+        assert_close(y, y_want, torch.float64, f"forward, {layout}")
+        assert_close(xl.grad, xg.grad, torch.float64, f"grad x, {layout}")
+        assert_close(conv.weight.grad, plain.weight.grad, torch.float64, f"grad weight, {layout}")
+        conv.zero_grad(), plain.zero_grad()
+    assert not hasattr(conv, "_channels_last_weight"), "cached a weight although autograd was recording"
+
+    xl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv(xl)
+        cached = conv._channels_last_weight[1]
+        assert cached.is_contiguous(memory_format=torch.channels_last)
+        with torch.profiler.profile() as prof:
+            got = conv(xl)
+        assert not [e.key for e in prof.key_averages() if e.key == "aten::clone"], "the weight was copied again"
+        assert conv._channels_last_weight[1] is cached
+        assert_close(got, plain(x), torch.float64, "cached weight")
+        conv.weight.mul_(-0.5)
+        plain.weight.mul_(-0.5)
+        assert_close(conv(xl), plain(x), torch.float64, "after an in-place update of the weight")
+    assert list(conv.state_dict()) == ["weight", "bias"]
+
+
 # ---------------------------------------------------------------------------
 # Bad inputs
 # ---------------------------------------------------------------------------
