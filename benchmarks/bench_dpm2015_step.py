@@ -62,14 +62,8 @@ def _variants(device: torch.device) -> dict:
 
 
 def plan(device: str, quick: bool, dtypes, variants) -> list:
-    """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
-    fp32, bf16 = torch.float32, torch.bfloat16
-    if quick:
-        return [(v, s, d) for v in variants for s in QUICK_SHAPES for d in dtypes or [fp32]]
-    main_dtypes = dtypes or ([fp32] if device == "cpu" else [fp32, bf16])
-    main = [("dpm2015", s, d) for d in main_dtypes for s in SHAPES]
-    side = [(v, s, d) for v in variants if v != "dpm2015" for s in SHAPES for d in dtypes or [fp32]]
-    return main + side
+    """(variant, shape, dtype) to run (harness.variant_plan): every variant on SHAPES."""
+    return harness.variant_plan(device, quick, dtypes, variants, "dpm2015", SHAPES, SHAPES, QUICK_SHAPES)
 
 
 def make_args(shape, dtype, device):

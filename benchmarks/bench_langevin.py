@@ -68,15 +68,9 @@ def _variants(device: torch.device) -> dict:
 
 
 def plan(device: str, quick: bool, dtypes, variants) -> list:
-    """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
-    fp32, bf16 = torch.float32, torch.bfloat16
-    if quick:
-        return [(v, s, d) for v in variants for s in QUICK_SHAPES for d in dtypes or [fp32]]
-    main_dtypes = dtypes or ([fp32] if device == "cpu" else [fp32, bf16])
-    main = [("langevin", s, d) for d in main_dtypes for s in SHAPES]
+    """(variant, shape, dtype) to run (harness.variant_plan): langevin on SHAPES, the others on fewer."""
     side_shapes = [(128, 3, 32, 32)] if device == "cpu" else [(1, 3, 32, 32), (128, 3, 256, 256)]
-    side = [(v, s, d) for v in variants if v != "langevin" for s in side_shapes for d in dtypes or [fp32]]
-    return main + side
+    return harness.variant_plan(device, quick, dtypes, variants, "langevin", SHAPES, side_shapes, QUICK_SHAPES)
 
 
 def main(argv=None) -> None:

@@ -82,18 +82,10 @@ def _variants(device: torch.device) -> dict:
 
 
 def plan(device: str, quick: bool, dtypes, variants) -> list:
-    """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
-    fp32, bf16 = torch.float32, torch.bfloat16
-    if quick:
-        return [(v, s, d) for v in variants for s in QUICK_SHAPES for d in dtypes or [fp32]]
-    if device == "cpu":
-        main = [("ddpm", s, d) for d in dtypes or [fp32] for s in CPU_SHAPES]
-        side = [(v, (64, 3, 32, 32), d) for v in variants if v != "ddpm" for d in dtypes or [fp32]]
-        return main + side
-    main = [("ddpm", s, d) for d in dtypes or [fp32, bf16] for s in GPU_SHAPES]
-    side = [(v, s, d) for v in variants if v != "ddpm" for s in ((1, 3, 32, 32), (256, 3, 256, 256))
-            for d in dtypes or [fp32]]
-    return main + side
+    """(variant, shape, dtype) to run (harness.variant_plan): ddpm on every shape, the others on fewer."""
+    shapes = CPU_SHAPES if device == "cpu" else GPU_SHAPES
+    side_shapes = [(64, 3, 32, 32)] if device == "cpu" else [(1, 3, 32, 32), (256, 3, 256, 256)]
+    return harness.variant_plan(device, quick, dtypes, variants, "ddpm", shapes, side_shapes, QUICK_SHAPES)
 
 
 def main(argv=None) -> None:

@@ -440,8 +440,22 @@ def _fmt(value, spec: str) -> str:
 
 
 # ---------------------------------------------------------------------------
-# Elementwise ops on same-shape inputs (bench_langevin, bench_sampler_step)
+# Elementwise ops on same-shape inputs (bench_langevin, bench_sampler_step, bench_dpm2015_step)
 # ---------------------------------------------------------------------------
+def variant_plan(device: str, quick: bool, dtypes, variants, main: str, shapes, side_shapes, quick_shapes) -> list:
+    """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail).
+
+    quick: every variant on ``quick_shapes``. Else the ``main`` variant on ``shapes`` in fp32 (and
+    bf16 on a GPU), then the other variants on ``side_shapes``. fp32 elsewhere; --dtypes replaces each set.
+    """
+    fp32, bf16 = torch.float32, torch.bfloat16
+    if quick:
+        return [(v, s, d) for v in variants for s in quick_shapes for d in dtypes or [fp32]]
+    main_dtypes = dtypes or ([fp32] if device == "cpu" else [fp32, bf16])
+    first = [(main, s, d) for d in main_dtypes for s in shapes]
+    return first + [(v, s, d) for v in variants if v != main for s in side_shapes for d in dtypes or [fp32]]
+
+
 def randn_args(shape, dtype, device, n_inputs: int) -> Callable[[bool], tuple]:
     """make_args of ``Case``: n_inputs fresh randn tensors of one shape (never zeros; no grads)."""
 

@@ -8,6 +8,8 @@
 //   for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, epilogue)
 //   epilogue(base, z): elements base .. base + 3 (those < numel), z[q] the noise of element
 //                      base + q (0 when !make_noise)
+//
+// launched with noise_launch(numel, seed, step)'s grid, stream and words, kNoiseThreads per block.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -98,6 +100,20 @@ inline dim3 noise_grid(int64_t numel) {
   const int64_t max_blocks =
       static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * (2048 / kNoiseThreads);
   return dim3(static_cast<unsigned>(std::min((units + kNoiseThreads - 1) / kNoiseThreads, max_blocks)));
+}
+
+// What every launcher of a for_each_noise_run kernel computes: its grid and stream, and the
+// kernel's (key_lo, key_hi, step) words from the uint64 seed (stored in an int64) and the step.
+struct NoiseLaunch {
+  dim3 grid;
+  cudaStream_t stream;
+  uint32_t key_lo, key_hi, step;
+};
+
+inline NoiseLaunch noise_launch(int64_t numel, int64_t seed, int64_t step) {
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  return {noise_grid(numel), at::cuda::getCurrentCUDAStream(), static_cast<uint32_t>(useed),
+          static_cast<uint32_t>(useed >> 32), static_cast<uint32_t>(step)};
 }
 
 }  // namespace philox

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
+from diffusion_fast.kernels.philox import NOISE_NUM_WARPS, TILE_COUNTERS, noise_launch, tile_normals, tile_run
 
 __all__ = ["dpm2015_step"]
 
@@ -63,26 +63,18 @@ def _dpm2015_step_kernel(
 
 def dpm2015_step(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
     """Launch for contiguous x, z_mu, z_sigma of one dtype; beta: (1,) float32 on their device or None."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"dpm2015_step (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
+    grid, scalars = noise_launch("dpm2015_step", x, seed, step)
     for name, t in (("z_mu", z_mu), ("z_sigma", z_sigma)):
         if t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous():
             raise ValueError(f"dpm2015_step (triton): {name} must be contiguous with x's shape and dtype")
     if beta is not None and (beta.dtype != torch.float32 or beta.numel() != 1):
         raise ValueError(f"dpm2015_step (triton): beta must be a (1,) float32 tensor, got "
                          f"{tuple(beta.shape)} {beta.dtype}")
-    if not 0 <= step < 2**32:
-        raise ValueError(f"dpm2015_step (triton): step must be in [0, 2**32), got {step}")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    numel = x.numel()
-    if numel == 0:
+    if grid is None:
         return out
-    seed &= 2**64 - 1
-    grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _dpm2015_step_kernel[grid](
-        x, z_mu, z_sigma, out, x if beta is None else beta, float(beta_value), numel,
-        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step),
-        BETA_PTR=beta is not None, NOISE=add_noise, TILE=TILE_COUNTERS,
-        num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
+        x, z_mu, z_sigma, out, x if beta is None else beta, float(beta_value), *scalars,
+        BETA_PTR=beta is not None, NOISE=add_noise, TILE=TILE_COUNTERS, num_warps=NOISE_NUM_WARPS,
     )
     return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
+from diffusion_fast.kernels.philox import NOISE_NUM_WARPS, TILE_COUNTERS, noise_launch, tile_normals, tile_run
 
 __all__ = ["langevin_step"]
 
@@ -62,24 +62,16 @@ def _langevin_step_kernel(
 
 def langevin_step(x, score, alpha, alpha_value, noise, seed, step, add_noise):
     """Launch for contiguous x, score (and noise) of one dtype; alpha: (1,) float32 on their device or None."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"langevin_step (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
+    grid, scalars = noise_launch("langevin_step", x, seed, step)
     if alpha is not None and (alpha.dtype != torch.float32 or alpha.numel() != 1):
         raise ValueError(f"langevin_step (triton): alpha must be a (1,) float32 tensor, got "
                          f"{tuple(alpha.shape)} {alpha.dtype}")
-    if not 0 <= step < 2**32:
-        raise ValueError(f"langevin_step (triton): step must be in [0, 2**32), got {step}")
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    numel = x.numel()
-    if numel == 0:
+    if grid is None:
         return out
-    seed &= 2**64 - 1
     noise_kind = NO_NOISE if not add_noise else (PHILOX if noise is None else GIVEN)
-    grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _langevin_step_kernel[grid](
-        x, score, x if noise is None else noise, out, x if alpha is None else alpha, float(alpha_value), numel,
-        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step),
-        ALPHA_PTR=alpha is not None, NOISE=noise_kind, TILE=TILE_COUNTERS,
-        num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
+        x, score, x if noise is None else noise, out, x if alpha is None else alpha, float(alpha_value), *scalars,
+        ALPHA_PTR=alpha is not None, NOISE=noise_kind, TILE=TILE_COUNTERS, num_warps=NOISE_NUM_WARPS,
     )
     return out

@@ -12,16 +12,21 @@ run k of the tile (offsets, mask, its normals): the loop of every kernel that dr
         offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
         ...  # the op's epilogue on elements offs
 
-The uniforms match the other backends bit for bit; the normals to float rounding (tl.log, tl.sin,
+with (numel, seed_lo, seed_hi, step) among its arguments, in that order; its launcher starts with
+``grid, scalars = noise_launch(op, x, seed, step)`` (the checks they share, one program per tile,
+those four scalars). The uniforms match the other backends bit for bit; the normals to float rounding (tl.log, tl.sin,
 tl.cos are IEEE-accurate libdevice calls on NVIDIA).
 """
 
+import torch
 import triton
 import triton.language as tl
 
-__all__ = ["philox4x32_10", "tile_normals", "tile_run", "int32_bits", "TILE_COUNTERS"]
+__all__ = ["philox4x32_10", "tile_normals", "tile_run", "int32_bits", "noise_launch", "TILE_COUNTERS",
+           "NOISE_NUM_WARPS"]
 
 TILE_COUNTERS = 256
+NOISE_NUM_WARPS = 2  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
 
 
 @triton.jit
@@ -109,3 +114,18 @@ def int32_bits(v: int) -> int:
     """The int32 with the bits of uint32 v mod 2**32 (how a kernel receives seed halves and steps)."""
     v &= 0xFFFFFFFF
     return v - 2**32 if v >= 2**31 else v
+
+
+def noise_launch(op: str, x: torch.Tensor, seed: int, step: int):
+    """What every noise-tile launcher shares: raises TypeError unless x is float16, bfloat16 or
+    float32 and ValueError unless 0 <= step < 2**32 (messages name ``op``); returns (grid, scalars):
+    one program per noise tile of x.numel() elements (grid None when x is empty: nothing to
+    launch) and the kernel's arguments (numel, seed_lo, seed_hi, step): the int32 bits of the seed
+    (taken mod 2**64) and of the step."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"{op} (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
+    if not 0 <= step < 2**32:
+        raise ValueError(f"{op} (triton): step must be in [0, 2**32), got {step}")
+    numel = x.numel()
+    grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),) if numel else None
+    return grid, (numel, int32_bits(seed), int32_bits(seed >> 32), int32_bits(step))  # >> floors: two's complement

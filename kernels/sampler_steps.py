@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from diffusion_fast.kernels.philox import TILE_COUNTERS, int32_bits, tile_normals, tile_run
+from diffusion_fast.kernels.philox import NOISE_NUM_WARPS, TILE_COUNTERS, noise_launch, tile_normals, tile_run
 
 __all__ = ["sampler_step"]
 
@@ -67,24 +67,18 @@ def _sampler_step_kernel(
 
 def sampler_step(x, eps, coef, noise, seed, step, clip, return_x0):
     """Launch for contiguous x, eps (and noise) of one dtype and a (6,) float32 coef on their device."""
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"sampler_step (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
+    grid, scalars = noise_launch("sampler_step", x, seed, step)
     if coef.dtype != torch.float32 or coef.shape != (6,):
         raise ValueError(f"sampler_step (triton): coef must be a (6,) float32 tensor, got {tuple(coef.shape)} "
                          f"{coef.dtype}")
-    if not 0 <= step < 2**32:
-        raise ValueError(f"sampler_step (triton): step must be in [0, 2**32), got {step}")
     out = torch.empty_like(x)
     x0 = torch.empty_like(x) if return_x0 else x.new_empty((0,))
-    numel = x.numel()
-    if numel == 0:
+    if grid is None:
         return out, x0
-    seed &= 2**64 - 1
-    grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),)
     _sampler_step_kernel[grid](
-        x, eps, x if noise is None else noise, out, x0 if return_x0 else out, coef.contiguous(), numel,
-        int32_bits(seed), int32_bits(seed >> 32), int32_bits(step), 0.0 if clip is None else float(clip),
+        x, eps, x if noise is None else noise, out, x0 if return_x0 else out, coef.contiguous(), *scalars,
+        0.0 if clip is None else float(clip),
         CLIP=clip is not None, HAS_NOISE=noise is not None, WRITE_X0=return_x0, TILE=TILE_COUNTERS,
-        num_warps=2,  # 64 threads: one 4-wide vector per thread per run of 256 (untuned: no GPU yet)
+        num_warps=NOISE_NUM_WARPS,
     )
     return out, x0

@@ -10,43 +10,27 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 
+#include "noise_step.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
 
 void check_dpm2015_step(const at::Tensor& x, const at::Tensor& z_mu, const at::Tensor& z_sigma,
                         const std::optional<at::Tensor>& beta, double beta_value, int64_t step) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "dpm2015_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(x.is_contiguous(), "dpm2015_step: x must be contiguous");
-  const auto check_like_x = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == x.device(), "dpm2015_step: ", name, " is on ", t.device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "dpm2015_step: ", name, " must have x's dtype ", dtype, ", got ",
-                t.scalar_type());
-    TORCH_CHECK(t.sizes() == x.sizes(), "dpm2015_step: ", name, " must have x's shape ", x.sizes(), ", got ",
-                t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "dpm2015_step: ", name, " must be contiguous");
-  };
-  check_like_x(z_mu, "z_mu");
-  check_like_x(z_sigma, "z_sigma");
+  constexpr const char* op = "dpm2015_step";
+  noise_step::check_x(op, x);
+  noise_step::check_like_x(op, "z_mu", z_mu, x);
+  noise_step::check_like_x(op, "z_sigma", z_sigma, x);
   if (beta.has_value() && beta->defined()) {
-    const auto beta_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(beta->device() == x.device(), "dpm2015_step: beta is on ", beta->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(beta->scalar_type() == beta_dtype, "dpm2015_step: beta must be ", beta_dtype, " for ", dtype,
-                " x, got ", beta->scalar_type());
+    noise_step::check_param(op, "beta", *beta, x);
     TORCH_CHECK(beta->dim() == 1 && beta->size(0) == 1, "dpm2015_step: beta must be a (1,) tensor, got shape ",
                 beta->sizes());
   } else {
     TORCH_CHECK(beta_value > 0.0 && beta_value < 1.0, "dpm2015_step: beta_value must be in (0, 1), got ",
                 beta_value);
   }
-  TORCH_CHECK(step >= 0 && step <= std::numeric_limits<uint32_t>::max(),
-              "dpm2015_step: step must be in [0, 2**32), got ", step);
+  noise_step::check_step(op, step);
 }
 
 namespace {

@@ -7,43 +7,27 @@
 #include <ATen/OpMathType.h>
 
 #include <cmath>
-#include <limits>
 
+#include "noise_step.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
 
 void check_langevin_step(const at::Tensor& x, const at::Tensor& score, const std::optional<at::Tensor>& alpha,
                          const std::optional<at::Tensor>& noise, int64_t step, bool add_noise) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "langevin_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(x.is_contiguous(), "langevin_step: x must be contiguous");
-  const auto check_like_x = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == x.device(), "langevin_step: ", name, " is on ", t.device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "langevin_step: ", name, " must have x's dtype ", dtype, ", got ",
-                t.scalar_type());
-    TORCH_CHECK(t.sizes() == x.sizes(), "langevin_step: ", name, " must have x's shape ", x.sizes(), ", got ",
-                t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "langevin_step: ", name, " must be contiguous");
-  };
-  check_like_x(score, "score");
+  constexpr const char* op = "langevin_step";
+  noise_step::check_x(op, x);
+  noise_step::check_like_x(op, "score", score, x);
   if (noise.has_value() && noise->defined()) {
-    check_like_x(*noise, "noise");
+    noise_step::check_like_x(op, "noise", *noise, x);
     TORCH_CHECK(add_noise, "langevin_step: noise was given but add_noise is false");
   }
   if (alpha.has_value() && alpha->defined()) {
-    const auto alpha_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-    TORCH_CHECK(alpha->device() == x.device(), "langevin_step: alpha is on ", alpha->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(alpha->scalar_type() == alpha_dtype, "langevin_step: alpha must be ", alpha_dtype, " for ", dtype,
-                " x, got ", alpha->scalar_type());
+    noise_step::check_param(op, "alpha", *alpha, x);
     TORCH_CHECK(alpha->dim() == 1 && alpha->size(0) == 1, "langevin_step: alpha must be a (1,) tensor, got shape ",
                 alpha->sizes());
   }
-  TORCH_CHECK(step >= 0 && step <= std::numeric_limits<uint32_t>::max(),
-              "langevin_step: step must be in [0, 2**32), got ", step);
+  noise_step::check_step(op, step);
 }
 
 namespace {

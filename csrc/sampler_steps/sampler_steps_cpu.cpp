@@ -10,35 +10,21 @@
 #include <algorithm>
 #include <limits>
 
+#include "noise_step.h"
 #include "philox_cpu.h"
 
 namespace diffusion_fast {
 
 void check_sampler_step(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& coef,
                         const std::optional<at::Tensor>& noise, int64_t step) {
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
-              "sampler_step: x must be float16, bfloat16, float32 or float64, got ", dtype);
-  TORCH_CHECK(x.is_contiguous(), "sampler_step: x must be contiguous");
-  const auto check_like_x = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.device() == x.device(), "sampler_step: ", name, " is on ", t.device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "sampler_step: ", name, " must have x's dtype ", dtype, ", got ",
-                t.scalar_type());
-    TORCH_CHECK(t.sizes() == x.sizes(), "sampler_step: ", name, " must have x's shape ", x.sizes(), ", got ",
-                t.sizes());
-    TORCH_CHECK(t.is_contiguous(), "sampler_step: ", name, " must be contiguous");
-  };
-  check_like_x(eps, "eps");
-  if (noise.has_value() && noise->defined()) check_like_x(*noise, "noise");
-  const auto coef_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef.device() == x.device(), "sampler_step: coef is on ", coef.device(), " but x is on ", x.device());
-  TORCH_CHECK(coef.scalar_type() == coef_dtype, "sampler_step: coef must be ", coef_dtype, " for ", dtype,
-              " x, got ", coef.scalar_type());
+  constexpr const char* op = "sampler_step";
+  noise_step::check_x(op, x);
+  noise_step::check_like_x(op, "eps", eps, x);
+  if (noise.has_value() && noise->defined()) noise_step::check_like_x(op, "noise", *noise, x);
+  noise_step::check_param(op, "coef", coef, x);
   TORCH_CHECK(coef.dim() == 1 && coef.size(0) == kSamplerCoefs && coef.is_contiguous(),
               "sampler_step: coef must be a contiguous (", kSamplerCoefs, ",) tensor, got shape ", coef.sizes());
-  TORCH_CHECK(step >= 0 && step <= std::numeric_limits<uint32_t>::max(),
-              "sampler_step: step must be in [0, 2**32), got ", step);
+  noise_step::check_step(op, step);
 }
 
 namespace {
