@@ -63,10 +63,7 @@ def _dpm2015_step_kernel(
 
 def dpm2015_step(x, z_mu, z_sigma, beta, beta_value, seed, step, add_noise):
     """Launch for contiguous x, z_mu, z_sigma of one dtype; beta: (1,) float32 on their device or None."""
-    grid, scalars = noise_launch("dpm2015_step", x, seed, step)
-    for name, t in (("z_mu", z_mu), ("z_sigma", z_sigma)):
-        if t.dtype != x.dtype or t.shape != x.shape or not t.is_contiguous():
-            raise ValueError(f"dpm2015_step (triton): {name} must be contiguous with x's shape and dtype")
+    grid, scalars = noise_launch("dpm2015_step", x, seed, step, z_mu=z_mu, z_sigma=z_sigma)
     if beta is not None and (beta.dtype != torch.float32 or beta.numel() != 1):
         raise ValueError(f"dpm2015_step (triton): beta must be a (1,) float32 tensor, got "
                          f"{tuple(beta.shape)} {beta.dtype}")

@@ -62,7 +62,7 @@ def _langevin_step_kernel(
 
 def langevin_step(x, score, alpha, alpha_value, noise, seed, step, add_noise):
     """Launch for contiguous x, score (and noise) of one dtype; alpha: (1,) float32 on their device or None."""
-    grid, scalars = noise_launch("langevin_step", x, seed, step)
+    grid, scalars = noise_launch("langevin_step", x, seed, step, score=score, noise=noise)
     if alpha is not None and (alpha.dtype != torch.float32 or alpha.numel() != 1):
         raise ValueError(f"langevin_step (triton): alpha must be a (1,) float32 tensor, got "
                          f"{tuple(alpha.shape)} {alpha.dtype}")

@@ -13,7 +13,7 @@ run k of the tile (offsets, mask, its normals): the loop of every kernel that dr
         ...  # the op's epilogue on elements offs
 
 with (numel, seed_lo, seed_hi, step) among its arguments, in that order; its launcher starts with
-``grid, scalars = noise_launch(op, x, seed, step)`` (the checks they share, one program per tile,
+``grid, scalars = noise_launch(op, x, seed, step, **tensors_read_with_x)`` (the checks they share, one program per tile,
 those four scalars). The uniforms match the other backends bit for bit; the normals to float rounding (tl.log, tl.sin,
 tl.cos are IEEE-accurate libdevice calls on NVIDIA).
 """
@@ -116,16 +116,23 @@ def int32_bits(v: int) -> int:
     return v - 2**32 if v >= 2**31 else v
 
 
-def noise_launch(op: str, x: torch.Tensor, seed: int, step: int):
+def noise_launch(op: str, x: torch.Tensor, seed: int, step: int, **like):
     """What every noise-tile launcher shares: raises TypeError unless x is float16, bfloat16 or
-    float32 and ValueError unless 0 <= step < 2**32 (messages name ``op``); returns (grid, scalars):
-    one program per noise tile of x.numel() elements (grid None when x is empty: nothing to
-    launch) and the kernel's arguments (numel, seed_lo, seed_hi, step): the int32 bits of the seed
-    (taken mod 2**64) and of the step."""
+    float32, ValueError unless 0 <= step < 2**32 or unless each tensor of ``like`` (name=tensor, None
+    allowed) is contiguous with x's shape, dtype and device (the kernel reads it element for element
+    with x: a smaller one would be read past its end); messages name ``op``. Returns (grid, scalars):
+    one program per noise tile of x.numel() elements (grid None when x is empty: nothing to launch)
+    and the kernel's arguments (numel, seed_lo, seed_hi, step): the int32 bits of the seed (taken
+    mod 2**64) and of the step."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"{op} (triton): x must be float16, bfloat16 or float32, got {x.dtype}")
     if not 0 <= step < 2**32:
         raise ValueError(f"{op} (triton): step must be in [0, 2**32), got {step}")
+    for name, t in like.items():
+        if t is not None and (t.shape != x.shape or t.dtype != x.dtype or t.device != x.device
+                              or not t.is_contiguous()):
+            raise ValueError(f"{op} (triton): {name} must be contiguous with x's shape, dtype and device, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
     numel = x.numel()
     grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),) if numel else None
     return grid, (numel, int32_bits(seed), int32_bits(seed >> 32), int32_bits(step))  # >> floors: two's complement

@@ -67,7 +67,7 @@ def _sampler_step_kernel(
 
 def sampler_step(x, eps, coef, noise, seed, step, clip, return_x0):
     """Launch for contiguous x, eps (and noise) of one dtype and a (6,) float32 coef on their device."""
-    grid, scalars = noise_launch("sampler_step", x, seed, step)
+    grid, scalars = noise_launch("sampler_step", x, seed, step, eps=eps, noise=noise)
     if coef.dtype != torch.float32 or coef.shape != (6,):
         raise ValueError(f"sampler_step (triton): coef must be a (6,) float32 tensor, got {tuple(coef.shape)} "
                          f"{coef.dtype}")

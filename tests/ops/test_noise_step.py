@@ -58,3 +58,22 @@ def test_backend_pick_is_cached_per_request(monkeypatch):
     with pytest.warns(RuntimeWarning, match="probe falls back from triton to cuda"):
         assert run_backend("triton", pick, x.double()) == "cuda"  # Triton takes no float64: the fallback is kept
     assert run_backend("triton", pick, x.double()) == "cuda" and seen == ["probe"] * 3
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"], ids=["ext", "triton"])
+def test_raw_ops_refuse_tensors_unlike_x(suffix):
+    """The torch.library ops themselves (what torch.compile calls, below the checked public
+    functions) refuse a tensor read element for element with x that is smaller than x: the kernel
+    would read past its end."""
+    ops = torch.ops.diffusion_fast
+    x, short = torch.randn(2, 3, 5), torch.randn(2, 3, 4)
+    coef = torch.zeros(6)
+    raw = {
+        "langevin_step (score)": lambda: getattr(ops, "langevin_step" + suffix)(x, short, None, 0.1, None, 0, 0, True),
+        "langevin_step (noise)": lambda: getattr(ops, "langevin_step" + suffix)(x, x, None, 0.1, short, 0, 0, True),
+        "dpm2015_step (z_sigma)": lambda: getattr(ops, "dpm2015_step" + suffix)(x, x, short, None, 0.1, 0, 0, True),
+        "ddpm_step (eps)": lambda: getattr(ops, "ddpm_step" + suffix)(x, short, coef, None, 0, 0, None, False),
+    }
+    for what, call in raw.items():
+        with pytest.raises((ValueError, RuntimeError), match="shape"):
+            call()
