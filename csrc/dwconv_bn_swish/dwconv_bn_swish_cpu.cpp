@@ -8,7 +8,8 @@
 //     Wp = ceil(W / VW) * VW + 2R, so that the k x k conv runs without bounds checks, VW outputs of RB rows
 //     at a time in registers (VW = 8 or 16, RB = 4: each padded row is loaded once per RB output rows);
 //     fp32 planes 8 wide (NVAE's 8 x 8 scale) put two rows in one 16-lane vector instead (conv_plane_w8).
-//     Eval tasks are planes in memory order instead; training tasks own one channel for every sample.
+//     Eval tasks are planes in memory order instead; training forward tasks own a block of channels
+//     (fwd_block) for every sample, backward tasks one channel.
 //   channels-last forward: a task is a band of output rows of one sample with all its channels, so x is
 //     read and y written in memory order; input rows enter a ring of K rows laid out block-major
 //     [64-byte channel block][W + 2R][lanes] (see cl_fwd_units), the conv is one lane-wise FMA per tap.
@@ -28,7 +29,7 @@
 //                      weight), grad_w[i][j] = sum dz * x[h+i-R][w+j-R], grad_conv_bias = sum dz,
 //                      grad_bn_weight = B, grad_bn_bias = A.
 // Memory traffic (activation-sized reads R and writes W): eval fwd 1R + 1W; training fwd NCHW 1R + 1W while
-// the channel fits the scratch (its second pass reads cache), else 2R + 1W; training fwd channels-last
+// a task's channels fit the scratch (its second pass reads cache), else 2R + 1W; training fwd channels-last
 // 2R + 1W; training bwd 2R + 1W (x, dy; dx), else 4R + 1W; eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W,
 // bwd 8R + 3W.
 // bn_swish is the same code with K = 1, weight 1 and no bias (z = x exactly).
@@ -398,42 +399,65 @@ inline void merge_plane(double& mean, double& m2, double pm, double pm2, int64_t
   m2 += pm2 + delta * delta * double(hw) * double(n) * f;
 }
 
-// NCHW training forward of channels [t0, t1). The planes of a channel are C * H * W apart: the next one
-// is prefetched while the current one is convolved.
+// Channels per task of the NCHW training forward: enough that a task reads x and writes y in runs of about
+// 4 KiB per sample (CB consecutive planes), not one small plane per C * H * W stride (8 x 8 maps: 256 bytes
+// at a stride no prefetcher follows; x then comes from memory at latency, not bandwidth), while its conv
+// outputs fit the scratch and every thread still gets several tasks. Maps of 32 x 32 and more: one channel.
+int64_t fwd_block(const Geo& g) {
+  int64_t cb = std::max<int64_t>(1, 1024 / g.HW);
+  cb = std::min(cb, std::max<int64_t>(1, kMaxScratch / (g.N * g.HW)));
+  cb = std::min(cb, std::max<int64_t>(1, g.C / (4 * at::get_num_threads())));
+  return std::min(cb, g.C);
+}
+
+// NCHW training forward of the channel blocks [t0, t1) of CB channels (fwd_block). Per sample a block's
+// planes are consecutive in memory: the next sample's are prefetched while the current ones are convolved.
 template <typename T, typename A>
-void fwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
+void fwd_tasks(const Args<T, A>& a, int64_t CB, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
-  const bool keep = g.N * g.HW <= kMaxScratch;
   const int64_t KK = g.K * g.K;
-  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), zs((keep ? g.N : 1) * g.HW);
-  const auto z_of = [&](int64_t n) { return zs.data() + (keep ? n * g.HW : 0); };
-  const auto fetch = [&](int64_t n, int64_t c) {
-    if (n < g.N) prefetch(reinterpret_cast<uintptr_t>(a.x + g.plane(n, c)), g.HW * int64_t(sizeof(T)));
-  };
-  A wt[25];
-  for (int64_t c = t0; c < t1; ++c) {
-    for (int64_t t = 0; t < KK; ++t) wt[t] = a.w ? a.w[c * KK + t] : A(1);
-    const A bias = a.cb ? a.cb[c] : A(0);
-    const auto conv = [&](int64_t n) { conv_fwd_plane(g, a.x + g.plane(n, c), wt, bias, pad.data(), z_of(n)); };
-    double mean = 0, m2 = 0;  // batch statistics: per-plane (mean, M2), merged over n
-    for (int64_t n = 0; n < g.N; ++n) {
-      fetch(n + 1, c);
-      conv(n);
-      double pm, pm2;
-      plane_stats(z_of(n), g.HW, pm, pm2);
-      merge_plane(mean, m2, pm, pm2, n, g.HW);
+  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), zs, wt(CB * KK), bias(CB);
+  std::vector<double> mean(CB), m2(CB);
+  std::vector<Coef<A>> k(CB);
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t c0 = t * CB, nc = std::min(CB, g.C - c0);
+    const bool keep = g.N * nc * g.HW <= kMaxScratch;
+    zs.resize((keep ? g.N * nc : 1) * g.HW);
+    const auto z_of = [&](int64_t n, int64_t j) { return zs.data() + (keep ? (n * nc + j) * g.HW : 0); };
+    const auto fetch = [&](int64_t n) {
+      if (n < g.N) prefetch(reinterpret_cast<uintptr_t>(a.x + g.plane(n, c0)), nc * g.HW * int64_t(sizeof(T)));
+    };
+    for (int64_t j = 0; j < nc; ++j) {
+      for (int64_t i = 0; i < KK; ++i) wt[j * KK + i] = a.w ? a.w[(c0 + j) * KK + i] : A(1);
+      bias[j] = a.cb ? a.cb[c0 + j] : A(0);
     }
-    a.mean[c] = A(mean);
-    a.var[c] = A(m2 / double(g.N * g.HW));
-    const Coef<A> k = coef_of(a, c);
+    const auto conv = [&](int64_t n, int64_t j) {
+      conv_fwd_plane(g, a.x + g.plane(n, c0 + j), wt.data() + j * KK, bias[j], pad.data(), z_of(n, j));
+    };
+    std::fill(mean.begin(), mean.end(), 0.0);  // batch statistics: per-plane (mean, M2), merged over n
+    std::fill(m2.begin(), m2.end(), 0.0);
     for (int64_t n = 0; n < g.N; ++n) {
-      if (!keep) {
-        fetch(n + 1, c);
-        conv(n);
+      fetch(n + 1);
+      for (int64_t j = 0; j < nc; ++j) {
+        conv(n, j);
+        double pm, pm2;
+        plane_stats(z_of(n, j), g.HW, pm, pm2);
+        merge_plane(mean[j], m2[j], pm, pm2, n, g.HW);
       }
-      T* y = a.out + g.plane(n, c);
-      a.swish ? apply_plane<true>(g.HW, z_of(n), k.sc, k.sh, y, a.eb)
-              : apply_plane<false>(g.HW, z_of(n), k.sc, k.sh, y, a.eb);
+    }
+    for (int64_t j = 0; j < nc; ++j) {
+      a.mean[c0 + j] = A(mean[j]);
+      a.var[c0 + j] = A(m2[j] / double(g.N * g.HW));
+      k[j] = coef_of(a, c0 + j);
+    }
+    for (int64_t n = 0; n < g.N; ++n) {
+      if (!keep) fetch(n + 1);
+      for (int64_t j = 0; j < nc; ++j) {
+        if (!keep) conv(n, j);
+        T* y = a.out + g.plane(n, c0 + j);
+        a.swish ? apply_plane<true>(g.HW, z_of(n, j), k[j].sc, k[j].sh, y, a.eb)
+                : apply_plane<false>(g.HW, z_of(n, j), k[j].sc, k[j].sh, y, a.eb);
+      }
     }
   }
 }
@@ -965,7 +989,10 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
     if (a.g.cl)
       fwd_cl(a);
     else if (training)
-      run_tasks(a.g, [&](int64_t b, int64_t e) { fwd_tasks_isa(a, b, e); });
+    {
+      const int64_t cb = fwd_block(a.g);
+      at::parallel_for(0, (s.C + cb - 1) / cb, 1, [&](int64_t b, int64_t e) { fwd_tasks_isa(a, cb, b, e); });
+    }
     else {
       std::vector<A> wf, bf;
       fold_weights(a, wf, bf);

@@ -187,6 +187,20 @@ def test_extension_large_planes_without_scratch(layout):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_extension_training_forward_channel_blocks(threads):
+    """The C++ NCHW training forward takes blocks of channels per task (9 at 1 thread, 4 at 2 for 37
+    channels of 8 x 8): the last block is partial, and each channel's batch statistics stay its own."""
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.float16):
+            x, p = make_inputs((3, 37, 8, 8), 5, dtype, "cpu")
+            require_backend("cuda", "dwconv_bn_swish", x, _unsupported)
+            check_against_reference("cuda", x, p, dtype, True)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("k", [3, 5, None], ids=["k3", "k5", "bn_swish"])
 def test_gradcheck_extension_cpu(training, k):
