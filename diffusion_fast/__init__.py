@@ -12,14 +12,15 @@ __version__ = "0.1.0"
 
 from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, env_info, use_backend
-from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref
-from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step
-from diffusion_fast.ops import langevin_step, langevin_step_ref
-from diffusion_fast.ops import dpm2015_step, dpm2015_step_ref
-from diffusion_fast.ops import attention, attention_ref
-from diffusion_fast.ops import bn_swish, dwconv_bn_swish
 
-backends.load_extension()  # after the op schemas exist: _C registers kernels for them
+backends.load_extension()  # first: _C's kernels attach to the op schemas the modules below define
+
+from diffusion_fast.ops import group_norm_silu, group_norm_silu_ref  # noqa: E402
+from diffusion_fast.ops import ddim_coefficients, ddim_step, ddpm_coefficients, ddpm_step  # noqa: E402
+from diffusion_fast.ops import langevin_step, langevin_step_ref  # noqa: E402
+from diffusion_fast.ops import dpm2015_step, dpm2015_step_ref  # noqa: E402
+from diffusion_fast.ops import attention, attention_ref  # noqa: E402
+from diffusion_fast.ops import bn_swish, dwconv_bn_swish  # noqa: E402
 
 from diffusion_fast import nn  # noqa: E402
 from diffusion_fast import schedulers  # noqa: E402

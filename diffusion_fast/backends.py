@@ -65,13 +65,18 @@ _state = {"extension": None, "extension_error": None, "extension_devices": (), "
 
 
 def load_extension() -> None:
-    """Import diffusion_fast._C, which registers its kernels with the dispatcher."""
+    """Import diffusion_fast._C, which registers its kernels (and the C++ autograd of some ops) with
+    the dispatcher; diffusion_fast/__init__.py calls it before the op modules define the schemas."""
     try:
         ext = importlib.import_module("diffusion_fast._C")
         _state["extension"] = ext
         _state["extension_devices"] = ("cpu", "cuda") if ext.WITH_CUDA else ("cpu",)
     except Exception as exc:  # a failed build must not break import
         _state["extension_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def extension_loaded() -> bool:
+    return _state["extension"] is not None
 
 
 def _triton_module():

@@ -753,10 +753,12 @@ void cl_conv_row(const Geo& g, const A* const* rows, const A* wt, const A* bias,
 }
 
 // Chan et al.: merges (mean mb, M2 m2b) of nb values into the running (mean, m2) of na values.
+// The factors depend on the counts alone: in a loop over channels with the same counts the compiler
+// hoists the divisions (written as delta * nb / n they would run once per channel).
 inline void merge_stats(double& mean, double& m2, int64_t na, double mb, double m2b, int64_t nb) {
-  const double n = double(na + nb), delta = mb - mean;
-  mean += delta * double(nb) / n;
-  m2 += m2b + delta * delta * double(na) * double(nb) / n;
+  const double fb = double(nb) / double(na + nb), fab = double(na) * fb, delta = mb - mean;
+  mean += delta * fb;
+  m2 += m2b + delta * delta * fab;
 }
 
 // Units [u0, u1) of the channels-last forward. STATS (training, first pass): z = conv(x, w) + cb, per-channel
