@@ -108,28 +108,45 @@ def test_fallback_inside_torch_compile_keeps_the_graph_whole(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_group_norm_silu_autograd_runs_in_cpp_when_the_extension_loaded():
-    """Both fwd ops (ours and the Triton twin) get their graph node from C++, not Python."""
-    x = torch.randn(2, 4, 3, requires_grad=True)
+def _fused_calls(x, w):
+    """The ops whose autograd is C++ when the extension loaded: C++ Function name -> call."""
+    return {
+        "GroupNormSiLUFunction": lambda: diffusion_fast.group_norm_silu(x, 2),
+        "DWConvBNSwishFunction": lambda: diffusion_fast.dwconv_bn_swish(x, w, None, None, None, None, None,
+                                                                        training=True),
+        "BNSwishFunction": lambda: diffusion_fast.bn_swish(x, None, None, None, None, training=True),
+    }
+
+
+def test_autograd_runs_in_cpp_when_the_extension_loaded():
+    """Each fwd op (ours and its Triton twin) gets its graph node from C++, not Python."""
+    x, w = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(4, 1, 3, 3, requires_grad=True)
     for backend in ("cuda", "triton"):
-        with diffusion_fast.use_backend(backend):
-            y = diffusion_fast.group_norm_silu(x, 2)
-        assert "GroupNormSiLUFunction" in y.grad_fn.name(), (backend, y.grad_fn.name())
+        for name, call in _fused_calls(x, w).items():
+            with diffusion_fast.use_backend(backend):
+                y = call()
+            assert name in y.grad_fn.name(), (backend, y.grad_fn.name())
 
 
-def test_group_norm_silu_autograd_in_python_without_the_extension():
-    """A failed _C build: the Triton op's backward is registered from Python instead, and is right."""
+def test_autograd_in_python_without_the_extension():
+    """A failed _C build: the Triton ops' backward is registered from Python instead, and is right."""
     code = (
         "import sys, torch\n"
         "sys.modules['diffusion_fast._C'] = None  # import of _C fails\n"
         "import diffusion_fast as df\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+        "from test_backends import _fused_calls\n"
         "assert not df.backends.extension_loaded()\n"
-        "x = torch.randn(2, 4, 3, requires_grad=True)\n"
-        "with df.use_backend('triton'):\n"
-        "    df.group_norm_silu(x, 2).square().sum().backward()\n"
-        "got, x.grad = x.grad, None\n"
-        "df.group_norm_silu_ref(x, 2).square().sum().backward()\n"
-        "torch.testing.assert_close(got, x.grad)\n"
+        "x, w = torch.randn(2, 4, 5, 5, requires_grad=True), torch.randn(4, 1, 3, 3, requires_grad=True)\n"
+        "for name, call in _fused_calls(x, w).items():\n"
+        "    grads = []\n"
+        "    for backend in ('triton', 'torch'):\n"
+        "        with df.use_backend(backend):\n"
+        "            call().square().sum().backward()\n"
+        "        grads.append((x.grad, w.grad))\n"
+        "        x.grad = w.grad = None\n"
+        "    for got, want in zip(*grads):\n"
+        "        torch.testing.assert_close(got, want, msg=name)\n"
         "print('ok')\n"
     )
     out = _run(code, TRITON_INTERPRET="1")

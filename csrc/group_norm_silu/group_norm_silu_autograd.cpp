@@ -5,15 +5,20 @@
 // idle between kernels. diffusion_fast/ops/group_norm_silu.py registers the Python version only when
 // this extension did not load. Both ops are called through the dispatcher below autograd, so their CPU,
 // CUDA and fake (torch.compile) kernels are the ones the schemas already have.
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_util.h"
 #include "group_norm_silu/group_norm_silu.h"
 
 namespace diffusion_fast {
 namespace {
 
+using autograd_util::find_op;
+using autograd_util::grad_if;
+using autograd_util::like_layout;
+using autograd_util::optional;
+using autograd_util::saved;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -24,7 +29,7 @@ using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const at::Tensor&, const at::Tensor&, int64_t, bool);
 
-// The fwd/bwd op pair of one backend, looked up on first use (the schemas are defined from Python).
+// The fwd/bwd op pair of one backend, looked up on first use.
 struct Ops {
   c10::TypedOperatorHandle<FwdFn> fwd;
   c10::TypedOperatorHandle<BwdFn> bwd;
@@ -33,22 +38,10 @@ struct Ops {
 template <bool TRITON>
 const Ops& ops() {
   static const Ops pair{
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(TRITON ? "diffusion_fast::group_norm_silu_triton_fwd" : "diffusion_fast::group_norm_silu_fwd", "")
-          .typed<FwdFn>(),
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow(TRITON ? "diffusion_fast::group_norm_silu_triton_bwd" : "diffusion_fast::group_norm_silu_bwd", "")
-          .typed<BwdFn>()};
+      find_op<FwdFn>(TRITON ? "diffusion_fast::group_norm_silu_triton_fwd" : "diffusion_fast::group_norm_silu_fwd"),
+      find_op<BwdFn>(TRITON ? "diffusion_fast::group_norm_silu_triton_bwd" : "diffusion_fast::group_norm_silu_bwd")};
   return pair;
 }
-
-// t in x's memory layout, as the _bwd ops take grad_y: channels-last (C innermost) or NC*-contiguous.
-at::Tensor like_layout(const at::Tensor& t, const at::Tensor& x) {
-  const bool c_innermost = x.dim() >= 3 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();
-  return c_innermost ? t.movedim(1, -1).contiguous().movedim(-1, 1) : t.contiguous();
-}
-
-OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
 template <bool TRITON>
 struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFunction<TRITON>> {
@@ -58,8 +51,7 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
                                const OptTensor& shift, int64_t num_groups, double eps, bool silu) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, rstd] = ops<TRITON>().fwd.call(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
-    const auto val = [](const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); };
-    ctx->save_for_backward({x, val(weight), val(bias), val(pre_bias), val(scale), val(shift), mean, rstd});
+    ctx->save_for_backward({x, saved(weight), saved(bias), saved(pre_bias), saved(scale), saved(shift), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["silu"] = silu;
     ctx->mark_non_differentiable({mean, rstd});
@@ -72,11 +64,11 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
     const variable_list s = ctx->get_saved_variables();
     const at::Tensor& x = s[0];
     auto [gx, gw, gb, gpb, gsc, gsh] = ops<TRITON>().bwd.call(
-        like_layout(grads[0], x), x, opt(s[1]), opt(s[2]), opt(s[3]), opt(s[4]), opt(s[5]), s[6], s[7],
+        like_layout(grads[0], x), x, optional(s[1]), optional(s[2]), optional(s[3]), optional(s[4]), optional(s[5]),
+        s[6], s[7],
         ctx->saved_data["num_groups"].toInt(), ctx->saved_data["silu"].toBool());
-    const auto keep = [](const at::Tensor& input, const at::Tensor& grad) { return input.defined() ? grad : at::Tensor(); };
-    return {gx,           keep(s[1], gw), keep(s[2], gb), keep(s[3], gpb), keep(s[4], gsc), keep(s[5], gsh),
-            at::Tensor(), at::Tensor(),   at::Tensor()};
+    return {gx, grad_if(s[1], gw), grad_if(s[2], gb), grad_if(s[3], gpb), grad_if(s[4], gsc), grad_if(s[5], gsh),
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 

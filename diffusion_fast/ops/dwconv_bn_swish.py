@@ -204,7 +204,8 @@ for _op, _names in OPS.items():
         _bwd = getattr(torch.ops.diffusion_fast, _name + "_bwd").default
         torch.library.register_fake(_fwd, _fake_fwd)
         torch.library.register_fake(_bwd, _fake_bwd)
-        torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup)
+        if not backends.extension_loaded():  # else in C++: csrc/dwconv_bn_swish/dwconv_bn_swish_autograd.cpp
+            torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+// Autograd of dwconv_bn_swish_fwd and bn_swish_fwd and of their Triton twins, in C++ (why, and how the ops
+// are called: autograd_util.h and group_norm_silu_autograd.cpp). diffusion_fast/ops/dwconv_bn_swish.py
+// registers the same backward from Python only when this extension did not load. The running statistics
+// are inputs of the fwd ops but not differentiated (the public functions update them after the call).
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "autograd_util.h"
+#include "dwconv_bn_swish/dwconv_bn_swish.h"
+
+namespace diffusion_fast {
+namespace {
+
+using autograd_util::find_op;
+using autograd_util::grad_if;
+using autograd_util::like_layout;
+using autograd_util::optional;
+using autograd_util::saved;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, mean, var)
+
+using DwFwdFn = Stats(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                      const OptTensor&, const OptTensor&, bool, double, bool);
+using DwBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const at::Tensor&, const at::Tensor&, bool, double, bool);
+using BnFwdFn = Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+                      double, bool);
+using BnBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                                                const OptTensor&, const at::Tensor&, const at::Tensor&,
+                                                                bool, double, bool);
+
+// The fwd/bwd op pair of one backend, looked up on first use.
+template <typename Fwd, typename Bwd>
+struct Ops {
+  c10::TypedOperatorHandle<Fwd> fwd;
+  c10::TypedOperatorHandle<Bwd> bwd;
+};
+
+template <bool TRITON>
+const Ops<DwFwdFn, DwBwdFn>& dw_ops() {
+  static const Ops<DwFwdFn, DwBwdFn> pair{
+      find_op<DwFwdFn>(TRITON ? "diffusion_fast::dwconv_bn_swish_triton_fwd" : "diffusion_fast::dwconv_bn_swish_fwd"),
+      find_op<DwBwdFn>(TRITON ? "diffusion_fast::dwconv_bn_swish_triton_bwd" : "diffusion_fast::dwconv_bn_swish_bwd")};
+  return pair;
+}
+
+template <bool TRITON>
+const Ops<BnFwdFn, BnBwdFn>& bn_ops() {
+  static const Ops<BnFwdFn, BnBwdFn> pair{
+      find_op<BnFwdFn>(TRITON ? "diffusion_fast::bn_swish_triton_fwd" : "diffusion_fast::bn_swish_fwd"),
+      find_op<BnBwdFn>(TRITON ? "diffusion_fast::bn_swish_triton_bwd" : "diffusion_fast::bn_swish_bwd")};
+  return pair;
+}
+
+// The flags every backward needs.
+void save_flags(AutogradContext* ctx, bool training, double eps, bool swish) {
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["swish"] = swish;
+}
+
+template <bool TRITON>
+struct DWConvBNSwishFunction : public torch::autograd::Function<DWConvBNSwishFunction<TRITON>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& conv_weight,
+                               const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                               const OptTensor& running_mean, const OptTensor& running_var, bool training,
+                               double eps, bool swish) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var] = dw_ops<TRITON>().fwd.call(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                    running_var, training, eps, swish);
+    ctx->save_for_backward({x, conv_weight, saved(conv_bias), saved(bn_weight), saved(bn_bias), mean, var});
+    save_flags(ctx, training, eps, swish);
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  // Gradients of x, conv_weight, conv_bias, bn_weight, bn_bias; none for the running statistics and flags.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    auto [gx, gw, gcb, gbw, gbb] =
+        dw_ops<TRITON>().bwd.call(like_layout(grads[0], s[0]), s[0], s[1], optional(s[2]), optional(s[3]),
+                                  optional(s[4]), s[5], s[6], d["training"].toBool(), d["eps"].toDouble(),
+                                  d["swish"].toBool());
+    return {gx, gw, grad_if(s[2], gcb), grad_if(s[3], gbw), grad_if(s[4], gbb), {}, {}, {}, {}, {}};
+  }
+};
+
+template <bool TRITON>
+struct BNSwishFunction : public torch::autograd::Function<BNSwishFunction<TRITON>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& bn_weight,
+                               const OptTensor& bn_bias, const OptTensor& running_mean,
+                               const OptTensor& running_var, bool training, double eps, bool swish) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, mean, var] =
+        bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
+    ctx->save_for_backward({x, saved(bn_weight), saved(bn_bias), mean, var});
+    save_flags(ctx, training, eps, swish);
+    ctx->mark_non_differentiable({mean, var});
+    return {y, mean, var};
+  }
+
+  // Gradients of x, bn_weight, bn_bias; none for the running statistics and flags.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    auto [gx, gbw, gbb] = bn_ops<TRITON>().bwd.call(like_layout(grads[0], s[0]), s[0], optional(s[1]),
+                                                    optional(s[2]), s[3], s[4], d["training"].toBool(),
+                                                    d["eps"].toDouble(), d["swish"].toBool());
+    return {gx, grad_if(s[1], gbw), grad_if(s[2], gbb), {}, {}, {}, {}, {}};
+  }
+};
+
+template <bool TRITON>
+Stats dw_autograd(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
+                  const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
+                  const OptTensor& running_var, bool training, double eps, bool swish) {
+  const variable_list out = DWConvBNSwishFunction<TRITON>::apply(x, conv_weight, conv_bias, bn_weight, bn_bias,
+                                                                 running_mean, running_var, training, eps, swish);
+  return {out[0], out[1], out[2]};
+}
+
+template <bool TRITON>
+Stats bn_autograd(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
+                  const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
+                  bool swish) {
+  const variable_list out =
+      BNSwishFunction<TRITON>::apply(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+}  // namespace diffusion_fast
+
+TORCH_LIBRARY_IMPL(diffusion_fast, Autograd, m) {
+  m.impl("dwconv_bn_swish_fwd", &diffusion_fast::dw_autograd<false>);
+  m.impl("dwconv_bn_swish_triton_fwd", &diffusion_fast::dw_autograd<true>);
+  m.impl("bn_swish_fwd", &diffusion_fast::bn_autograd<false>);
+  m.impl("bn_swish_triton_fwd", &diffusion_fast::bn_autograd<true>);
+}
