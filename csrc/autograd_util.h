@@ -17,6 +17,18 @@ c10::TypedOperatorHandle<Fn> find_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
 
+// The fwd/bwd op pair of one backend.
+template <typename Fwd, typename Bwd>
+struct OpPair {
+  c10::TypedOperatorHandle<Fwd> fwd;
+  c10::TypedOperatorHandle<Bwd> bwd;
+};
+
+template <typename Fwd, typename Bwd>
+OpPair<Fwd, Bwd> find_ops(const char* fwd, const char* bwd) {
+  return {find_op<Fwd>(fwd), find_op<Bwd>(bwd)};
+}
+
 // t in x's memory layout, as the _bwd ops take grad_y: C innermost (channels-last) or NC*-contiguous.
 inline at::Tensor like_layout(const at::Tensor& t, const at::Tensor& x) {
   const bool c_innermost = x.dim() >= 3 && !x.is_contiguous() && x.movedim(1, -1).is_contiguous();

@@ -9,7 +9,7 @@
 namespace diffusion_fast {
 namespace {
 
-using autograd_util::find_op;
+using namespace autograd_util;  // NOLINT: find_op
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 

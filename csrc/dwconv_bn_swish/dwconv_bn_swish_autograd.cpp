@@ -11,11 +11,7 @@
 namespace diffusion_fast {
 namespace {
 
-using autograd_util::find_op;
-using autograd_util::grad_if;
-using autograd_util::like_layout;
-using autograd_util::optional;
-using autograd_util::saved;
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, mean, var)
@@ -31,26 +27,22 @@ using BnBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&
                                                                 const OptTensor&, const at::Tensor&, const at::Tensor&,
                                                                 bool, double, bool);
 
-// The fwd/bwd op pair of one backend, looked up on first use.
-template <typename Fwd, typename Bwd>
-struct Ops {
-  c10::TypedOperatorHandle<Fwd> fwd;
-  c10::TypedOperatorHandle<Bwd> bwd;
-};
-
+// The fwd/bwd op pairs of one backend, looked up on first use.
 template <bool TRITON>
-const Ops<DwFwdFn, DwBwdFn>& dw_ops() {
-  static const Ops<DwFwdFn, DwBwdFn> pair{
-      find_op<DwFwdFn>(TRITON ? "diffusion_fast::dwconv_bn_swish_triton_fwd" : "diffusion_fast::dwconv_bn_swish_fwd"),
-      find_op<DwBwdFn>(TRITON ? "diffusion_fast::dwconv_bn_swish_triton_bwd" : "diffusion_fast::dwconv_bn_swish_bwd")};
+const OpPair<DwFwdFn, DwBwdFn>& dw_ops() {
+  static const auto pair = TRITON ? find_ops<DwFwdFn, DwBwdFn>("diffusion_fast::dwconv_bn_swish_triton_fwd",
+                                                               "diffusion_fast::dwconv_bn_swish_triton_bwd")
+                                  : find_ops<DwFwdFn, DwBwdFn>("diffusion_fast::dwconv_bn_swish_fwd",
+                                                               "diffusion_fast::dwconv_bn_swish_bwd");
   return pair;
 }
 
 template <bool TRITON>
-const Ops<BnFwdFn, BnBwdFn>& bn_ops() {
-  static const Ops<BnFwdFn, BnBwdFn> pair{
-      find_op<BnFwdFn>(TRITON ? "diffusion_fast::bn_swish_triton_fwd" : "diffusion_fast::bn_swish_fwd"),
-      find_op<BnBwdFn>(TRITON ? "diffusion_fast::bn_swish_triton_bwd" : "diffusion_fast::bn_swish_bwd")};
+const OpPair<BnFwdFn, BnBwdFn>& bn_ops() {
+  static const auto pair = TRITON ? find_ops<BnFwdFn, BnBwdFn>("diffusion_fast::bn_swish_triton_fwd",
+                                                               "diffusion_fast::bn_swish_triton_bwd")
+                                  : find_ops<BnFwdFn, BnBwdFn>("diffusion_fast::bn_swish_fwd",
+                                                               "diffusion_fast::bn_swish_bwd");
   return pair;
 }
 

@@ -14,11 +14,7 @@
 namespace diffusion_fast {
 namespace {
 
-using autograd_util::find_op;
-using autograd_util::grad_if;
-using autograd_util::like_layout;
-using autograd_util::optional;
-using autograd_util::saved;
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -30,16 +26,12 @@ using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Ten
     const OptTensor&, const at::Tensor&, const at::Tensor&, int64_t, bool);
 
 // The fwd/bwd op pair of one backend, looked up on first use.
-struct Ops {
-  c10::TypedOperatorHandle<FwdFn> fwd;
-  c10::TypedOperatorHandle<BwdFn> bwd;
-};
-
 template <bool TRITON>
-const Ops& ops() {
-  static const Ops pair{
-      find_op<FwdFn>(TRITON ? "diffusion_fast::group_norm_silu_triton_fwd" : "diffusion_fast::group_norm_silu_fwd"),
-      find_op<BwdFn>(TRITON ? "diffusion_fast::group_norm_silu_triton_bwd" : "diffusion_fast::group_norm_silu_bwd")};
+const OpPair<FwdFn, BwdFn>& ops() {
+  static const auto pair = TRITON ? find_ops<FwdFn, BwdFn>("diffusion_fast::group_norm_silu_triton_fwd",
+                                                           "diffusion_fast::group_norm_silu_triton_bwd")
+                                  : find_ops<FwdFn, BwdFn>("diffusion_fast::group_norm_silu_fwd",
+                                                           "diffusion_fast::group_norm_silu_bwd");
   return pair;
 }
 
