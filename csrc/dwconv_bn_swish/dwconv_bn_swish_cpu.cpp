@@ -13,8 +13,8 @@
 //   channels-last forward: a task is a band of output rows of one sample with all its channels, so x is
 //     read and y written in memory order; input rows enter a ring of K rows laid out block-major
 //     [64-byte channel block][W + 2R][lanes] (see cl_fwd_units), the conv is one lane-wise FMA per tap.
-//     Training: conv -> per-row (mean, M2) merged over rows, bands and samples (Chan et al.), then conv
-//     with BatchNorm folded -> swish (fp16/bf16), or, for float32/float64, y normalised in place (fwd_cl).
+//     Training runs it twice: conv -> per-row (mean, M2) merged over rows, bands and samples (Chan et al.),
+//     then conv with BatchNorm folded -> swish.
 //   channels-last backward: a task owns the LN = 64 / sizeof(T) channels of one 64-byte line of x, held as
 //     the LN lanes of one vector per position (padded [H + 2R][W + 2R][LN] copies, no transposes).
 //   forward, training NCHW  pass 1: conv each plane, its mean and M2 (two passes over the plane in L1),
@@ -30,8 +30,8 @@
 //                      grad_bn_weight = B, grad_bn_bias = A.
 // Memory traffic (activation-sized reads R and writes W): eval fwd 1R + 1W; training fwd NCHW 1R + 1W while
 // a task's channels fit the scratch (its second pass reads cache), else 2R + 1W; training fwd channels-last
-// 2R + 1W with two convs (fp16/bf16), 2R + 2W with one (float32/float64); training bwd 2R + 1W (x, dy; dx),
-// else 4R + 1W; eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W, bwd 8R + 3W.
+// 2R + 1W; training bwd 2R + 1W (x, dy; dx), else 4R + 1W; eval bwd 2R + 1W. Eager PyTorch: fwd 4R + 3W,
+// bwd 8R + 3W.
 // bn_swish is the same code with K = 1, weight 1 and no bias (z = x exactly).
 // The conv and weight-grad register blocks use GCC vector types; the element loops are plain C++ that GCC
 // vectorises. All are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at run time (cpu_vec.h,
@@ -804,8 +804,6 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
         cl_conv_row<K, LN>(g, brows, wl + b * KK * LN, bl + b * LN, z.data());
         const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);
         if (STATS) {  // this row's per-lane (mean, M2), two passes over z in L1, merged into the unit's
-          if constexpr (std::is_same_v<T, A>)  // z kept in y (exact): fwd_cl normalises it in place
-            for (int64_t w = 0; w < g.W; ++w) std::copy(z.data() + w * LN, z.data() + w * LN + cbn, y + w * g.C + c0);
           A s[LN] = {}, q[LN] = {};
           for (int64_t w = 0; w < g.W; ++w)
             for (int l = 0; l < LN; ++l) s[l] += z[w * LN + l];
@@ -900,19 +898,6 @@ void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
   }
 }
 
-// Channels-last rows [p0, p1) of y (C values each), in place: y = act(sc[c] * y + sh[c]).
-template <typename T, typename A>
-void cl_apply_rows(const Args<T, A>& a, const A* sc, const A* sh, int64_t p0, int64_t p1) {
-  const int64_t C = a.g.C;
-  for (int64_t p = p0; p < p1; ++p) {
-    T* y = a.out + p * C;
-    if (a.swish)
-      for (int64_t c = 0; c < C; ++c) y[c] = T(act<true>(sc[c] * A(y[c]) + sh[c], a.eb));
-    else
-      for (int64_t c = 0; c < C; ++c) y[c] = T(act<false>(sc[c] * A(y[c]) + sh[c], a.eb));
-  }
-}
-
 // ---------------------------------------------------------------------------
 // Instruction-set dispatch (cpu_vec.h): name##_isa(args...).
 // ---------------------------------------------------------------------------
@@ -920,7 +905,6 @@ DF_MULTIVERSION(fwd_tasks)
 DF_MULTIVERSION(fwd_eval_planes)
 DF_MULTIVERSION(bwd_tasks)
 DF_MULTIVERSION(cl_fwd_units)
-DF_MULTIVERSION(cl_apply_rows)
 DF_MULTIVERSION(bwd_tasks_cl)
 
 // ---------------------------------------------------------------------------
@@ -946,9 +930,7 @@ A* mut_or_null(at::Tensor& t) {
 at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Channels-last forward: (training) conv -> per-unit statistics -> per-channel mean and biased variance,
-// then conv with BatchNorm folded -> act; or, when y holds the accumulation type (float32, float64 x), the
-// first pass also writes z into y and the second is an in-place y = act(sc * y + sh): one conv instead of
-// two, for one more write and read of y (on this CPU the conv costs more than that traffic).
+// then conv with BatchNorm folded -> act.
 template <typename T, typename A>
 void fwd_cl(const Args<T, A>& a) {
   constexpr int LN = 64 / sizeof(A);
@@ -975,16 +957,6 @@ void fwd_cl(const Args<T, A>& a) {
         a.var[c] = A(m2 / double(count));
       }
     });
-    if constexpr (std::is_same_v<T, A>) {  // the first pass left z in y: normalise it in place
-      std::vector<A> sc(g.C), sh(g.C);
-      for (int64_t c = 0; c < g.C; ++c) {
-        const Coef<A> k = coef_of(a, c);
-        sc[c] = k.sc, sh[c] = k.sh;
-      }
-      at::parallel_for(0, g.N * g.HW, 1 + (1 << 15) / g.C,
-                       [&](int64_t p0, int64_t p1) { cl_apply_rows_isa(a, sc.data(), sh.data(), p0, p1); });
-      return;
-    }
   }
   cl_block_weights<LN>(a, true, wl, bl);
   at::parallel_for(0, units, 1, [&](int64_t u0, int64_t u1) {
