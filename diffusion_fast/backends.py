@@ -79,6 +79,14 @@ def extension_loaded() -> bool:
     return _state["extension"] is not None
 
 
+def register_autograd_fallback(fwd_op, backward: Callable, setup_context: Callable) -> None:
+    """A fused op's autograd in Python, registered only when our extension did not load: when it
+    did, csrc/<op>/<op>_autograd.cpp serves the same backward in C++, with no Python per call
+    (diffusion_fast/__init__.py loads the extension before any op module defines its schemas)."""
+    if not extension_loaded():
+        torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+
+
 def _triton_module():
     if _state["triton"] is None and _state["triton_error"] is None:
         try:

@@ -12,10 +12,13 @@ run k of the tile (offsets, mask, its normals): the loop of every kernel that dr
         offs, mask, z = tile_run(tile, k, numel, z0, z1, z2, z3, TILE)
         ...  # the op's epilogue on elements offs
 
-with (numel, seed_lo, seed_hi, step) among its arguments, in that order; its launcher starts with
-``grid, scalars = noise_launch(op, x, seed, step, **tensors_read_with_x)`` (the checks they share, one program per tile,
-those four scalars). The uniforms match the other backends bit for bit; the normals to float rounding (tl.log, tl.sin,
-tl.cos are IEEE-accurate libdevice calls on NVIDIA).
+with (numel, seed_lo, seed_hi, step) among its arguments, in that order. Its launcher starts with
+
+    grid, scalars = noise_launch(op, x, seed, step, **tensors_read_with_x)
+
+(the checks they share, one program per tile, those four scalars). The uniforms match the other
+backends bit for bit; the normals to float rounding (tl.log, tl.sin, tl.cos are IEEE-accurate
+libdevice calls on NVIDIA).
 """
 
 import torch

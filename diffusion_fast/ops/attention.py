@@ -101,8 +101,7 @@ def _backward(ctx, grad_out, _grad_lse):
 _fwd_op = torch.ops.diffusion_fast.attention_triton_fwd.default
 torch.library.register_fake(_fwd_op, _fake_fwd)
 torch.library.register_fake(torch.ops.diffusion_fast.attention_triton_bwd.default, _fake_bwd)
-if not backends.extension_loaded():  # else in C++: csrc/attention/attention_autograd.cpp
-    torch.library.register_autograd(_fwd_op, _backward, setup_context=_setup_context)
+backends.register_autograd_fallback(_fwd_op, _backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------

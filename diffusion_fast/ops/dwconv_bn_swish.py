@@ -147,65 +147,40 @@ def _grad_like(t: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty((0,)) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def _fake_dw_bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, training, eps, swish):
-    return (torch.empty_like(x),) + tuple(_grad_like(t, x) for t in (conv_weight, conv_bias, bn_weight, bn_bias))
+# Both ops share one shape of arguments: fwd (x, *params, running_mean, running_var, training,
+# eps, swish) -> (y, mean, var) and bwd (grad_y, x, *params, mean, var, training, eps,
+# swish) -> (grad_x, *grad_params), where params are dwconv_bn_swish's (conv_weight, conv_bias,
+# bn_weight, bn_bias) or bn_swish's (bn_weight, bn_bias); an absent (None) param gets an empty grad.
+def _fake_bwd(grad_y, x, *rest):
+    params = rest[:-5]  # rest: *params, mean, var, training, eps, swish
+    return (torch.empty_like(x),) + tuple(_grad_like(t, x) for t in params)
 
 
-def _fake_bn_bwd(grad_y, x, bn_weight, bn_bias, mean, var, training, eps, swish):
-    return (torch.empty_like(x),) + tuple(_grad_like(t, x) for t in (bn_weight, bn_bias))
-
-
-def _setup_dw(ctx, inputs, output):
-    x, conv_weight, conv_bias, bn_weight, bn_bias, _rm, _rv, training, eps, swish = inputs
+def _setup_context(ctx, inputs, output):
+    *tensors, _running_mean, _running_var, training, eps, swish = inputs  # tensors: x, *params
     _, mean, var = output
-    ctx.save_for_backward(x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var)
+    ctx.save_for_backward(*tensors, mean, var)
     ctx.training, ctx.eps, ctx.swish = training, eps, swish
     ctx.mark_non_differentiable(mean, var)
 
 
-def _setup_bn(ctx, inputs, output):
-    x, bn_weight, bn_bias, _rm, _rv, training, eps, swish = inputs
-    _, mean, var = output
-    ctx.save_for_backward(x, bn_weight, bn_bias, mean, var)
-    ctx.training, ctx.eps, ctx.swish = training, eps, swish
-    ctx.mark_non_differentiable(mean, var)
-
-
-def _grads(optional, grads, trailing):
-    """Gradients of the optional inputs (None where absent), then None for the non-tensor arguments."""
-    return tuple(None if t is None else g for t, g in zip(optional, grads)) + (None,) * trailing
-
-
-def _make_dw_backward(bwd_op):
+def _make_backward(bwd_op):
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-        grads = bwd_op(_like_layout(grad_y, x), x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var,
-                       ctx.training, ctx.eps, ctx.swish)
-        return (grads[0], grads[1]) + _grads((conv_bias, bn_weight, bn_bias), grads[2:], 5)
+        x, *params, mean, var = ctx.saved_tensors
+        grads = bwd_op(_like_layout(grad_y, x), x, *params, mean, var, ctx.training, ctx.eps, ctx.swish)
+        grad_params = tuple(None if t is None else g for t, g in zip(params, grads[1:]))
+        return (grads[0],) + grad_params + (None,) * 5  # running_mean .. swish
 
     return backward
 
 
-def _make_bn_backward(bwd_op):
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, bn_weight, bn_bias, mean, var = ctx.saved_tensors
-        grads = bwd_op(_like_layout(grad_y, x), x, bn_weight, bn_bias, mean, var, ctx.training, ctx.eps, ctx.swish)
-        return (grads[0],) + _grads((bn_weight, bn_bias), grads[1:], 5)
-
-    return backward
-
-
-_REGISTRATION = {"dwconv_bn_swish": (_fake_dw_bwd, _setup_dw, _make_dw_backward),
-                 "bn_swish": (_fake_bn_bwd, _setup_bn, _make_bn_backward)}
-for _op, _names in OPS.items():
-    _fake_bwd, _setup, _make_backward = _REGISTRATION[_op]
+for _names in OPS.values():
     for _name in _names.values():
         _fwd = getattr(torch.ops.diffusion_fast, _name + "_fwd").default
         _bwd = getattr(torch.ops.diffusion_fast, _name + "_bwd").default
         torch.library.register_fake(_fwd, _fake_fwd)
         torch.library.register_fake(_bwd, _fake_bwd)
-        if not backends.extension_loaded():  # else in C++: csrc/dwconv_bn_swish/dwconv_bn_swish_autograd.cpp
-            torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup)
+        backends.register_autograd_fallback(_fwd, _make_backward(_bwd), _setup_context)
 
 
 # ---------------------------------------------------------------------------

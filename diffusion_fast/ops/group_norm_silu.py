@@ -123,16 +123,12 @@ def _make_backward(bwd_op):
     return backward
 
 
-# Autograd of both fwd ops: in C++ (csrc/group_norm_silu/group_norm_silu_autograd.cpp, no Python per
-# call) when the extension loaded, which diffusion_fast/__init__.py does before importing this module;
-# else the same backward in Python.
 for _name in OPS.values():
     _fwd = getattr(torch.ops.diffusion_fast, _name + "_fwd").default
     _bwd = getattr(torch.ops.diffusion_fast, _name + "_bwd").default
     torch.library.register_fake(_fwd, _fake_fwd)
     torch.library.register_fake(_bwd, _fake_bwd)
-    if not backends.extension_loaded():
-        torch.library.register_autograd(_fwd, _make_backward(_bwd), setup_context=_setup_context)
+    backends.register_autograd_fallback(_fwd, _make_backward(_bwd), _setup_context)
 
 
 # ---------------------------------------------------------------------------
