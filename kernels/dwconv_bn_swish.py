@@ -436,7 +436,7 @@ def _bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, train
 
 
 def dwconv_bn_swish_fwd(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training: bool,
-                        eps: float, swish: bool):
+                        eps: float, swish: bool, needs_grad: bool):  # needs_grad: a CPU-only hint, unused here
     return _fwd(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, swish)
 
 
@@ -445,7 +445,8 @@ def dwconv_bn_swish_bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, m
     return _bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, training, eps, swish)
 
 
-def bn_swish_fwd(x, bn_weight, bn_bias, running_mean, running_var, training: bool, eps: float, swish: bool):
+def bn_swish_fwd(x, bn_weight, bn_bias, running_mean, running_var, training: bool, eps: float, swish: bool,
+                 needs_grad: bool):
     return _fwd(x, None, None, bn_weight, bn_bias, running_mean, running_var, training, eps, swish)
 
 

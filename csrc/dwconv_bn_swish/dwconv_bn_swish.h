@@ -9,6 +9,8 @@
 // conv_weight: (C, 1, K, K) with K in {1, 3, 5}; conv_bias, bn_weight, bn_bias, running_mean, running_var:
 // (C,) of any floating dtype, or undefined. mean, var: (C,) float32 (float64 for float64 x), the statistics
 // y was normalised with: the batch's (biased variance) when training, else copies of the running ones.
+// needs_grad (forward): whether a backward may follow; a hint only, results are the same either way (the
+// CPU channels-last training forward runs the conv once when no backward follows, see fwd_cl).
 // Backward returns grad_x (layout of x) and the grads of conv_weight, conv_bias, bn_weight, bn_bias, each
 // in its input's dtype, or an empty (0,) tensor when that input is absent. grad_y must have x's layout.
 #pragma once
@@ -43,26 +45,28 @@ using BNBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
 Fwd dwconv_bn_swish_fwd_cpu(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                             const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-                            const OptTensor& running_var, bool training, double eps, bool swish);
+                            const OptTensor& running_var, bool training, double eps, bool swish,
+                            bool needs_grad);
 DWBwd dwconv_bn_swish_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
                               const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                               const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish);
 Fwd bn_swish_fwd_cpu(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                      const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
-                     bool swish);
+                     bool swish, bool needs_grad);
 BNBwd bn_swish_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& bn_weight,
                        const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, bool training,
                        double eps, bool swish);
 
 Fwd dwconv_bn_swish_fwd_cuda(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                              const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-                             const OptTensor& running_var, bool training, double eps, bool swish);
+                             const OptTensor& running_var, bool training, double eps, bool swish,
+                             bool needs_grad);
 DWBwd dwconv_bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish);
 Fwd bn_swish_fwd_cuda(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
-                      bool swish);
+                      bool swish, bool needs_grad);
 BNBwd bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& bn_weight,
                         const OptTensor& bn_bias, const at::Tensor& mean, const at::Tensor& var, bool training,
                         double eps, bool swish);

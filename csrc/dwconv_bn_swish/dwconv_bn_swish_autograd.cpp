@@ -17,12 +17,12 @@ using torch::autograd::variable_list;
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, mean, var)
 
 using DwFwdFn = Stats(const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                      const OptTensor&, const OptTensor&, bool, double, bool);
+                      const OptTensor&, const OptTensor&, bool, double, bool, bool);
 using DwBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const at::Tensor&, const at::Tensor&, bool, double, bool);
 using BnFwdFn = Stats(const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                      double, bool);
+                      double, bool, bool);
 using BnBwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const OptTensor&,
                                                                 const OptTensor&, const at::Tensor&, const at::Tensor&,
                                                                 bool, double, bool);
@@ -58,10 +58,10 @@ struct DWConvBNSwishFunction : public torch::autograd::Function<DWConvBNSwishFun
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const OptTensor& running_mean, const OptTensor& running_var, bool training,
-                               double eps, bool swish) {
+                               double eps, bool swish, bool needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, var] = dw_ops<TRITON>().fwd.call(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                    running_var, training, eps, swish);
+                                                    running_var, training, eps, swish, needs_grad);
     ctx->save_for_backward({x, conv_weight, saved(conv_bias), saved(bn_weight), saved(bn_bias), mean, var});
     save_flags(ctx, training, eps, swish);
     ctx->mark_non_differentiable({mean, var});
@@ -76,7 +76,7 @@ struct DWConvBNSwishFunction : public torch::autograd::Function<DWConvBNSwishFun
         dw_ops<TRITON>().bwd.call(like_layout(grads[0], s[0]), s[0], s[1], optional(s[2]), optional(s[3]),
                                   optional(s[4]), s[5], s[6], d["training"].toBool(), d["eps"].toDouble(),
                                   d["swish"].toBool());
-    return {gx, gw, grad_if(s[2], gcb), grad_if(s[3], gbw), grad_if(s[4], gbb), {}, {}, {}, {}, {}};
+    return {gx, gw, grad_if(s[2], gcb), grad_if(s[3], gbw), grad_if(s[4], gbb), {}, {}, {}, {}, {}, {}};
   }
 };
 
@@ -84,10 +84,11 @@ template <bool TRITON>
 struct BNSwishFunction : public torch::autograd::Function<BNSwishFunction<TRITON>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& bn_weight,
                                const OptTensor& bn_bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, bool training, double eps, bool swish) {
+                               const OptTensor& running_var, bool training, double eps, bool swish,
+                               bool needs_grad) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [y, mean, var] =
-        bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
+        bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish, needs_grad);
     ctx->save_for_backward({x, saved(bn_weight), saved(bn_bias), mean, var});
     save_flags(ctx, training, eps, swish);
     ctx->mark_non_differentiable({mean, var});
@@ -101,25 +102,25 @@ struct BNSwishFunction : public torch::autograd::Function<BNSwishFunction<TRITON
     auto [gx, gbw, gbb] = bn_ops<TRITON>().bwd.call(like_layout(grads[0], s[0]), s[0], optional(s[1]),
                                                     optional(s[2]), s[3], s[4], d["training"].toBool(),
                                                     d["eps"].toDouble(), d["swish"].toBool());
-    return {gx, grad_if(s[1], gbw), grad_if(s[2], gbb), {}, {}, {}, {}, {}};
+    return {gx, grad_if(s[1], gbw), grad_if(s[2], gbb), {}, {}, {}, {}, {}, {}};
   }
 };
 
 template <bool TRITON>
 Stats dw_autograd(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                   const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-                  const OptTensor& running_var, bool training, double eps, bool swish) {
-  const variable_list out = DWConvBNSwishFunction<TRITON>::apply(x, conv_weight, conv_bias, bn_weight, bn_bias,
-                                                                 running_mean, running_var, training, eps, swish);
+                  const OptTensor& running_var, bool training, double eps, bool swish, bool needs_grad) {
+  const variable_list out = DWConvBNSwishFunction<TRITON>::apply(
+      x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, swish, needs_grad);
   return {out[0], out[1], out[2]};
 }
 
 template <bool TRITON>
 Stats bn_autograd(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                   const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
-                  bool swish) {
-  const variable_list out =
-      BNSwishFunction<TRITON>::apply(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
+                  bool swish, bool needs_grad) {
+  const variable_list out = BNSwishFunction<TRITON>::apply(x, bn_weight, bn_bias, running_mean, running_var, training,
+                                                           eps, swish, needs_grad);
   return {out[0], out[1], out[2]};
 }
 

@@ -516,7 +516,8 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
 
 Fwd dwconv_bn_swish_fwd_cuda(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                              const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
-                             const OptTensor& running_var, bool training, double eps, bool swish) {
+                             const OptTensor& running_var, bool training, double eps, bool swish,
+                             bool /*needs_grad*/) {
   return fwd_impl(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
 }
 
@@ -528,7 +529,7 @@ DWBwd dwconv_bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, co
 
 Fwd bn_swish_fwd_cuda(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
-                      bool swish) {
+                      bool swish, bool /*needs_grad*/) {
   return fwd_impl(x, OptTensor(), OptTensor(), bn_weight, bn_bias, running_mean, running_var, training, eps, swish);
 }
 

@@ -36,7 +36,9 @@ Passes over activation-sized memory (R = one read, W = one write of an x-sized t
     channel by channel and keep a channel's conv output (and dzn) in a scratch buffer when it fits
     (N*H*W*4 bytes per channel, 1 MiB per thread), so their second passes read cache: NCHW training
     fwd 1R+1W, bwd 2R+1W from memory (larger channels: as above, recomputing). The channels-last
-    forward walks x in memory order, all channels of a row at once: training 2R+1W (conv twice).
+    forward walks x in memory order, all channels of a row at once: training 2R+1W (conv twice), or,
+    for float32/float64 when no backward follows (the fwd ops' ``needs_grad`` hint, e.g. NVAE's
+    BatchNorm re-adjustment under no_grad), 1R+1W then 1R+1W in place (z kept in y: one conv).
 
 Backends: ``cuda`` (our extension: C++ on CPU tensors, CUDA on GPU tensors), ``triton`` and
 ``torch`` (``dwconv_bn_swish_ref``/``bn_swish_ref``), chosen per call by ``diffusion_fast.backends``.
@@ -107,7 +109,7 @@ def dwconv_bn_swish_ref(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tens
 # ---------------------------------------------------------------------------
 DW_FWD_SCHEMA = (
     "(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, "
-    "Tensor? running_var, bool training, float eps, bool swish) -> (Tensor y, Tensor mean, Tensor var)"
+    "Tensor? running_var, bool training, float eps, bool swish, bool needs_grad) -> (Tensor y, Tensor mean, Tensor var)"
 )
 DW_BWD_SCHEMA = (
     "(Tensor grad_y, Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
@@ -116,7 +118,7 @@ DW_BWD_SCHEMA = (
 )
 BN_FWD_SCHEMA = (
     "(Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor? running_mean, Tensor? running_var, bool training, "
-    "float eps, bool swish) -> (Tensor y, Tensor mean, Tensor var)"
+    "float eps, bool swish, bool needs_grad) -> (Tensor y, Tensor mean, Tensor var)"
 )
 BN_BWD_SCHEMA = (
     "(Tensor grad_y, Tensor x, Tensor? bn_weight, Tensor? bn_bias, Tensor mean, Tensor var, bool training, "
@@ -148,7 +150,7 @@ def _grad_like(t: Optional[Tensor], x: Tensor) -> Tensor:
 
 
 # Both ops share one shape of arguments: fwd (x, *params, running_mean, running_var, training,
-# eps, swish) -> (y, mean, var) and bwd (grad_y, x, *params, mean, var, training, eps,
+# eps, swish, needs_grad) -> (y, mean, var) and bwd (grad_y, x, *params, mean, var, training, eps,
 # swish) -> (grad_x, *grad_params), where params are dwconv_bn_swish's (conv_weight, conv_bias,
 # bn_weight, bn_bias) or bn_swish's (bn_weight, bn_bias); an absent (None) param gets an empty grad.
 def _fake_bwd(grad_y, x, *rest):
@@ -157,7 +159,7 @@ def _fake_bwd(grad_y, x, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, _running_mean, _running_var, training, eps, swish = inputs  # tensors: x, *params
+    *tensors, _running_mean, _running_var, training, eps, swish, _needs_grad = inputs  # tensors: x, *params
     _, mean, var = output
     ctx.save_for_backward(*tensors, mean, var)
     ctx.training, ctx.eps, ctx.swish = training, eps, swish
@@ -169,7 +171,7 @@ def _make_backward(bwd_op):
         x, *params, mean, var = ctx.saved_tensors
         grads = bwd_op(_like_layout(grad_y, x), x, *params, mean, var, ctx.training, ctx.eps, ctx.swish)
         grad_params = tuple(None if t is None else g for t, g in zip(params, grads[1:]))
-        return (grads[0],) + grad_params + (None,) * 5  # running_mean .. swish
+        return (grads[0],) + grad_params + (None,) * 6  # running_mean .. needs_grad
 
     return backward
 
@@ -277,6 +279,11 @@ def _prepare(x: Tensor, *params):
     return (x,) + tuple(None if t is None else t.contiguous() for t in params)
 
 
+def _needs_grad(*tensors) -> bool:
+    """Whether a backward may follow: the fwd ops' performance hint (results do not depend on it)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, swish: bool = True) -> Tensor:
@@ -298,7 +305,8 @@ def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     x, conv_weight, conv_bias, bn_weight, bn_bias = _prepare(x, conv_weight, conv_bias, bn_weight, bn_bias)
     fwd = getattr(torch.ops.diffusion_fast, OPS[fn][backend] + "_fwd")
     y, mean, var = fwd(x, conv_weight, conv_bias, bn_weight, bn_bias, None if training else running_mean,
-                       None if training else running_var, training, float(eps), swish)
+                       None if training else running_var, training, float(eps), swish,
+                       _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias))
     if training and running_mean is not None:
         _update_running(running_mean, running_var, mean, var, float(momentum), x.numel() // x.shape[1])
     return y
@@ -318,7 +326,7 @@ def bn_swish(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], 
     x, bn_weight, bn_bias = _prepare(x, bn_weight, bn_bias)
     fwd = getattr(torch.ops.diffusion_fast, OPS[fn][backend] + "_fwd")
     y, mean, var = fwd(x, bn_weight, bn_bias, None if training else running_mean, None if training else running_var,
-                       training, float(eps), swish)
+                       training, float(eps), swish, _needs_grad(x, bn_weight, bn_bias))
     if training and running_mean is not None:
         _update_running(running_mean, running_var, mean, var, float(momentum), x.numel() // x.shape[1])
     return y

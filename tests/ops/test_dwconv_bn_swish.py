@@ -201,6 +201,32 @@ def test_extension_training_forward_channel_blocks(threads):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_extension_training_forward_with_and_without_grad(threads, grad):
+    """Without a backward to follow, the C++ channels-last training forward of float32/float64 runs the conv
+    once (z kept in y, normalised in place); with one, twice. Both match the float64 reference, running
+    statistics included, on channel counts with a partial 64-byte block and rows split over threads."""
+    torch.set_num_threads(threads)
+    try:
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            for k, shape in ((5, (2, 20, 5, 7)), (3, (3, 17, 4, 9)), (5, (1, 40, 3, 3))):
+                x, p = make_inputs(shape, k, dtype, "cpu", "channels_last")
+                require_backend("cuda", "dwconv_bn_swish", x, _unsupported)
+                mine = {k: v.clone() if k.startswith("running") else v for k, v in p.items()}
+                mine["conv_weight"].requires_grad_(grad)
+                with diffusion_fast.use_backend("cuda"):
+                    y = call(OURS, x, mine, training=True)
+                assert y.stride() == x.stride()
+                ref = {k: v.double() for k, v in p.items()}
+                expected = call(REF, x.double(), ref, training=True)
+                assert_close(y, expected, dtype, "y")
+                for name in ("running_mean", "running_var"):
+                    assert_close(mine[name], ref[name], torch.float32, name)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("k", [3, 5, None], ids=["k3", "k5", "bn_swish"])
 def test_gradcheck_extension_cpu(training, k):
@@ -241,12 +267,14 @@ def test_opcheck(backend, device):
     require_backend(backend, "dwconv_bn_swish", x, _unsupported)
     dw = getattr(torch.ops.diffusion_fast, OPS["dwconv_bn_swish"][backend] + "_fwd").default
     bn = getattr(torch.ops.diffusion_fast, OPS["bn_swish"][backend] + "_fwd").default
-    for training in (True, False):
+    for training, needs_grad in ((True, True), (True, False), (False, True)):
         rm, rv = (None, None) if training else (p["running_mean"], p["running_var"])
         torch.library.opcheck(dw, (x, p["conv_weight"], p["conv_bias"], p["bn_weight"], p["bn_bias"], rm, rv,
-                                   training, 1e-5, True))
+                                   training, 1e-5, True, needs_grad))
+        torch.library.opcheck(dw, (to_layout(x, "channels_last"), p["conv_weight"], None, p["bn_weight"], None, rm,
+                                   rv, training, 1e-5, True, needs_grad))
         torch.library.opcheck(bn, (to_layout(x, "channels_last"), p["bn_weight"], None, rm, rv, training, 1e-3,
-                                   False))
+                                   False, needs_grad))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "triton"])
