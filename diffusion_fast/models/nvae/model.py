@@ -261,6 +261,7 @@ class NVAE(nn.Module):
         return self.decoder_output(params).sample(t)
 
     @torch.no_grad()
+    @torch.no_grad()  # forwards only: no graph, and dwconv_bn_swish takes its forward-only path
     def readjust_bn(self, num_batches: int = 20, batch_size: int = 16, t: float = 1.0) -> None:
         """BatchNorm re-adjustment (Sec. 5.1): generate ``num_batches`` batches in train mode so the running
         statistics follow the temperature-t activations, then switch to eval mode."""
