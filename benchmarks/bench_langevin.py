@@ -11,6 +11,13 @@ CIFAR-10 setting at the level sigma_i = 1):
     langevin_table  the same with a read from a 0-d device tensor (the sampler's form: no host sync)
     langevin_noise  a given noise tensor on both sides (fusion alone, no RNG)
     denoise         x + a * score (add_noise=False: NCSN's final denoising step)
+    anneal          the whole annealed Langevin sampler (NCSN Algorithm 1 with NCSNv2's final
+                    denoising step) on a small NCSNv2 (ngf 32, L = 10 levels from sigma 50 to 0.01,
+                    T steps per level: 2 on a CPU, 5 on a GPU; 32x32 RGB, batch 8 / 128). eager: the
+                    model on the plain-PyTorch backend and the eager update with host-side step sizes;
+                    compile: torch.compile of that whole loop; ours: ``annealed_langevin_dynamics``
+                    with the model on our backend (fused steps, device tables, no host sync).
+                    Bytes and FLOPs are not counted for it (GB/s is that of the steps' x and score).
 
 "max abs diff" compares different noise streams (torch.randn vs Philox) in ``langevin`` and
 ``langevin_table``; the other variants compare like for like.
@@ -24,16 +31,20 @@ bandwidth, while on a CPU the RNG is the larger share.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import harness  # first: puts the repo root on sys.path when diffusion_fast is not installed
 import torch
 
 import diffusion_fast
+from diffusion_fast.models import NCSNv2
 from diffusion_fast.ops.langevin_step import _unsupported
+from diffusion_fast.samplers import annealed_langevin_dynamics
 
 SEED, STEP = 1234, 500
 STEP_SIZE = 6.2e-6 * (1.0 / 0.01) ** 2  # alpha_i at sigma_i = 1, sigma_L = 0.01
+ANNEAL_STEP_LR = 6.2e-6  # NCSNv2's CIFAR-10 epsilon
 
 # (B, C, H, W): one image and a sampling batch, at CIFAR-10 and 256x256 resolution.
 SHAPES = [(b, 3, h, h) for h in (32, 256) for b in (1, 128)]
@@ -73,12 +84,56 @@ def plan(device: str, quick: bool, dtypes, variants) -> list:
     return harness.variant_plan(device, quick, dtypes, variants, "langevin", SHAPES, side_shapes, QUICK_SHAPES)
 
 
+def anneal_loops(model: NCSNv2, steps: int) -> tuple:
+    """(eager, ours) annealed Langevin samplers over ``model``'s noise levels, from a given x_0."""
+    eager_model = copy.deepcopy(model)
+    eager_model.backend = "torch"
+    dtype = model.sigmas.dtype
+    sigmas = model.sigmas.double().cpu().tolist()
+    alphas = [ANNEAL_STEP_LR * (s / sigmas[-1]) ** 2 for s in sigmas]  # NCSN: alpha_i = eps sigma_i^2 / sigma_L^2
+
+    @torch.no_grad()
+    def eager(x):
+        x = x.to(dtype)
+        labels = [torch.full((x.shape[0],), i, device=x.device) for i in range(len(sigmas))]
+        for label, a in zip(labels, alphas):
+            for _ in range(steps):
+                x = x + a * eager_model(x, label) + math.sqrt(2 * a) * torch.randn_like(x)
+        return x + sigmas[-1] ** 2 * eager_model(x, labels[-1])
+
+    def ours(x):
+        return annealed_langevin_dynamics(model, x.to(dtype), model.sigmas, n_steps_each=steps,
+                                          step_lr=ANNEAL_STEP_LR, seed=SEED)
+
+    return eager, ours
+
+
+def run_anneal(bench: harness.Harness, quick: bool, dtypes) -> None:
+    """The ``anneal`` variant (module doc): one case per dtype."""
+    cpu = bench.device.type == "cpu"
+    batch, steps, levels = (2, 1, 2) if quick else (8 if cpu else 128, 2 if cpu else 5, 10)
+    for dtype in dtypes or ([torch.float32] if cpu else [torch.float32, torch.bfloat16]):
+        shape = (batch, 3, 32, 32)
+        print(f"anneal {list(shape)} {dtype}", flush=True)
+        torch.manual_seed(0)
+        model = NCSNv2(ngf=8 if quick else 32, num_classes=levels, sigma_begin=50.0, sigma_end=0.01)
+        model = model.to(device=bench.device, dtype=dtype).eval()
+        eager, ours = anneal_loops(model, steps)
+        forwards = levels * steps + 1
+        nbytes = forwards * 3 * math.prod(shape) * (torch.finfo(dtype).bits // 8)
+        case = harness.Case("anneal", shape, dtype, "fwd", harness.randn_args(shape, dtype, bench.device, 1), nbytes,
+                            extra=dict(levels=levels, n_steps_each=steps, step_lr=ANNEAL_STEP_LR,
+                                       ngf=model.config["ngf"], model_forwards=forwards))
+        bench.run(case, eager, ours, _unsupported)
+
+
 def main(argv=None) -> None:
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     bench = harness.Harness("bench_langevin", "langevin_step", args)
     variants = _variants(bench.device)
     harness.run_elementwise(bench, variants, plan(args.device, args.quick, args.dtypes, variants), _unsupported,
                             extra={"step_size": STEP_SIZE})
+    run_anneal(bench, args.quick, args.dtypes)
     bench.finish()
 
 

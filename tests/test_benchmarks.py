@@ -83,7 +83,9 @@ def test_clip_text_bench_quick_cpu(tmp_path):
 def test_langevin_bench_quick_cpu(tmp_path):
     data = run_quick(tmp_path, "bench_langevin")
     rows = data["rows"]
-    assert {r["variant"] for r in rows} == {"langevin", "langevin_table", "langevin_noise", "denoise"}
+    assert {r["variant"] for r in rows} == {"langevin", "langevin_table", "langevin_noise", "denoise", "anneal"}
+    anneal = [r for r in rows if r["variant"] == "anneal"]
+    assert {r["provider"] for r in anneal} == {"eager", "cpu"} and all(r["extra"]["model_forwards"] > 1 for r in anneal)
     assert all(r["provider"] in ("eager", "cpu") and r["median_ms"] > 0 and r["bytes"] > 0 for r in rows)
     for row in assert_cpu_ran_or_skipped(data):
         if row["variant"] in ("langevin_noise", "denoise"):  # like for like: the same values as eager
