@@ -17,25 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_fast import backends
 from diffusion_fast.backends import BACKENDS, use_backend
 from diffusion_fast.models.blocks import (AttnBlock, Downsample, ResnetBlock, Upsample, conv2d, linear,
-                                          timestep_embedding)
+                                          run_channels_last, timestep_embedding)
 from diffusion_fast.nn import FusedGroupNormSiLU
 
 __all__ = ["DDPMUNet"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _run_channels_last(x: Tensor) -> bool:
-    """Whether a forward on our kernels runs in channels_last (NHWC) memory: on the CPU, where
-    oneDNN convolutions then need no reorder of the activations into blocked layouts and back
-    around every call, and our GroupNorm's NHWC kernel is 1.3-4x faster than its NCHW one at
-    4x4-8x8 maps (measured, fp32). GPUs keep NCHW until NHWC is measured there. The reference
-    backend keeps the plain NCHW model, so ``backend="torch"`` stays the eager baseline.
-    """
-    return x.device.type == "cpu" and backends.current() != "torch"
 
 
 def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
@@ -167,7 +156,7 @@ class DDPMUNet(nn.Module):
         t = self._check_inputs(x, t)
         backend = _check_backend(backend, "forward(backend=)") or self.backend
         with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            layout = torch.channels_last if _run_channels_last(x) else None
+            layout = torch.channels_last if run_channels_last(x) else None
             y = self._forward(x, t, layout)
             return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_fast.backends import BACKENDS, use_backend
+from diffusion_fast.models.blocks import Conv2d, run_channels_last
 from diffusion_fast.models.refinenet import RefineBlock, conv3x3
 from diffusion_fast.nn import InstanceNorm2dPlus
 
@@ -72,7 +73,7 @@ class ConvMeanPool(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int = 3) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
+        self.conv = Conv2d(in_ch, out_ch, kernel, padding=kernel // 2)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(self.conv(x), 2)
@@ -111,7 +112,7 @@ class ResidualBlock(nn.Module):
         else:
             self.conv2 = conv(mid, out_ch)
             if resample is not None or in_ch != out_ch:
-                self.shortcut = conv(in_ch, out_ch) if dilation is not None else nn.Conv2d(in_ch, out_ch, 1)
+                self.shortcut = conv(in_ch, out_ch) if dilation is not None else Conv2d(in_ch, out_ch, 1)
             else:
                 self.shortcut = None
 
@@ -152,7 +153,7 @@ class NCSNv2(nn.Module):
         d3, d4 = dilations
         self.register_buffer("sigmas", ncsn_sigmas(sigma_begin, sigma_end, num_classes))
 
-        self.begin_conv = nn.Conv2d(channels, ngf, 3, padding=1)
+        self.begin_conv = Conv2d(channels, ngf, 3, padding=1)
         self.res1 = nn.ModuleList([ResidualBlock(ngf, ngf, act), ResidualBlock(ngf, ngf, act)])
         self.res2 = nn.ModuleList([ResidualBlock(ngf, 2 * ngf, act, resample="down"),
                                    ResidualBlock(2 * ngf, 2 * ngf, act)])
@@ -166,7 +167,7 @@ class NCSNv2(nn.Module):
         self.refine3 = RefineBlock([2 * ngf, 2 * ngf], ngf, fn)
         self.refine4 = RefineBlock([ngf, ngf], ngf, fn, end=True)
         self.normalizer = InstanceNorm2dPlus(ngf)
-        self.end_conv = nn.Conv2d(ngf, channels, 3, padding=1)
+        self.end_conv = Conv2d(ngf, channels, 3, padding=1)
 
     # ------------------------------------------------------------------ configs
     @classmethod
@@ -189,11 +190,14 @@ class NCSNv2(nn.Module):
         labels = self._check_inputs(x, labels)
         backend = _check_backend(backend, "forward(backend=)") or self.backend
         with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            return self._forward(x, labels)
+            layout = torch.channels_last if run_channels_last(x) else None
+            y = self._forward(x, labels, layout)
+            return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
 
-    def _forward(self, x: Tensor, labels: Tensor) -> Tensor:
+    def _forward(self, x: Tensor, labels: Tensor, layout: Optional[torch.memory_format] = None) -> Tensor:
         h = x if self.config["rescaled"] else 2 * x - 1.0
-        h = self.begin_conv(h)
+        h = self.begin_conv(h)  # every later op keeps its output's layout (x's few channels cannot carry it)
+        h = h if layout is None else h.contiguous(memory_format=layout)
         layers = []
         for stage in (self.res1, self.res2, self.res3, self.res4):
             for block in stage:

@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_fast import backends
+from diffusion_fast.models.blocks import Conv2d
 
 __all__ = ["conv3x3", "max_pool5", "RCUBlock", "CRPBlock", "MSFBlock", "RefineBlock"]
 
 Act = Callable[[Tensor], Tensor]
 
 
-def conv3x3(in_ch: int, out_ch: int, *, bias: bool = True, dilation: int = 1) -> nn.Conv2d:
+def conv3x3(in_ch: int, out_ch: int, *, bias: bool = True, dilation: int = 1) -> Conv2d:
     """3x3 convolution, stride 1, size-preserving padding (= dilation); PyTorch's default init."""
-    return nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=bias)
+    return Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation, bias=bias)
 
 
 class RCUBlock(nn.Module):
