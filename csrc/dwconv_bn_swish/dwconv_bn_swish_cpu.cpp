@@ -482,13 +482,19 @@ void fold_weights(const Args<T, A>& a, std::vector<A>& wf, std::vector<A>& bf) {
 template <typename T, typename A>
 void fwd_eval_planes(const Args<T, A>& a, const A* wf, const A* bf, int64_t p0, int64_t p1) {
   const Geo& g = a.g;
-  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), z(g.HW);
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t c = p % g.C;
-    conv_fwd_plane(g, a.x + p * g.HW, wf + c * g.K * g.K, bf[c], pad.data(), z.data());
-    T* y = a.out + p * g.HW;
-    a.swish ? apply_plane<true>(g.HW, z.data(), A(1), A(0), y, a.eb)
-            : apply_plane<false>(g.HW, z.data(), A(1), A(0), y, a.eb);
+  // With BatchNorm folded into the conv, act applies alike to every plane: it runs flat over runs of
+  // planes (consecutive in y) of up to ~4096 elements, so a 2x2 map's 4-element planes pay no scalar tail.
+  const int64_t run = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.HW));
+  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), z(std::min(run, p1 - p0) * g.HW);
+  for (int64_t r0 = p0; r0 < p1; r0 += run) {
+    const int64_t r1 = std::min(p1, r0 + run);
+    for (int64_t p = r0; p < r1; ++p) {
+      const int64_t c = p % g.C;
+      conv_fwd_plane(g, a.x + p * g.HW, wf + c * g.K * g.K, bf[c], pad.data(), z.data() + (p - r0) * g.HW);
+    }
+    T* y = a.out + r0 * g.HW;
+    const int64_t n = (r1 - r0) * g.HW;
+    a.swish ? apply_plane<true>(n, z.data(), A(1), A(0), y, a.eb) : apply_plane<false>(n, z.data(), A(1), A(0), y, a.eb);
   }
 }
 

@@ -10,7 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_fast.models.blocks import derived_params
+
 __all__ = ["FactorizedReduce", "SqueezeExcitation", "WNConv2d"]
+
+
+def _weight_norm(v: Tensor, log_norm: Tensor) -> Tensor:
+    return torch.exp(log_norm) * v / (torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True) + 1e-5)
 
 
 class WNConv2d(nn.Conv2d):
@@ -35,11 +41,11 @@ class WNConv2d(nn.Conv2d):
         self.register_buffer("init_done", torch.tensor(not self.data_init), persistent=False)
 
     def normalized_weight(self) -> Tensor:
-        """The (C_out, C_in / groups, k, k) weight the conv applies."""
+        """The (C_out, C_in / groups, k, k) weight the conv applies; kept between sampling calls while the
+        parameters are unchanged (``derived_params``: outside autograd and compile only)."""
         if self.log_weight_norm is None:
             return self.weight
-        norm = torch.linalg.vector_norm(self.weight, dim=(1, 2, 3), keepdim=True)
-        return torch.exp(self.log_weight_norm) * self.weight / (norm + 1e-5)
+        return derived_params(self, "_normalized_weight", (self.weight, self.log_weight_norm), _weight_norm)
 
     @torch.no_grad()
     def _data_init(self, x: Tensor) -> None:
