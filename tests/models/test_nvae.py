@@ -462,3 +462,25 @@ def test_digits_training_improves_bpd(digits):
     model.readjust_bn(num_batches=2, batch_size=32)
     s = model.sample(16, t=0.8)
     assert s.shape == (16, 1, 8, 8) and s.min() >= 0 and s.max() <= 1 and s.std() > 0
+
+
+def test_weight_norm_is_cached_while_sampling_and_follows_updates():
+    """Outside autograd the normalised weight is computed once and reused; an in-place update of either
+    parameter (an optimiser step, load_state_dict) is seen by the next call; under autograd it is fresh."""
+    torch.manual_seed(0)
+    conv = WNConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 5, 5)
+
+    def expected():
+        v, g = conv.weight.detach(), conv.log_weight_norm.detach()
+        w = torch.exp(g) * v / (torch.linalg.vector_norm(v, dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, conv.bias.detach(), padding=1)
+
+    with torch.no_grad():
+        assert conv.normalized_weight() is conv.normalized_weight()
+        assert torch.allclose(conv(x), expected(), atol=1e-6)
+        conv.log_weight_norm.add_(0.5)
+        assert torch.allclose(conv(x), expected(), atol=1e-6)
+        conv.weight.mul_(-2.0)
+        assert torch.allclose(conv(x), expected(), atol=1e-6)
+    assert conv.normalized_weight() is not conv.normalized_weight() and conv.normalized_weight().requires_grad
