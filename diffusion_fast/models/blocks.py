@@ -61,9 +61,11 @@ def derived_params(module: nn.Module, name: str, params: tuple, make) -> object:
 def run_channels_last(x: Tensor) -> bool:
     """Whether a model's forward on our kernels runs in channels_last (NHWC) memory: on the CPU, where
     oneDNN convolutions then need no reorder of the activations into blocked layouts and back around
-    every call (NCSNv2 small config: 14% of a forward), and our GroupNorm's NHWC kernel is 1.3-4x faster
-    than its NCHW one at 4x4-8x8 maps (measured, fp32). GPUs keep NCHW until NHWC is measured there. The
-    reference backend keeps the plain NCHW model, so ``backend="torch"`` stays the eager baseline.
+    every call, our GroupNorm's NHWC kernel is 1.3-4x faster than its NCHW one at 4x4-8x8 maps, and
+    ATen's 5x5 stride-1 max pool (NCSNv2's residual pooling) is ~9x faster than its NCHW kernel, which
+    keeps an argmax per output (measured, fp32; NCSNv2 sampling: 2.6 -> 1.3 s). GPUs keep NCHW until
+    NHWC is measured there. The reference backend keeps the plain NCHW model, so ``backend="torch"``
+    stays the eager baseline.
     """
     return x.device.type == "cpu" and backends.current() != "torch"
 

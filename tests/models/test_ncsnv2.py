@@ -9,7 +9,6 @@ from helpers import BACKEND_DEVICES, assert_close, dtypes_for, randomize_, requi
 import diffusion_fast
 from diffusion_fast import backends
 from diffusion_fast.models import NCSNv2, ncsn_sigmas, official_state_dict
-from diffusion_fast.models.refinenet import max_pool5
 from diffusion_fast.nn import InstanceNorm2dPlus
 from diffusion_fast.nn.instance_norm_plus import instance_norm_plus, instance_norm_plus_ref
 from diffusion_fast.ops.group_norm_silu import _unsupported as group_norm_silu_unsupported
@@ -272,22 +271,6 @@ def test_forward_matches_float64_reference(backend, device, dtype):
         actual = model.to(device)(x.to(device), labels.to(device), backend=backend)
     assert actual.dtype == dtype and actual.device.type == device
     assert_close(actual, expected, dtype, f"NCSNv2 on {backend}")
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_max_pool5_gives_max_pool2d_values(layout):
-    """The CPU sampler's separable 5x5 max pool equals F.max_pool2d bit for bit: odd sizes, maps smaller
-    than the window, batch 1, tied values and a NaN; with autograd on it is F.max_pool2d itself."""
-    for shape in ((2, 3, 7, 5), (1, 4, 1, 2), (3, 2, 6, 9)):
-        x = to_layout(torch.randint(-3, 4, shape).float() + 0.25 * torch.randn(shape).round(), layout)  # ties
-        x[0, 0, 0, -1] = float("nan")
-        expected = F.max_pool2d(x, 5, stride=1, padding=2)
-        with torch.no_grad(), diffusion_fast.use_backend("cuda"):  # "torch" runs F.max_pool2d itself
-            assert torch.equal(max_pool5(x).isnan(), expected.isnan())
-            assert torch.equal(max_pool5(x).nan_to_num(), expected.nan_to_num())
-        leaf = x.detach().nan_to_num().requires_grad_()
-        max_pool5(leaf).sum().backward()
-        assert leaf.grad.sum() == leaf.numel() and torch.equal(leaf.grad, leaf.grad.round())  # to one argmax each
 
 
 def test_score_is_the_network_output_divided_by_sigma():
