@@ -53,6 +53,18 @@ def use_backend(name: str) -> Iterator[None]:
         _stack.pop()
 
 
+def check_optional_name(name: Optional[str], source: str) -> Optional[str]:
+    """A model's ``backend=`` argument: None (follow the context) or a backend name, else ValueError."""
+    if name is not None and name not in BACKENDS + ("auto",):
+        raise ValueError(f"{source} must be None or one of {BACKENDS + ('auto',)}, got {name!r}")
+    return name
+
+
+def maybe_use_backend(name: Optional[str]) -> contextlib.AbstractContextManager:
+    """``use_backend(name)``, or a no-op for None (the surrounding choice stands)."""
+    return use_backend(name) if name is not None else contextlib.nullcontext()
+
+
 def current() -> str:
     """The backend requested right now ("auto" unless forced)."""
     return _stack[-1] if _stack else _default

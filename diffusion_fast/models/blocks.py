@@ -13,7 +13,7 @@ UNet's last conv) get scale 1e-10, i.e. they start at (almost exactly) zero.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,8 @@ from diffusion_fast import backends
 from diffusion_fast.models.attention import attention
 from diffusion_fast.nn import FusedGroupNormSiLU
 
-__all__ = ["timestep_embedding", "conv2d", "linear", "Conv2d", "ResnetBlock", "AttnBlock", "Downsample", "Upsample"]
+__all__ = ["timestep_embedding", "conv2d", "linear", "run_channels_last", "forward_in_layout", "Conv2d",
+           "ResnetBlock", "AttnBlock", "Downsample", "Upsample"]
 
 
 def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -68,6 +69,14 @@ def run_channels_last(x: Tensor) -> bool:
     stays the eager baseline.
     """
     return x.device.type == "cpu" and backends.current() != "torch"
+
+
+def forward_in_layout(forward: Callable[..., Tensor], x: Tensor, *args) -> Tensor:
+    """``forward(x, *args, layout)`` with layout channels_last where ``run_channels_last(x)`` says so
+    (else None: x's own layout); the result comes back in x's layout."""
+    layout = torch.channels_last if run_channels_last(x) else None
+    y = forward(x, *args, layout)
+    return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
 
 
 class Conv2d(nn.Conv2d):

@@ -22,7 +22,6 @@ Attention goes through ``diffusion_fast.models.attention.attention(..., causal=T
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 from typing import Optional
@@ -31,16 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_fast.backends import BACKENDS, use_backend
+from diffusion_fast.backends import check_optional_name, maybe_use_backend
 from diffusion_fast.models.attention import attention
 
 __all__ = ["CLIPTextEncoder", "QuickGELU"]
 
-
-def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
-    if backend is not None and backend not in BACKENDS + ("auto",):
-        raise ValueError(f"CLIPTextEncoder: {where} must be None or one of {BACKENDS + ('auto',)}, got {backend!r}")
-    return backend
 
 
 class QuickGELU(nn.Module):
@@ -125,7 +119,7 @@ class CLIPTextEncoder(nn.Module):
         self.config = dict(vocab_size=vocab_size, context_length=context_length, width=width, heads=heads,
                            layers=layers, embed_dim=embed_dim, mlp_ratio=mlp_ratio, quick_gelu=quick_gelu, eps=eps)
         self._check_config()
-        self.backend = _check_backend(backend, "backend")
+        self.backend = check_optional_name(backend, "CLIPTextEncoder: backend")
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.transformer = nn.Module()
@@ -178,8 +172,8 @@ class CLIPTextEncoder(nn.Module):
     def forward_tokens(self, tokens: Tensor, *, backend: Optional[str] = None) -> Tensor:
         """Per-token features after ``ln_final``: (B, L, width), before pooling and projection."""
         self._check_tokens(tokens)
-        backend = _check_backend(backend, "forward(backend=)") or self.backend
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
+        backend = check_optional_name(backend, "CLIPTextEncoder: forward(backend=)") or self.backend
+        with maybe_use_backend(backend):
             x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
             for block in self.transformer.resblocks:
                 x = block(x)

@@ -10,27 +10,21 @@ the official code (``temb.dense.0``, ``down.0.block.0.norm1``, ``mid.attn_1``, `
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_fast.backends import BACKENDS, use_backend
+from diffusion_fast.backends import check_optional_name, maybe_use_backend
 from diffusion_fast.models.blocks import (AttnBlock, Downsample, ResnetBlock, Upsample, conv2d, linear,
-                                          run_channels_last, timestep_embedding)
+                                          forward_in_layout, timestep_embedding)
 from diffusion_fast.nn import FusedGroupNormSiLU
 
 __all__ = ["DDPMUNet"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-
-def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
-    if backend is not None and backend not in BACKENDS + ("auto",):
-        raise ValueError(f"DDPMUNet: {where} must be None or one of {BACKENDS + ('auto',)}, got {backend!r}")
-    return backend
 
 
 class _Level(nn.Module):
@@ -81,7 +75,7 @@ class DDPMUNet(nn.Module):
             dropout=dropout, num_groups=num_groups, eps=eps, resamp_with_conv=resamp_with_conv,
         )
         self._check_config()
-        self.backend = _check_backend(backend, "backend")
+        self.backend = check_optional_name(backend, "DDPMUNet: backend")
         num_levels, temb_ch = len(ch_mult), 4 * ch
         block = dict(dropout=dropout, num_groups=num_groups, eps=eps)
 
@@ -154,11 +148,9 @@ class DDPMUNet(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, t: Union[Tensor, int, float], *, backend: Optional[str] = None) -> Tensor:
         t = self._check_inputs(x, t)
-        backend = _check_backend(backend, "forward(backend=)") or self.backend
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            layout = torch.channels_last if run_channels_last(x) else None
-            y = self._forward(x, t, layout)
-            return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
+        backend = check_optional_name(backend, "DDPMUNet: forward(backend=)") or self.backend
+        with maybe_use_backend(backend):
+            return forward_in_layout(self._forward, x, t)
 
     def _forward(self, x: Tensor, t: Tensor, layout: Optional[torch.memory_format] = None) -> Tensor:
         dense0, dense1 = self.temb.dense

@@ -27,7 +27,6 @@ Every InstanceNorm++ runs through the fused ``group_norm_silu`` op (see
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Mapping, Optional, Sequence, Union
 
@@ -35,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_fast.backends import BACKENDS, use_backend
-from diffusion_fast.models.blocks import Conv2d, run_channels_last
+from diffusion_fast.backends import check_optional_name, maybe_use_backend
+from diffusion_fast.models.blocks import Conv2d, forward_in_layout
 from diffusion_fast.models.refinenet import RefineBlock, conv3x3
 from diffusion_fast.nn import InstanceNorm2dPlus
 
@@ -122,11 +121,6 @@ class ResidualBlock(nn.Module):
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
-def _check_backend(backend: Optional[str], where: str) -> Optional[str]:
-    if backend is not None and backend not in BACKENDS + ("auto",):
-        raise ValueError(f"NCSNv2: {where} must be None or one of {BACKENDS + ('auto',)}, got {backend!r}")
-    return backend
-
 
 class NCSNv2(nn.Module):
     """s_θ(x, i) of NCSNv2 (module doc). forward(x: (N, channels, H, W) float, labels: (N,) int64
@@ -148,7 +142,7 @@ class NCSNv2(nn.Module):
                            sigma_end=sigma_end, nonlinearity=nonlinearity, dilations=tuple(dilations),
                            rescaled=rescaled)
         self._check_config()
-        self.backend = _check_backend(backend, "backend")
+        self.backend = check_optional_name(backend, "NCSNv2: backend")
         self.act = act = nonlinearity
         d3, d4 = dilations
         self.register_buffer("sigmas", ncsn_sigmas(sigma_begin, sigma_end, num_classes))
@@ -188,11 +182,9 @@ class NCSNv2(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor, labels: Union[Tensor, int], *, backend: Optional[str] = None) -> Tensor:
         labels = self._check_inputs(x, labels)
-        backend = _check_backend(backend, "forward(backend=)") or self.backend
-        with use_backend(backend) if backend is not None else contextlib.nullcontext():
-            layout = torch.channels_last if run_channels_last(x) else None
-            y = self._forward(x, labels, layout)
-            return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
+        backend = check_optional_name(backend, "NCSNv2: forward(backend=)") or self.backend
+        with maybe_use_backend(backend):
+            return forward_in_layout(self._forward, x, labels)
 
     def _forward(self, x: Tensor, labels: Tensor, layout: Optional[torch.memory_format] = None) -> Tensor:
         h = x if self.config["rescaled"] else 2 * x - 1.0

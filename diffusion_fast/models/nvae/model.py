@@ -20,12 +20,11 @@ instead of Eq. 3's analytic residual-normal KL. Sampling from the prior uses no 
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import Tensor, nn
 
-from diffusion_fast.backends import BACKENDS, use_backend
+from diffusion_fast.backends import check_optional_name, maybe_use_backend
 from diffusion_fast.models.nvae.cells import (
     DecoderCombiner,
     EncoderCombiner,
@@ -80,8 +79,7 @@ class NVAE(nn.Module):
             raise ValueError(f"NVAE: num_nf must be >= 0, got {num_nf}")
         if decoder not in DECODERS:
             raise ValueError(f"NVAE: decoder must be one of {DECODERS}, got {decoder!r}")
-        if backend is not None and backend not in BACKENDS + ("auto",):
-            raise ValueError(f"NVAE: backend must be None or one of {BACKENDS + ('auto',)}, got {backend!r}")
+        check_optional_name(backend, "NVAE: backend")
         if num_postprocess_blocks != num_preprocess_blocks:
             raise ValueError(f"NVAE: num_postprocess_blocks must equal num_preprocess_blocks "
                              f"({num_preprocess_blocks}) to restore the input size, got {num_postprocess_blocks}")
@@ -177,7 +175,7 @@ class NVAE(nn.Module):
 
     # ---- networks ------------------------------------------------------------------------------
     def _backend(self):
-        return use_backend(self.backend) if self.backend is not None else contextlib.nullcontext()
+        return maybe_use_backend(self.backend)
 
     def _bottom_up(self, x: Tensor) -> list:
         """Encoder features feeding each latent group, top group first: [top (N, C, h, w), ...]."""
