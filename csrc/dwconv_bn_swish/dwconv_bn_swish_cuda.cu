@@ -508,7 +508,7 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
     });
   });
   const at::Tensor gw = part_w.sum(0);  // (KK + 1, C)
-  return {grad_x, grad_as(conv_weight, gw.narrow(0, 0, KK).t()), grad_as(conv_bias, gw[KK]),
+  return {grad_x, grad_as(conv_weight, gw.narrow(0, 0, KK).t().contiguous()), grad_as(conv_bias, gw[KK]),
           grad_as(bn_weight, sums[1]), grad_as(bn_bias, sums[0])};
 }
 

@@ -575,7 +575,9 @@ __global__ void __launch_bounds__(kMaxThreads) gns_bwd_kernel(const BwdArgs<T, A
   const int64_t nc0 = n * g.C + c0;
   const bool fused = a.mode == kFused;
   const A count = static_cast<A>(g.cpg * g.S);
-  const A mean = a.mean[ng], rstd = a.rstd[ng];
+  // A one-element group has xhat == 0 exactly; rstd = 0 keeps it exact (x - mx is only ~0 after rounding
+  // of mean and pre_bias, and rstd = 1/sqrt(eps) would amplify that), as the CPU kernels do.
+  const A mean = a.mean[ng], rstd = g.cpg * g.S > 1 ? a.rstd[ng] : A(0);
 
   // Per-channel coefficients of this thread's row/column: xhat = (x - mx) * rstd, z = xhat * wsc + zb.
   A mx[PV], wsc[PV], zb[PV];

@@ -23,6 +23,7 @@ CASES = {
     "3-D spatial": ((2, 4, 3, 4, 5), 2),
     "no spatial dims": ((4, 6), 3),
     "minimal": ((1, 2, 1, 1), 1),
+    "one-element groups": ((3, 6, 1), 6),  # xhat == 0 exactly: grads must not amplify rounding by 1/sqrt(eps)
 }
 EXTRAS = {
     "plain": dict(affine=False, pre_bias=False, scale_shift=False, silu=True),
