@@ -275,6 +275,16 @@ def test_opcheck(backend, device):
                                    rv, training, 1e-5, True, needs_grad))
         torch.library.opcheck(bn, (to_layout(x, "channels_last"), p["bn_weight"], None, rm, rv, training, 1e-3,
                                    False, needs_grad))
+    # The backward ops too: their fake kernels must give the real outputs' shapes, dtypes and strides.
+    dw_bwd = getattr(torch.ops.diffusion_fast, OPS["dwconv_bn_swish"][backend] + "_bwd").default
+    bn_bwd = getattr(torch.ops.diffusion_fast, OPS["bn_swish"][backend] + "_bwd").default
+    for xl in (x, to_layout(x, "channels_last")):
+        _, mean, var = dw(xl, p["conv_weight"], p["conv_bias"], p["bn_weight"], p["bn_bias"], None, None, True, 1e-5,
+                          True, True)
+        gy = torch.randn_like(xl)
+        torch.library.opcheck(dw_bwd, (gy, xl, p["conv_weight"], p["conv_bias"], p["bn_weight"], p["bn_bias"], mean,
+                                       var, True, 1e-5, True))
+        torch.library.opcheck(bn_bwd, (gy, xl, p["bn_weight"], None, mean, var, False, 1e-5, True))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "triton"])

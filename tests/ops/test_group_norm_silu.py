@@ -238,6 +238,11 @@ def test_opcheck(backend, device):
     torch.library.opcheck(fwd, args)
     x_cl = to_layout(x, "channels_last")
     torch.library.opcheck(fwd, (x_cl, None, None, None, None, None, 4, 1e-6, False))
+    # The backward op too: its fake kernel must give the real grads' shapes, dtypes and strides.
+    bwd = getattr(torch.ops.diffusion_fast, OPS[backend] + "_bwd").default
+    for xl, kwl in ((x, kw), (x_cl, dict.fromkeys(kw))):
+        _, mean, rstd = fwd(xl, *kwl.values(), 2, 1e-5, True)
+        torch.library.opcheck(bwd, (torch.randn_like(xl), xl, *kwl.values(), mean, rstd, 2, True))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "triton"])
