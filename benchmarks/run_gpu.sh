@@ -12,6 +12,9 @@
 #
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
 # BUILD_CAP_S (default 300) and TEST_CAP_S (default 180); the benches share what is left.
+# STEPS (default "machine build env_info tests benches") picks steps, e.g. STEPS=benches on a machine
+# that already built. A step out of time gets SIGINT first: pytest then still prints its failures and
+# writes pytest.xml.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
@@ -38,24 +41,30 @@ step() {
     fi
     echo "RUN   $name (limit ${t}s): $*" | tee -a "$OUT/summary.txt"
     local t0=$SECONDS rc=0
-    timeout --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    timeout --signal=INT --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
     echo "DONE  $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
     ((rc == 0)) || failed+=("$name")
     return $rc
 }
 
+# want STEP: whether STEPS names it.
+want() { [[ " ${STEPS:-machine build env_info tests benches} " == *" $1 "* ]]; }
+
 : >"$OUT/summary.txt"
-step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; nvcc --version || echo 'nvcc not on PATH'"
+want machine && step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'; nvcc --version || echo 'nvcc not on PATH'"
 
 ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>>"$OUT/summary.txt")
 echo "TORCH_CUDA_ARCH_LIST=${ARCH:-unknown}" | tee -a "$OUT/summary.txt"
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0}
-step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
-step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
+want build && step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
+want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
 # The CUDA suite (every backend and dtype on the GPU); the CPU suite is CI's job.
-step tests "${TEST_CAP_S:-180}" $PY -m pytest tests -m cuda -q -rs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+# The op tests first (the models' build on them), the slowest 30 listed to size later runs.
+want tests && step tests "${TEST_CAP_S:-180}" $PY -m pytest tests/ops tests -m cuda -q -rs -p no:cacheprovider \
+    --durations=30 --junitxml="$OUT/pytest.xml"
 
-benches=(benchmarks/bench_*.py)
+benches=()
+want benches && benches=(benchmarks/bench_*.py)
 for i in "${!benches[@]}"; do
     name=$(basename "${benches[$i]}" .py)
     share=$(($(left) / (${#benches[@]} - i)))  # this bench's share of the time left
