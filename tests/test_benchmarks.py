@@ -174,3 +174,20 @@ def test_nvae_cell_bench_quick_cpu(tmp_path):
         assert_timed(row)
         if row["provider"] == "cpu":
             assert row["max_abs_diff"] < 1e-3
+
+
+def test_run_gpu_script_steps(tmp_path):
+    """benchmarks/run_gpu.sh runs only the steps STEPS names, logs each, and reports a failing one
+    (its build/test/bench steps need a GPU machine; env_info runs anywhere)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = str(ROOT / "benchmarks" / "run_gpu.sh")
+    done = subprocess.run(["bash", script, str(tmp_path)], env={**env, "STEPS": "env_info", "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert done.returncode == 0, summary + done.stderr[-2000:]
+    assert "DONE  env_info rc=0" in summary and "failed: none" in summary
+    assert not any(s in summary for s in ("RUN   build", "RUN   tests", "RUN   bench_"))
+    assert '"backends"' in (tmp_path / "env_info.log").read_text()  # env_info()'s JSON
+    failing = subprocess.run(["bash", script, str(tmp_path)], env={**env, "STEPS": "env_info", "PYTHON": "false"},
+                             capture_output=True, text=True, timeout=120)
+    assert failing.returncode != 0 and "failed: env_info" in (tmp_path / "summary.txt").read_text()

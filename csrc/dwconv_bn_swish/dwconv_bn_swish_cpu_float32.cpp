@@ -1,11 +1,6 @@
 // The float32 instantiation of the CPU dwconv_bn_swish kernels (dwconv_bn_swish_cpu_kernels.h).
 #include "dwconv_bn_swish/dwconv_bn_swish_cpu_kernels.h"
 
-namespace diffusion_fast {
-namespace dwconv_cpu {
-
-template void forward<float>(const Args<float, at::opmath_type<float>>& a);
-template void backward<float>(const Args<float, at::opmath_type<float>>& a);
-
-}  // namespace dwconv_cpu
-}  // namespace diffusion_fast
+namespace diffusion_fast::dwconv_cpu {
+DF_DWCONV_CPU_TEMPLATES(, float)
+}  // namespace diffusion_fast::dwconv_cpu

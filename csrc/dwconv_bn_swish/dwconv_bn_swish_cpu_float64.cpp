@@ -1,11 +1,6 @@
 // The float64 instantiation of the CPU dwconv_bn_swish kernels (dwconv_bn_swish_cpu_kernels.h).
 #include "dwconv_bn_swish/dwconv_bn_swish_cpu_kernels.h"
 
-namespace diffusion_fast {
-namespace dwconv_cpu {
-
-template void forward<double>(const Args<double, at::opmath_type<double>>& a);
-template void backward<double>(const Args<double, at::opmath_type<double>>& a);
-
-}  // namespace dwconv_cpu
-}  // namespace diffusion_fast
+namespace diffusion_fast::dwconv_cpu {
+DF_DWCONV_CPU_TEMPLATES(, double)
+}  // namespace diffusion_fast::dwconv_cpu

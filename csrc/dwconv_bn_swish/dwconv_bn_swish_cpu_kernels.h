@@ -1013,15 +1013,15 @@ void backward(const Args<T, at::opmath_type<T>>& a) {
   run_tasks(a.g, [&](int64_t b, int64_t e) { a.g.cl ? bwd_tasks_cl_isa(a, b, e) : bwd_tasks_isa(a, b, e); });
 }
 
-// Instantiated in dwconv_bn_swish_cpu_<dtype>.cpp, nowhere else.
-#define DF_DWCONV_CPU_EXTERN(T)                                              \
-  extern template void forward<T>(const Args<T, at::opmath_type<T>>& a); \
-  extern template void backward<T>(const Args<T, at::opmath_type<T>>& a);
-DF_DWCONV_CPU_EXTERN(float)
-DF_DWCONV_CPU_EXTERN(double)
-DF_DWCONV_CPU_EXTERN(at::Half)
-DF_DWCONV_CPU_EXTERN(at::BFloat16)
-#undef DF_DWCONV_CPU_EXTERN
+// forward<T> and backward<T> are instantiated in dwconv_bn_swish_cpu_<dtype>.cpp (DF_DWCONV_CPU_TEMPLATES(, T)),
+// nowhere else (DF_DWCONV_CPU_TEMPLATES(extern, T) here).
+#define DF_DWCONV_CPU_TEMPLATES(prefix, T)                                  \
+  prefix template void forward<T>(const Args<T, at::opmath_type<T>>& a); \
+  prefix template void backward<T>(const Args<T, at::opmath_type<T>>& a);
+DF_DWCONV_CPU_TEMPLATES(extern, float)
+DF_DWCONV_CPU_TEMPLATES(extern, double)
+DF_DWCONV_CPU_TEMPLATES(extern, at::Half)
+DF_DWCONV_CPU_TEMPLATES(extern, at::BFloat16)
 
 }  // namespace dwconv_cpu
 }  // namespace diffusion_fast
