@@ -47,6 +47,16 @@ step() {
     return $rc
 }
 
+# Wheels carried to a machine without network go on PYTHONPATH (repo-root .whl/, git-ignored). With
+# pytest-xdist among them (pip download --no-deps -d .whl pytest-xdist execnet), the CUDA tests run in 8
+# processes: most of their time on a fresh machine is Triton compiling kernels, one CPU core per compile.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/df_wheels .whl/*.whl &&
+        export PYTHONPATH=/tmp/df_wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
+XDIST=()
+$PY -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+
 # want STEP: whether STEPS names it.
 want() { [[ " ${STEPS:-machine build env_info tests benches} " == *" $1 "* ]]; }
 
@@ -61,7 +71,7 @@ want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(jso
 # The CUDA suite (every backend and dtype on the GPU); the CPU suite is CI's job.
 # The op tests first (the models' build on them), the slowest 30 listed to size later runs.
 want tests && step tests "${TEST_CAP_S:-180}" $PY -m pytest tests/ops tests -m cuda -q -rs -p no:cacheprovider \
-    --durations=30 --junitxml="$OUT/pytest.xml"
+    ${XDIST[@]+"${XDIST[@]}"} --durations=30 --junitxml="$OUT/pytest.xml"
 
 benches=()
 want benches && benches=(benchmarks/bench_*.py)
