@@ -11,7 +11,7 @@
 #   bash benchmarks/run_gpu.sh /tmp/gpu; tar -czf "$OUT/gpu.tgz" -C /tmp gpu
 #
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
-# BUILD_CAP_S (default 300) and TEST_CAP_S (default 180); the benches share what is left.
+# BUILD_CAP_S (default 300) and TEST_CAP_S (default 240); the benches share what is left.
 # STEPS (default "machine build env_info tests benches") picks steps, e.g. STEPS=benches on a machine
 # that already built. A step out of time gets SIGINT first: pytest then still prints its failures and
 # writes pytest.xml.
@@ -70,7 +70,7 @@ want build && step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-iso
 want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
 # The CUDA suite (every backend and dtype on the GPU); the CPU suite is CI's job.
 # The op tests first (the models' build on them), the slowest 30 listed to size later runs.
-want tests && step tests "${TEST_CAP_S:-180}" $PY -m pytest tests/ops tests -m cuda -q -rs -p no:cacheprovider \
+want tests && step tests "${TEST_CAP_S:-240}" $PY -m pytest tests/ops tests -m cuda -q -rs -p no:cacheprovider \
     ${XDIST[@]+"${XDIST[@]}"} --durations=30 --junitxml="$OUT/pytest.xml"
 
 benches=()
