@@ -36,7 +36,6 @@ from diffusion_fast.models.attention import attention
 __all__ = ["CLIPTextEncoder", "QuickGELU"]
 
 
-
 class QuickGELU(nn.Module):
     """x·σ(1.702x): the sigmoid approximation of GELU (Hendrycks & Gimpel 2016, Sec. 2) that CLIP uses."""
 

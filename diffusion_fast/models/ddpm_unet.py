@@ -26,7 +26,6 @@ __all__ = ["DDPMUNet"]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-
 class _Level(nn.Module):
     """One resolution level: res blocks, their attention blocks (if any) and a resampler."""
 

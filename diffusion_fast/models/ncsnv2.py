@@ -121,7 +121,6 @@ class ResidualBlock(nn.Module):
         return (x if self.shortcut is None else self.shortcut(x)) + h
 
 
-
 class NCSNv2(nn.Module):
     """s_θ(x, i) of NCSNv2 (module doc). forward(x: (N, channels, H, W) float, labels: (N,) int64
     noise-level indices or one int) -> (N, channels, H, W) in x's dtype, the score at σ_labels.

@@ -20,7 +20,6 @@ instead of Eq. 3's analytic residual-normal KL. Sampling from the prior uses no 
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
