@@ -47,9 +47,10 @@ step() {
     return $rc
 }
 
-# Wheels carried to a machine without network go on PYTHONPATH (repo-root .whl/, git-ignored). With
-# pytest-xdist among them (pip download --no-deps -d .whl pytest-xdist execnet), the CUDA tests run in 8
-# processes: most of their time on a fresh machine is Triton compiling kernels, one CPU core per compile.
+# Wheels carried to a machine without network go on PYTHONPATH (repo-root .whl/, git-ignored: e.g. the
+# test extras diffusers and open_clip_torch, see README). Where pytest-xdist is installed (our lent GPU
+# machines have it), the CUDA tests run in 8 processes: most of their time on a fresh machine is Triton
+# compiling kernels, one CPU core per compile.
 if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/df_wheels .whl/*.whl &&
         export PYTHONPATH=/tmp/df_wheels${PYTHONPATH:+:$PYTHONPATH}
