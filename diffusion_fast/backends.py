@@ -33,10 +33,11 @@ LIBRARY = torch.library.Library("diffusion_fast", "DEF")
 log = logging.getLogger("diffusion_fast")
 
 
-def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"{source} must be one of {BACKENDS + ('auto',)}, got {name!r}")
-    return name
+def _check_name(name: Optional[str], source: str, optional: bool = False) -> Optional[str]:
+    """name if it is a backend or "auto" (or None, if optional), else ValueError naming source."""
+    if name in BACKENDS + ("auto",) or (optional and name is None):
+        return name
+    raise ValueError(f"{source} must be {'None or ' if optional else ''}one of {BACKENDS + ('auto',)}, got {name!r}")
 
 
 _default = _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
@@ -55,9 +56,7 @@ def use_backend(name: str) -> Iterator[None]:
 
 def check_optional_name(name: Optional[str], source: str) -> Optional[str]:
     """A model's ``backend=`` argument: None (follow the context) or a backend name, else ValueError."""
-    if name is not None and name not in BACKENDS + ("auto",):
-        raise ValueError(f"{source} must be None or one of {BACKENDS + ('auto',)}, got {name!r}")
-    return name
+    return _check_name(name, source, optional=True)
 
 
 def maybe_use_backend(name: Optional[str]) -> contextlib.AbstractContextManager:

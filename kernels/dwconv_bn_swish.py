@@ -429,8 +429,8 @@ def _bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, train
     sums = sums.sum(1)
 
     def grad(t, g):  # a fresh contiguous tensor: no view of sums or of part_w's transpose
-        return x.new_empty((0,)) if t is None else g.to(t.dtype).reshape(t.shape).clone(
-            memory_format=torch.contiguous_format)
+        return x.new_empty((0,)) if t is None else g.reshape(t.shape).to(
+            t.dtype, copy=True, memory_format=torch.contiguous_format)
 
     return (grad_x, grad(conv_weight, part_w.sum(0).t()), grad(conv_bias, part_cb.sum(0)), grad(bn_weight, sums[1]),
             grad(bn_bias, sums[0]))

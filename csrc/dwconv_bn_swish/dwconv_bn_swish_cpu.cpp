@@ -93,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_impl(
 
 // A gradient in its input's dtype and shape, or an empty (0,) tensor when the input is absent.
 at::Tensor grad_as(const OptTensor& t, const at::Tensor& g, const at::Tensor& x) {
-  return present(t) ? g.reshape(t->sizes()).to(t->scalar_type(), false, /*copy=*/true) : at::empty({0}, x.options());
+  return present(t) ? g.reshape(t->sizes()).to(t->scalar_type(), false, /*copy=*/true, at::MemoryFormat::Contiguous)
+                     : at::empty({0}, x.options());
 }
 
 }  // namespace

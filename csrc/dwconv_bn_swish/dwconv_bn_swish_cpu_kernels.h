@@ -984,12 +984,6 @@ void fwd_cl(const Args<T, A>& a) {
   });
 }
 
-// Grain 1: a task is a whole channel (block) over the batch.
-template <typename F>
-void run_tasks(const Geo& g, const F& f) {
-  at::parallel_for(0, g.tasks(), 1, f);
-}
-
 // The forward of one call: y (and, training, the batch mean and biased variance) from a.
 template <typename T>
 void forward(const Args<T, at::opmath_type<T>>& a) {
@@ -1007,10 +1001,13 @@ void forward(const Args<T, at::opmath_type<T>>& a) {
   }
 }
 
-// The backward of one call: grad_x and the parameter grads of a.
+// The backward of one call: grad_x and the parameter grads of a. Grain 1: a task is a whole channel
+// (block) over the batch.
 template <typename T>
 void backward(const Args<T, at::opmath_type<T>>& a) {
-  run_tasks(a.g, [&](int64_t b, int64_t e) { a.g.cl ? bwd_tasks_cl_isa(a, b, e) : bwd_tasks_isa(a, b, e); });
+  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) {
+    a.g.cl ? bwd_tasks_cl_isa(a, b, e) : bwd_tasks_isa(a, b, e);
+  });
 }
 
 // forward<T> and backward<T> are instantiated in dwconv_bn_swish_cpu_<dtype>.cpp (DF_DWCONV_CPU_TEMPLATES(, T)),

@@ -469,7 +469,8 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
   const int64_t KK = s.K * s.K;
   const bool conv = present(conv_weight);
   const auto grad_as = [&](const OptTensor& t, const at::Tensor& v) {
-    return present(t) ? v.reshape(t->sizes()).to(t->scalar_type(), false, /*copy=*/true) : at::empty({0}, x.options());
+    return present(t) ? v.reshape(t->sizes()).to(t->scalar_type(), false, /*copy=*/true, at::MemoryFormat::Contiguous)
+                       : at::empty({0}, x.options());
   };
   at::Tensor grad_x = at::empty_like(x);
   if (x.numel() == 0) {
@@ -508,7 +509,7 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
     });
   });
   const at::Tensor gw = part_w.sum(0);  // (KK + 1, C)
-  return {grad_x, grad_as(conv_weight, gw.narrow(0, 0, KK).t().contiguous()), grad_as(conv_bias, gw[KK]),
+  return {grad_x, grad_as(conv_weight, gw.narrow(0, 0, KK).t()), grad_as(conv_bias, gw[KK]),
           grad_as(bn_weight, sums[1]), grad_as(bn_bias, sums[0])};
 }
 

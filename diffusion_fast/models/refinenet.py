@@ -63,8 +63,8 @@ class CRPBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(x)
         path = x
+        pool = F.max_pool2d if self.maxpool else F.avg_pool2d
         for conv in self.convs:
-            pool = F.max_pool2d if self.maxpool else F.avg_pool2d
             path = conv(pool(path, 5, stride=1, padding=2))
             x = x + path
         return x
