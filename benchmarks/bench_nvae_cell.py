@@ -132,7 +132,7 @@ def record_memory(bench, variant, shape, dtype, eager, ours) -> list:
     providers = [("eager", eager, None), ("compile", torch.compile(eager, dynamic=False), None)]
     providers += [(label, ours, backend) for label, backend in bench.our_backends()]
     for label, f, backend in providers:
-        if not {label, backend} & bench.args.providers or (backend is not None and _unsupported(backend, args[0])):
+        if not bench.wants(label, backend) or (backend is not None and _unsupported(backend, args[0])):
             continue
         step = harness.as_step(f, "fwd+bwd")
         with diffusion_fast.use_backend(backend) if backend else contextlib.nullcontext():

@@ -295,6 +295,11 @@ class Harness:
         self.skipped.append(dict(provider=provider, case=where, reason=reason.strip().splitlines()[0][:300]))
         print(f"  skip {provider} ({where}): {self.skipped[-1]['reason']}", flush=True)
 
+    def wants(self, label: str, backend: Optional[str] = None) -> bool:
+        """Whether --providers (all when not given) selects this provider; "cuda" also selects our C++ on CPU."""
+        wanted = self.args.providers
+        return wanted is None or bool({label, backend} & wanted)
+
     def run(self, case: Case, eager: Callable, ours: Callable, unsupported: Callable,
             others: Optional[dict] = None) -> None:
         """Time every provider on ``case``; ``unsupported(backend, x)`` gives why ours cannot run.
@@ -318,8 +323,7 @@ class Harness:
             providers.append((label, f, None, context))
         timed = {}
         for label, f, backend, context in providers:
-            wanted = self.args.providers
-            if wanted is not None and not {label, backend} & wanted:  # "cuda" also selects our C++ on CPU
+            if not self.wants(label, backend):
                 continue
             try:
                 if label == "compile":

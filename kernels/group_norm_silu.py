@@ -187,7 +187,7 @@ def _group_norm_silu_fwd_kernel(
                                             HAS_SCALE, HAS_SHIFT)
         # z = (x + (pre_bias - mean)) * a + b2, with a = rstd * w * (1 + scale), b2 = b * (1 + scale) + shift
         center = (pb - mean)[:, None]
-        a = (rstd * w * sc1)[:, None]
+        a = (tl.where(CPG * S > 1, rstd, 0.0) * w * sc1)[:, None]  # rstd 0: a one-element group's xhat is 0
         b2 = (b * sc1 + sh)[:, None]
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -225,7 +225,8 @@ def _group_norm_silu_bwd_reduce_kernel(
     x_ptr += base
     dy_ptr += base
     mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
+    # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
+    rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
     s_lo = split * S_PER
     s_hi = tl.minimum(s_lo + S_PER, S)
     for c0 in range(0, CPG, BLOCK_C):
@@ -290,7 +291,8 @@ def _group_norm_silu_bwd_kernel(
     dy_ptr += base
     dx_ptr += base
     mean = tl.load(mean_ptr + pid)
-    rstd = tl.load(rstd_ptr + pid)
+    # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
+    rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
     # group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
     m1 = 0.0
     m2 = 0.0

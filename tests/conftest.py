@@ -17,6 +17,10 @@ import pytest  # noqa: E402
 import diffusion_fast  # noqa: E402,F401
 
 HAS_CUDA = torch.cuda.is_available()
+if HAS_CUDA:
+    # cuDNN convolutions default to TF32 (10-bit mantissa) for float32 on Ampere and later: tests
+    # compare float32 models with float64 references at float32 tolerances, so they get full float32.
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

@@ -238,7 +238,8 @@ def ddpm_unet_from_diffusers(source, *, model: Optional[DDPMUNet] = None, resolu
     dict with diffusers' key names (the architecture is read off the keys and shapes; pass
     ``resolution=``, and ``num_groups``/``eps`` if they differ from DDPM's 32 / 1e-6).
     model: load into this DDPMUNet instead of building one. dropout: defaults to the
-    UNet2DModel's, or 0.0 for a state dict. Weights are copied in the model's dtype.
+    UNet2DModel's, or 0.0 for a state dict. A model built from a UNet2DModel takes its device and
+    dtype; weights are copied in the model's dtype.
     Raises ValueError naming every missing or unexpected key and every shape mismatch.
     """
     config = getattr(source, "config", None)
@@ -257,6 +258,10 @@ def ddpm_unet_from_diffusers(source, *, model: Optional[DDPMUNet] = None, resolu
         if dropout is not None:
             kwargs["dropout"] = dropout
         model = DDPMUNet(**kwargs, backend=backend)
+        if isinstance(source, nn.Module):  # a new model lives where the UNet2DModel does
+            p = next(source.parameters(), None)
+            if p is not None:
+                model = model.to(device=p.device, dtype=p.dtype)
     elif not isinstance(model, DDPMUNet):
         raise TypeError(f"ddpm_unet_from_diffusers: model must be a DDPMUNet, got {type(model).__name__}")
     return _load_checked(model, state)

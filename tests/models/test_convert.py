@@ -70,6 +70,17 @@ def test_small_unet2d_same_output(backend, device):
         assert_close(ours(x, t), diffusers_out(theirs, x, t), torch.float32, f"small UNet2DModel on {backend}")
 
 
+def test_new_model_takes_the_unet2d_dtype():
+    """Built from a UNet2DModel, ours has its dtype (and device: test_small_unet2d_same_output on CUDA)."""
+    theirs = unet2d(**SMALL).double()
+    ours = ddpm_unet_from_diffusers(theirs, backend="torch").eval()
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.tensor([3, 500])
+    with torch.no_grad():
+        # diffusers computes its timestep embedding in float32 whatever the model's dtype
+        assert_close(ours(x, t), diffusers_out(theirs, x, t), torch.float32, "float64 UNet2DModel")
+
+
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_cifar10_unet2d_same_output(cifar10_pair, backend, device):
     ours, x, t, expected = cifar10_pair

@@ -105,10 +105,13 @@ def check_against_reference(backend, x, p, dtype, training, swish=True, momentum
 
     expected, q64 = reference(torch.float64)
     baseline, _ = reference()  # PyTorch's own result (fp32 math) in the tested dtypes
+    # Training on 1x1 maps: batch norm cancels any scale and shift of the conv output, so the conv
+    # grads are exactly 0 and every backend returns rounding noise, amplified by rstd / conv_weight.
+    noise_only = {"grad_conv_weight", "grad_conv_bias"} if training and x[0, 0].numel() == 1 else set()
     for name, out, exp, base, like in zip(["y", "grad_x"] + ["grad_" + k for k in names], (y,) + grads, expected,
                                           baseline, [x] + leaves):
         assert out.dtype == like.dtype, f"{name} dtype {out.dtype} != {like.dtype}"
-        assert_close(out, exp, dtype, name, baseline=base)
+        assert_close(out, exp, dtype, name, baseline=base, baseline_factor=8.0 if name in noise_only else 2.0)
     for k in ("running_mean", "running_var"):
         if p[k] is not None:
             changed = training

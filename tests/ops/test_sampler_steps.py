@@ -29,7 +29,10 @@ from diffusion_fast.ops.sampler_steps import (
     ddim_step,
     ddpm_coefficients,
     ddpm_step,
+    ddpm_step_ref,
 )
+from diffusion_fast.ops.dpm2015_step import dpm2015_step_ref
+from diffusion_fast.ops.langevin_step import langevin_step_ref
 
 T = 1000
 BETAS = torch.linspace(1e-4, 0.02, T, dtype=torch.float64)  # the DDPM paper's linear schedule
@@ -430,3 +433,14 @@ def test_extension_checks_its_arguments():
         torch.ops.diffusion_fast.ddpm_step(x, x, coef.double(), None, 0, 0, None, False)
     with pytest.raises(RuntimeError, match="step must be"):
         torch.ops.diffusion_fast.ddpm_step(x, x, coef, None, 0, 2**32, None, False)
+
+
+def test_references_run_on_the_inputs_device():
+    """The plain-PyTorch steps and their Philox noise stay on x's device (meta stands in for CUDA
+    here: a CPU tensor mixed in fails on meta as it does on a GPU)."""
+    x = torch.randn(2, 3, 5, 5, device="meta")
+    coefficients = ddpm_coefficients(torch.linspace(1e-4, 0.02, 10, dtype=torch.float64))
+    outs = [ddpm_step_ref(x, x, coefficients, 5, seed=1), langevin_step_ref(x, x, 0.1, seed=1),
+            dpm2015_step_ref(x, x, x, 0.1, seed=1), philox_normal_ref(3, 4, 2000, device="meta")]
+    assert all(o.device.type == "meta" for o in outs)
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 5, 5)] * 3 + [(2000,)]
