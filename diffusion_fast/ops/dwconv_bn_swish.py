@@ -284,6 +284,28 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Measured on an H100 (benchmarks/results/h100-2026-11-26, NVAE cell middle 32x192x64x64 bf16, training):
+# our CUDA kernel ran at 0.53x eager forward and 0.61x fwd+bwd, Triton at 1.19x and 0.21x (both read
+# x once per tap from global memory). Until they beat PyTorch there, "auto" runs PyTorch on GPUs;
+# a forced "cuda" or "triton" still runs ours.
+_AUTO_GPU = ("torch",)
+
+
+def _auto_order(x: Tensor) -> Optional[tuple]:
+    """Backends "auto" tries for dwconv_bn_swish: PyTorch's on GPUs, the default order elsewhere."""
+    return _AUTO_GPU if x.device.type == "cuda" else None
+
+
+def _describe_auto() -> dict:
+    return dict(rule="GPU: torch (cuDNN depthwise conv + batch_norm + silu), since our CUDA and Triton kernels "
+                     "were slower than eager on an H100; CPU: cuda (our C++ kernels), then torch. A forced "
+                     "backend still runs ours",
+                source="benchmarks/results/h100-2026-11-26 (bench_nvae_cell)")
+
+
+backends.register_auto_rule("dwconv_bn_swish", _describe_auto)
+
+
 def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
                     bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
                     training: bool, momentum: float = 0.1, eps: float = 1e-5, swish: bool = True) -> Tensor:
@@ -297,7 +319,7 @@ def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     fn = "dwconv_bn_swish"
     _check_bn(fn, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, swish)
     _check_conv(fn, x, conv_weight, conv_bias)
-    backend = backends.select(fn, x, _unsupported_k(conv_weight.shape[-1]))
+    backend = backends.select(fn, x, _unsupported_k(conv_weight.shape[-1]), auto=_auto_order(x))
     if backend == "torch":
         y = dwconv_bn_swish_ref(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                                 training=training, momentum=momentum, eps=eps, swish=swish)

@@ -1,6 +1,8 @@
 """dwconv_bn_swish and bn_swish: every backend against the float64 reference, forward and backward,
 training (batch statistics, running-stat updates) and eval (running statistics)."""
 
+import importlib
+
 import pytest
 import torch
 from helpers import (
@@ -373,3 +375,17 @@ def test_bad_input_device_mix_cuda():
     x = torch.randn(2, 4, 5, 5, device="cuda")
     with pytest.raises(ValueError, match="conv_weight"):
         dwconv_bn_swish(x, torch.randn(4, 1, 3, 3), None, None, None, None, None, training=True)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_auto_backend_choice(device, monkeypatch):
+    """auto: PyTorch's kernels on GPUs (ours measured slower on an H100), our C++ kernels on CPUs."""
+    mod = importlib.import_module("diffusion_fast.ops.dwconv_bn_swish")  # the module, not the op it exports
+    calls = []
+    monkeypatch.setattr(mod, "dwconv_bn_swish_ref", lambda *a, **k: calls.append(1) or dwconv_bn_swish_ref(*a, **k))
+    x, p = make_inputs(CASES["odd spatial"], 3, torch.float32, device)
+    with diffusion_fast.use_backend("auto"):
+        call(OURS, x, p, training=True)
+    gpu = device == "cuda"
+    assert calls == ([1] if gpu or not diffusion_fast.env_info()["backends"]["cuda"]["loaded"] else [])
+    assert "dwconv_bn_swish" in diffusion_fast.env_info()["auto_rules"]
