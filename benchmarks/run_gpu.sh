@@ -13,8 +13,15 @@
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
 # BUILD_CAP_S (default 300) and TEST_CAP_S (default 240); the benches share what is left.
 # STEPS (default "machine build env_info tests benches") picks steps, e.g. STEPS=benches on a machine
-# that already built. A step out of time gets SIGINT first: pytest then still prints its failures and
-# writes pytest.xml.
+# that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
+# TESTS="tests/ops/test_sampler_steps.py -k philox". BENCHES (default: every bench_*.py) names benches in
+# the order to run, NAME or NAME:WEIGHT (a share of the bench time in proportion to WEIGHT, default 1),
+# e.g. BENCHES="group_norm_silu nvae_cell ddpm:3". A step out of time gets SIGINT first: pytest then still
+# prints its failures and writes pytest.xml.
+#
+# On a lent GPU with 15 minutes in all (about 1.5 of them to start the machine), two calls, the second
+# at once while the machine is warm: (1) STEPS="machine build env_info tests" BUDGET_S=420;
+# (2) STEPS=benches BUDGET_S=<what is left minus a minute>. Each torch.compile case costs 5-30 s there.
 set -u -o pipefail
 
 OUT=${1:?usage: benchmarks/run_gpu.sh OUTDIR}
@@ -56,7 +63,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         export PYTHONPATH=/tmp/df_wheels${PYTHONPATH:+:$PYTHONPATH}
 fi
 XDIST=()
-$PY -c 'import xdist' 2>/dev/null && XDIST=(-n 8)
+$PY -c 'import xdist' 2>/dev/null && XDIST=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
 
 # want STEP: whether STEPS names it.
 want() { [[ " ${STEPS:-machine build env_info tests benches} " == *" $1 "* ]]; }
@@ -71,16 +78,28 @@ want build && step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-iso
 want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
 # The CUDA suite (every backend and dtype on the GPU); the CPU suite is CI's job.
 # The op tests first (the models' build on them), the slowest 30 listed to size later runs.
-want tests && step tests "${TEST_CAP_S:-240}" $PY -m pytest tests/ops tests -m cuda -q -rs -p no:cacheprovider \
-    ${XDIST[@]+"${XDIST[@]}"} --durations=30 --junitxml="$OUT/pytest.xml"
+# shellcheck disable=SC2086  # TESTS is split into words on purpose
+want tests && step tests "${TEST_CAP_S:-240}" $PY -m pytest ${TESTS:-tests/ops tests} -m cuda -q -rs \
+    -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --durations=30 --junitxml="$OUT/pytest.xml"
 
 benches=()
-want benches && benches=(benchmarks/bench_*.py)
-for i in "${!benches[@]}"; do
-    name=$(basename "${benches[$i]}" .py)
-    share=$(($(left) / (${#benches[@]} - i)))  # this bench's share of the time left
+if want benches; then
+    if [[ -n ${BENCHES:-} ]]; then
+        read -r -a benches <<<"$BENCHES"
+    else
+        for f in benchmarks/bench_*.py; do benches+=("$(basename "$f" .py)"); done
+    fi
+fi
+weight_of() { if [[ $1 == *:* ]]; then echo "${1#*:}"; else echo 1; fi; }
+weights=0
+for b in ${benches[@]+"${benches[@]}"}; do weights=$((weights + $(weight_of "$b"))); done
+for b in ${benches[@]+"${benches[@]}"}; do
+    name=${b%%:*} && name=bench_${name#bench_}
+    weight=$(weight_of "$b")
+    share=$(($(left) * weight / weights))  # this bench's share of the time left
+    weights=$((weights - weight))
     # --budget-s: stop starting cases with time to spare to write the results.
-    step "$name" "$share" $PY "${benches[$i]}" --device cuda --out "$OUT" --budget-s $((share * 3 / 4))
+    step "$name" "$share" $PY "benchmarks/$name.py" --device cuda --out "$OUT" --budget-s $((share * 3 / 4))
 done
 
 echo "total ${SECONDS}s; failed: ${failed[*]:-none}" | tee -a "$OUT/summary.txt"

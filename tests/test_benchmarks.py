@@ -191,3 +191,11 @@ def test_run_gpu_script_steps(tmp_path):
     failing = subprocess.run(["bash", script, str(tmp_path)], env={**env, "STEPS": "env_info", "PYTHON": "false"},
                              capture_output=True, text=True, timeout=120)
     assert failing.returncode != 0 and "failed: env_info" in (tmp_path / "summary.txt").read_text()
+    # BENCHES picks benches in order, each with a share of the time in proportion to its weight
+    picked = subprocess.run(["bash", script, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                            env={**env, "STEPS": "benches", "BENCHES": "ddpm:3 bench_langevin", "BUDGET_S": "400",
+                                 "PYTHON": "true"})
+    runs = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if line.startswith("RUN")]
+    assert picked.returncode == 0 and len(runs) == 2, runs
+    assert "bench_ddpm (limit 300s)" in runs[0] and "benchmarks/bench_ddpm.py" in runs[0]
+    assert "bench_langevin (limit " in runs[1]  # the time left: ddpm here returned at once
