@@ -314,14 +314,25 @@ class Harness:
             pool, ref = self._inputs(case, eager)
         except Exception as exc:  # e.g. eager has no kernel for this dtype on this device
             return self.skip("all", case, f"eager reference failed: {type(exc).__name__}: {exc}")
-        args0 = pool[0][0]
-
-        providers = [("eager", eager, None, None), ("compile", None, None, None)]
+        # compile runs last: its compile can take a minute on a big model, and a run interrupted
+        # there (SIGINT from a time limit) still writes the rows of the others (the finally below).
+        providers = [("eager", eager, None, None)]
         providers += [(label, ours, backend, None) for label, backend in self.our_backends()]
         for label, other in (others or {}).items():
             f, context = other if isinstance(other, tuple) else (other, None)
             providers.append((label, f, None, context))
+        providers.append(("compile", None, None, None))
         timed = {}
+        try:
+            self._time_providers(case, providers, unsupported, pool, ref, timed)
+        finally:
+            self._add_rows(case, timed, len(pool))
+            self.save()
+
+    def _time_providers(self, case: Case, providers: list, unsupported: Callable, pool: list, ref, timed: dict) -> None:
+        """Time each (label, f, backend, context) on the pool into ``timed`` {label: (quantiles, diff)}."""
+        args0 = pool[0][0]
+        eager = providers[0][1]
         for label, f, backend, context in providers:
             if not self.wants(label, backend):
                 continue
@@ -347,8 +358,6 @@ class Harness:
                     timed[label] = (time_ms(rotating(step, pool), self.device, self.args.quick), diff)
             except Exception as exc:  # a provider failing must not stop the run
                 self.skip(label, case, f"{type(exc).__name__}: {exc}")
-        self._add_rows(case, timed, len(pool))
-        self.save()
 
     def _inputs(self, case: Case, eager: Callable) -> tuple:
         """The rotating pool of (args, grad_out), and eager's fp32 result on its first set."""
@@ -365,7 +374,9 @@ class Harness:
     def _add_rows(self, case: Case, timed: dict, pool_sets: int) -> None:
         eager_ms = timed["eager"][0][0] if "eager" in timed else None
         compile_ms = timed["compile"][0][0] if "compile" in timed else None
-        for label, ((median, p25, p75), diff) in timed.items():
+        order = sorted(timed, key=lambda label: (label != "eager", label != "compile"))  # eager, compile, run order
+        for label in order:
+            (median, p25, p75), diff = timed[label]
             gbps = case.nbytes / (median * 1e-3) / 1e9
             self.rows.append(Row(
                 bench=self.bench, op=self.op, variant=case.variant, provider=label, device=self.device.type,

@@ -199,3 +199,20 @@ def test_run_gpu_script_steps(tmp_path):
     assert picked.returncode == 0 and len(runs) == 2, runs
     assert "bench_ddpm (limit 300s)" in runs[0] and "benchmarks/bench_ddpm.py" in runs[0]
     assert "bench_langevin (limit " in runs[1]  # the time left: ddpm here returned at once
+
+
+def test_interrupted_case_keeps_the_rows_timed_so_far(tmp_path):
+    """A time limit's SIGINT (KeyboardInterrupt) during a slow provider still writes the rows of the
+    providers timed before it, with compile timed last so that its compile cannot starve the others."""
+    args = harness.parse_args("interrupt test", ["--device", "cpu", "--quick", "--providers", "eager,stop,compile",
+                                                 "--out", str(tmp_path)])
+    bench = harness.Harness("bench_interrupt", "interrupt", args)
+    case = harness.Case("plain", (64,), torch.float32, "fwd", lambda rg: (torch.randn(64, requires_grad=rg),), 512)
+
+    def stop(x):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(case, torch.sin, torch.sin, lambda backend, x: None, others={"stop": stop})
+    rows = json.loads((tmp_path / "bench_interrupt.json").read_text())["rows"]
+    assert [r["provider"] for r in rows] == ["eager"]
