@@ -1,0 +1,518 @@
+// Probe, not wired into the library: a shared-memory tiled training forward of depthwise conv + BatchNorm +
+// Swish (the op of csrc/dwconv_bn_swish, NVAE's cell middle). Built and checked by dwconv_tiled_probe.py;
+// dwconv_tiled_emulate.py re-runs its index math (tiles, loader, smem slots, window, partials) in NumPy.
+//
+// Shapes and dtypes
+//   x: (N, C, H, W) NCHW-contiguous, float32 / float16 / bfloat16 (channels-last is refused: TORCH_CHECK).
+//   conv_weight: (C, 1, K, K), K in {3, 5}; conv_bias, bn_weight, bn_bias: (C,) or None; any floating dtype,
+//   converted to fp32. All arithmetic is fp32 (the finalize merge is fp64); y has x's dtype.
+//   Returns (y, mean, var): mean, var (C,) fp32, the batch statistics of z (biased variance).
+//
+// Equations (R = K / 2, zero padding, stride 1)
+//   z'[n,c,h,w] = sum_{i,j < K} w[c,i,j] * x[n,c,h+i-R,w+j-R]         conv without its bias
+//   mean'[c], var[c] = mean and biased variance of z' over (N, H, W)   z = z' + cb: var(z) = var(z')
+//   sc = gamma * rsqrt(var + eps),  sh = beta - mean' * sc           =>  sc * z' + sh == BN(z' + cb)
+//   y = swish ? zn * sigmoid(zn) : zn,  zn = sc * z' + sh;            mean = mean' + cb is returned
+//   The conv bias cancels in BN, so no kernel adds it; the finalize adds it back to the reported mean.
+//
+// Tiling (a "tile" is a TH x TW block of outputs of one (n, c) plane; tiles are numbered in memory order,
+// tile = ((n*C + c) * tiles_y + ty) * tiles_x + tx; a block of PB * NT threads works PB consecutive tiles)
+//   smem per tile: SR = TH + 2R rows x P = TW + 4 cols of fp32; row r, col j <-> x[y0 - R + r][x0 - 2 + j],
+//     zero where outside the plane (so the inner loop has no bounds checks). The left halo is 2 columns for
+//     both K so that 2-element global loads stay aligned (x0 is even) and each thread's window starts on a
+//     16-byte boundary; K = 3 uses window columns 1..6 of 0..7.
+//   loader: the tile's NT threads read element pairs (4 B bf16/fp16, 8 B fp32) along rows, coalesced, all
+//     loads of a thread in flight before its smem stores; scalar loads when W is odd or x is misaligned.
+//   compute: a thread owns RY rows x 4 adjacent columns of outputs; for each of its RY + 2R input rows it
+//     reads 8 floats (two float4 loads) of smem into registers and does the K x K FMAs for each output row
+//     that row touches, so one smem word feeds up to 4K FMAs. 32-bit index math inside a plane.
+//   configs (by W): L  W > 16:     TW 32, TH 32, RY 4, NT 64, PB 2  -> 128 threads, smem 10.1 KB (K=5)
+//                   M  8 < W <= 16: TW 16, TH 16, RY 4, NT 16, PB 8  -> 128 threads, smem 12.5 KB
+//                   S  W <= 8:      TW  8, TH  8, RY 2, NT  8, PB 16 -> 128 threads, smem  9.0 KB
+//   A plane that fits one tile (M, S, and L at 32x32) loads no redundant halo: it is all zero padding.
+// Passes
+//   1 stats (grid tiles / PB): each thread takes its valid outputs' exact mean and M2 (two passes over its
+//     registers), Chan-merges them across the tile (xor shuffles in fixed order, then warps in order through
+//     smem) and writes part[0|1|2][tile] = count, mean', M2.
+//   2 finalize (one warp per channel): merges the N * tiles_per_plane partials of channel c in fp64 (lanes
+//     in fixed strides, then a fixed xor tree) -> mean, var, sc, sh. Deterministic: no atomics anywhere.
+//   3 apply (grid tiles / PB): reloads the tile, recomputes the conv, y = act(sc z' + sh); 4-element
+//     vector stores when W % 4 == 0 and y is aligned, else scalar.
+//   x is read twice (passes 1 and 3) and y written once.
+//
+// Built as a plain op library (torch.ops.dwconv_tiled_probe.dwconv_bn_swish_tiled, TORCH_LIBRARY), with the
+// lightest headers that do: torch/extension.h alone costs over a minute of nvcc time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace dwtiled {
+
+constexpr int kV = 4;  // adjacent outputs per thread along w
+
+template <int TW_, int TH_, int RY_, int PB_>
+struct Cfg {
+  static constexpr int TW = TW_;           // tile width (outputs)
+  static constexpr int TH = TH_;           // tile height (outputs)
+  static constexpr int RY = RY_;           // output rows per thread
+  static constexpr int PB = PB_;           // tiles per block
+  static constexpr int TX = TW / kV;       // threads along w in a tile
+  static constexpr int TY = TH / RY;       // threads along h in a tile
+  static constexpr int NT = TX * TY;       // threads per tile
+  static constexpr int THREADS = NT * PB;  // threads per block
+  static constexpr int P = TW + 4;         // smem row pitch in floats (TW + 2 halo columns each side)
+  static_assert(TW % kV == 0 && TH % RY == 0, "tile must split into whole threads");
+  static_assert((NT & (NT - 1)) == 0 && (NT <= 32 || NT % 32 == 0), "NT: a power of two; tiles align to warps");
+  static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block size");
+};
+using CfgL = Cfg<32, 32, 4, 2>;  // W > 16
+using CfgM = Cfg<16, 16, 4, 8>;  // 8 < W <= 16
+using CfgS = Cfg<8, 8, 2, 16>;   // W <= 8
+
+struct Geo {
+  int N, C, H, W;
+  int tiles_x, tiles_plane;  // tiles along w per plane; tiles per plane (tiles_x * tiles_y)
+  int tiles;                 // N * C * tiles_plane
+  int pair_load;             // x read 2 elements at a time: W even and x 2-element aligned
+  int vec_store;             // y written 4 elements at a time: W % 4 == 0 and y 4-element aligned
+};
+
+// ---------------------------------------------------------------------------
+// Element access: fp32 in registers, T in memory.
+// ---------------------------------------------------------------------------
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  static __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
+  static __device__ __forceinline__ float2 load2(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+  static __device__ __forceinline__ void store1(float* p, float a) { *p = a; }
+  static __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+    *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+  }
+};
+
+template <typename T, typename Bits>
+struct Elem16 {  // 16-bit floats: Bits converts the raw bits
+  static __device__ __forceinline__ float load1(const T* p) {
+    return Bits::to_f(__ldg(reinterpret_cast<const unsigned short*>(p)));
+  }
+  static __device__ __forceinline__ float2 load2(const T* p) {
+    const unsigned int u = __ldg(reinterpret_cast<const unsigned int*>(p));  // element 0 in the low half
+    return make_float2(Bits::to_f(static_cast<unsigned short>(u & 0xffffu)),
+                       Bits::to_f(static_cast<unsigned short>(u >> 16)));
+  }
+  static __device__ __forceinline__ void store1(T* p, float a) {
+    *reinterpret_cast<unsigned short*>(p) = Bits::of_f(a);
+  }
+  static __device__ __forceinline__ void store4(T* p, float a, float b, float c, float d) {
+    const unsigned int lo = unsigned(Bits::of_f(a)) | (unsigned(Bits::of_f(b)) << 16);
+    const unsigned int hi = unsigned(Bits::of_f(c)) | (unsigned(Bits::of_f(d)) << 16);
+    *reinterpret_cast<uint2*>(p) = make_uint2(lo, hi);
+  }
+};
+
+struct BF16Bits {
+  static __device__ __forceinline__ float to_f(unsigned short b) { return __uint_as_float(unsigned(b) << 16); }
+  static __device__ __forceinline__ unsigned short of_f(float f) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
+  }
+};
+struct F16Bits {
+  static __device__ __forceinline__ float to_f(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+  static __device__ __forceinline__ unsigned short of_f(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+template <>
+struct Elem<c10::BFloat16> : Elem16<c10::BFloat16, BF16Bits> {};
+template <>
+struct Elem<c10::Half> : Elem16<c10::Half, F16Bits> {};
+
+// ---------------------------------------------------------------------------
+// Tile decode, loader, conv.
+// ---------------------------------------------------------------------------
+struct Tile {
+  int id, plane, c, x0, y0;
+  bool on;  // id < tiles (the last block may hold fewer than PB tiles)
+};
+
+template <class CF>
+__device__ __forceinline__ Tile tile_of(const Geo& g, int p) {
+  Tile t;
+  t.id = int(blockIdx.x) * CF::PB + p;
+  t.on = t.id < g.tiles;
+  const int id = t.on ? t.id : 0;
+  t.plane = id / g.tiles_plane;  // n * C + c
+  const int r = id - t.plane * g.tiles_plane;
+  const int ty = r / g.tiles_x;
+  t.x0 = (r - ty * g.tiles_x) * CF::TW;
+  t.y0 = ty * CF::TH;
+  t.c = t.plane % g.C;
+  return t;
+}
+
+// Fills the tile's smem s[SR][P] (s[r*P + j] = x[y0 - R + r][x0 - 2 + j], 0 outside the plane); xp: the plane.
+// Thread lt of NT takes elements (or pairs) lt, lt + NT, ...; all of its loads are issued before its stores.
+template <class CF, int K, typename T>
+__device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __restrict__ s, int lt, int x0, int y0,
+                                          const Geo& g) {
+  constexpr int R = K / 2, SR = CF::TH + 2 * R, P = CF::P, NT = CF::NT;
+  if (g.pair_load) {
+    constexpr int PP = P / 2, TOT = SR * PP, IT = (TOT + NT - 1) / NT;  // pairs per row; pairs in the tile
+    float2 v[IT];
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int e = lt + i * NT, r = e / PP, q = e - r * PP;
+      const int gy = y0 - R + r, gx = x0 - 2 + 2 * q;  // gx even, W even: gx, gx + 1 both in or both out
+      v[i] = make_float2(0.f, 0.f);
+      if (e < TOT && unsigned(gy) < unsigned(g.H) && unsigned(gx) < unsigned(g.W))
+        v[i] = Elem<T>::load2(xp + gy * g.W + gx);
+    }
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int e = lt + i * NT;  // smem offset r * P + 2q == 2e
+      if (e < TOT) *reinterpret_cast<float2*>(s + 2 * e) = v[i];
+    }
+  } else {
+    constexpr int TOT = SR * P, IT = (TOT + NT - 1) / NT;
+    float v[IT];
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int e = lt + i * NT, r = e / P, j = e - r * P;
+      const int gy = y0 - R + r, gx = x0 - 2 + j;
+      v[i] = 0.f;
+      if (e < TOT && unsigned(gy) < unsigned(g.H) && unsigned(gx) < unsigned(g.W))
+        v[i] = Elem<T>::load1(xp + gy * g.W + gx);
+    }
+#pragma unroll
+    for (int i = 0; i < IT; ++i) {
+      const int e = lt + i * NT;
+      if (e < TOT) s[e] = v[i];
+    }
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void load_weights(const float* __restrict__ wt, int c, float (&w)[K * K]) {
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) w[t] = __ldg(wt + c * (K * K) + t);
+}
+
+// acc[i][v] = z' at output (ty*RY + i, 4*tx + v) of the tile, from smem s: input row ty*RY + i + ii, window
+// column OFF + v + jj (tap ii, jj), OFF = 2 - R. Taps are summed row-major (ii, then jj).
+template <class CF, int K>
+__device__ __forceinline__ void conv_tile(const float* __restrict__ s, const float (&w)[K * K], int tx, int ty,
+                                          float (&acc)[CF::RY][kV]) {
+  constexpr int R = K / 2, OFF = 2 - R, RY = CF::RY, P = CF::P;
+#pragma unroll
+  for (int i = 0; i < RY; ++i)
+#pragma unroll
+    for (int v = 0; v < kV; ++v) acc[i][v] = 0.f;
+  const float* base = s + ty * RY * P + kV * tx;  // 16-byte aligned: P and kV * tx are multiples of 4
+#pragma unroll
+  for (int rr = 0; rr < RY + 2 * R; ++rr) {
+    const float4 a = *reinterpret_cast<const float4*>(base + rr * P);
+    const float4 b = *reinterpret_cast<const float4*>(base + rr * P + 4);
+    const float win[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < RY; ++i) {
+      const int ii = rr - i;  // tap row of output row i that reads input row rr
+      if (ii < 0 || ii >= K) continue;
+#pragma unroll
+      for (int jj = 0; jj < K; ++jj)
+#pragma unroll
+        for (int v = 0; v < kV; ++v) acc[i][v] = fmaf(w[ii * K + jj], win[OFF + v + jj], acc[i][v]);
+    }
+  }
+}
+
+// Chan et al.'s merge of (nb, mb, m2b) into (n, m, m2); either count may be 0.
+template <typename A>
+__device__ __forceinline__ void chan_merge(A& n, A& m, A& m2, A nb, A mb, A m2b) {
+  const A nn = n + nb;
+  const A f = nn > A(0) ? nb / nn : A(0);
+  const A d = mb - m;
+  m += d * f;
+  m2 += m2b + d * d * n * f;
+  n = nn;
+}
+
+// ---------------------------------------------------------------------------
+// Kernels.
+// ---------------------------------------------------------------------------
+// Pass 1, grid ceil(tiles / PB): part[0|1|2][tile] = count, mean', M2 of z' over the tile's valid outputs.
+template <class CF, int K, typename T>
+__global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict__ x, const float* __restrict__ wt,
+                                                            float* __restrict__ part, Geo g) {
+  constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;  // floats of smem per tile
+  __shared__ __align__(16) float sm[CF::PB * TS];
+  __shared__ float red[3][CF::THREADS / 32];
+  const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
+  const Tile t = tile_of<CF>(g, p);
+  float* s = sm + p * TS;
+  if (t.on) load_tile<CF, K>(x + int64_t(t.plane) * g.H * g.W, s, lt, t.x0, t.y0, g);
+  __syncthreads();
+  float n = 0.f, m = 0.f, m2 = 0.f;
+  if (t.on) {
+    float w[K * K];
+    load_weights<K>(wt, t.c, w);
+    float acc[CF::RY][kV];
+    conv_tile<CF, K>(s, w, tx, ty, acc);
+    const int ny = min(max(g.H - (t.y0 + ty * CF::RY), 0), CF::RY);  // valid rows, columns of this thread
+    const int nx = min(max(g.W - (t.x0 + tx * kV), 0), kV);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < CF::RY; ++i)
+#pragma unroll
+      for (int v = 0; v < kV; ++v) sum += (i < ny && v < nx) ? acc[i][v] : 0.f;
+    n = float(ny * nx);
+    if (ny * nx > 0) {
+      m = sum / n;
+#pragma unroll
+      for (int i = 0; i < CF::RY; ++i)
+#pragma unroll
+        for (int v = 0; v < kV; ++v) {
+          const float d = acc[i][v] - m;
+          m2 += (i < ny && v < nx) ? d * d : 0.f;
+        }
+    }
+  }
+  // Merge over the tile: lanes of a warp segment of min(NT, 32) (aligned: NT is a power of two) ...
+  constexpr int SEG = CF::NT < 32 ? CF::NT : 32;
+#pragma unroll
+  for (int o = 1; o < SEG; o <<= 1) {
+    const float nb = __shfl_xor_sync(0xffffffffu, n, o), mb = __shfl_xor_sync(0xffffffffu, m, o),
+                m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+    chan_merge(n, m, m2, nb, mb, m2b);
+  }
+  // ... then, for tiles of several warps, the tile's warps in order.
+  if constexpr (CF::NT > 32) {
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+      red[0][warp] = n;
+      red[1][warp] = m;
+      red[2][warp] = m2;
+    }
+    __syncthreads();
+    if (lt == 0) {  // warp == p * NT / 32: the tile's first
+#pragma unroll
+      for (int k = 1; k < CF::NT / 32; ++k)
+        chan_merge(n, m, m2, red[0][warp + k], red[1][warp + k], red[2][warp + k]);
+    }
+  }
+  if (t.on && lt == 0) {
+    part[t.id] = n;
+    part[g.tiles + t.id] = m;
+    part[2 * g.tiles + t.id] = m2;
+  }
+}
+
+// Pass 2, one warp per channel: mean, var (C,), coef[0|1][c] = sc, sh. Optional vectors may be null.
+__global__ void finalize_kernel(const float* __restrict__ part, const float* __restrict__ cb,
+                                const float* __restrict__ gamma, const float* __restrict__ beta,
+                                float* __restrict__ mean, float* __restrict__ var, float* __restrict__ coef, Geo g,
+                                double eps) {
+  const int c = int(blockIdx.x) * int(blockDim.x / 32) + int(threadIdx.x / 32), lane = threadIdx.x % 32;
+  if (c >= g.C) return;  // the whole warp
+  double n = 0.0, m = 0.0, m2 = 0.0;
+  const int J = g.N * g.tiles_plane;  // the channel's tiles: tile = (b * C + c) * tiles_plane + t
+  for (int j = lane; j < J; j += 32) {
+    const int b = j / g.tiles_plane, tile = (b * g.C + c) * g.tiles_plane + (j - b * g.tiles_plane);
+    chan_merge(n, m, m2, double(part[tile]), double(part[g.tiles + tile]), double(part[2 * g.tiles + tile]));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double nb = __shfl_xor_sync(0xffffffffu, n, o), mb = __shfl_xor_sync(0xffffffffu, m, o),
+                 m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+    chan_merge(n, m, m2, nb, mb, m2b);
+  }
+  if (lane == 0) {
+    const double v = m2 / n, sc = (gamma ? double(gamma[c]) : 1.0) / sqrt(v + eps);
+    mean[c] = float(m + (cb ? double(cb[c]) : 0.0));
+    var[c] = float(v);
+    coef[c] = float(sc);
+    coef[g.C + c] = float((beta ? double(beta[c]) : 0.0) - m * sc);
+  }
+}
+
+__device__ __forceinline__ float act(float z, bool swish) {
+  // z * sigmoid(z) = z / (1 + e^-z); for z < -88 e^-z = inf and the approximate division gives -0.
+  return swish ? __fdividef(z, 1.0f + __expf(-z)) : z;
+}
+
+// Pass 3, grid ceil(tiles / PB): y = act(sc * z' + sh) in x's dtype.
+template <class CF, int K, typename T>
+__global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                            const float* __restrict__ wt,
+                                                            const float* __restrict__ coef, Geo g, bool swish) {
+  constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;
+  __shared__ __align__(16) float sm[CF::PB * TS];
+  const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
+  const Tile t = tile_of<CF>(g, p);
+  float* s = sm + p * TS;
+  const int64_t plane_off = int64_t(t.plane) * g.H * g.W;
+  if (t.on) load_tile<CF, K>(x + plane_off, s, lt, t.x0, t.y0, g);
+  __syncthreads();  // the only barrier: threads may leave after it
+  if (!t.on) return;
+  float w[K * K];
+  load_weights<K>(wt, t.c, w);
+  const float sc = __ldg(coef + t.c), sh = __ldg(coef + g.C + t.c);
+  float acc[CF::RY][kV];
+  conv_tile<CF, K>(s, w, tx, ty, acc);
+  T* yp = y + plane_off;
+  const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
+#pragma unroll
+  for (int i = 0; i < CF::RY; ++i) {
+    const int gy = gy0 + i;
+    if (gy >= g.H || gx0 >= g.W) break;
+    float o[kV];
+#pragma unroll
+    for (int v = 0; v < kV; ++v) o[v] = act(fmaf(sc, acc[i][v], sh), swish);
+    T* row = yp + gy * g.W + gx0;
+    if (g.vec_store) {  // W % 4 == 0 and gx0 % 4 == 0: all 4 columns are inside the plane
+      Elem<T>::store4(row, o[0], o[1], o[2], o[3]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < kV; ++v)
+        if (gx0 + v < g.W) Elem<T>::store1(row + v, o[v]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side.
+// ---------------------------------------------------------------------------
+at::Tensor vec_or_undefined(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+  if (!t.has_value() || !t->defined()) return at::Tensor();
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "dwconv_bn_swish_tiled: ", name, " must have shape (",
+              x.size(1), ",), got ", t->sizes());
+  TORCH_CHECK(t->device() == x.device(), "dwconv_bn_swish_tiled: ", name, " is on ", t->device(), ", x on ",
+              x.device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "dwconv_bn_swish_tiled: ", name, " must be floating");
+  return t->to(at::kFloat).contiguous();
+}
+
+const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
+
+template <class CF, int K, typename T>
+void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
+         const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, double eps, bool swish) {
+  Geo g{};
+  g.N = int(x.size(0)), g.C = int(x.size(1)), g.H = int(x.size(2)), g.W = int(x.size(3));
+  g.tiles_x = (g.W + CF::TW - 1) / CF::TW;
+  const int tiles_y = (g.H + CF::TH - 1) / CF::TH;
+  const int64_t tiles_plane = int64_t(g.tiles_x) * tiles_y, tiles = int64_t(g.N) * g.C * tiles_plane;
+  TORCH_CHECK(tiles <= int64_t(INT_MAX) - 1024, "dwconv_bn_swish_tiled: too many tiles (", tiles, ")");
+  g.tiles_plane = int(tiles_plane), g.tiles = int(tiles);
+  const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
+  g.pair_load = g.W % 2 == 0 && addr(x.const_data_ptr()) % (2 * sizeof(T)) == 0;
+  g.vec_store = g.W % 4 == 0 && addr(y.const_data_ptr()) % (4 * sizeof(T)) == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream()
+  at::Tensor part = at::empty({3, tiles}, x.options().dtype(at::kFloat));
+  at::Tensor coef = at::empty({2, g.C}, x.options().dtype(at::kFloat));
+  const unsigned blocks = unsigned((tiles + CF::PB - 1) / CF::PB);
+  const T* xp = x.const_data_ptr<T>();
+  stats_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, w.const_data_ptr<float>(),
+                                                             part.mutable_data_ptr<float>(), g);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  constexpr int kFinThreads = 256;
+  finalize_kernel<<<unsigned((g.C + kFinThreads / 32 - 1) / (kFinThreads / 32)), kFinThreads, 0, stream>>>(
+      part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
+      mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(), g, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+                                                             coef.const_data_ptr<float>(), g, swish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void run_k(int64_t K, int64_t W, const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb,
+           const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, double eps,
+           bool swish) {
+  const auto by_w = [&](auto k_c) {
+    constexpr int KK = decltype(k_c)::value;
+    if (W > 16) return run<CfgL, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
+    if (W > 8) return run<CfgM, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
+    return run<CfgS, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
+  };
+  if (K == 5) return by_w(std::integral_constant<int, 5>{});
+  return by_w(std::integral_constant<int, 3>{});
+}
+
+// Training forward of dwconv (K x K, stride 1, padding K / 2, groups C) + BatchNorm (batch statistics) + Swish.
+// out: optional preallocated y (x's shape and dtype, contiguous), e.g. NaN-filled to check coverage.
+std::vector<at::Tensor> dwconv_bn_swish_tiled(const at::Tensor& x, const at::Tensor& conv_weight,
+                                              const std::optional<at::Tensor>& conv_bias,
+                                              const std::optional<at::Tensor>& bn_weight,
+                                              const std::optional<at::Tensor>& bn_bias, double eps, bool swish,
+                                              const std::optional<at::Tensor>& out) {
+  TORCH_CHECK(x.is_cuda(), "dwconv_bn_swish_tiled: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, "dwconv_bn_swish_tiled: x must be (N, C, H, W), got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
+              "dwconv_bn_swish_tiled: x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.is_contiguous(), "dwconv_bn_swish_tiled: x must be NCHW-contiguous",
+              x.is_contiguous(at::MemoryFormat::ChannelsLast)
+                  ? " (channels-last is not supported by this probe: its tiles are (n, c) planes; pass x.contiguous())"
+                  : "");
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == C && conv_weight.size(1) == 1 &&
+                  conv_weight.size(2) == conv_weight.size(3),
+              "dwconv_bn_swish_tiled: conv_weight must be (C, 1, K, K) with C = ", C, ", got ", conv_weight.sizes());
+  const int64_t K = conv_weight.size(2);
+  TORCH_CHECK(K == 3 || K == 5, "dwconv_bn_swish_tiled: K must be 3 or 5, got ", K);
+  TORCH_CHECK(conv_weight.device() == x.device() && at::isFloatingType(conv_weight.scalar_type()),
+              "dwconv_bn_swish_tiled: conv_weight must be a floating tensor on x's device");
+  TORCH_CHECK(eps > 0, "dwconv_bn_swish_tiled: eps must be > 0, got ", eps);
+  TORCH_CHECK(N * C <= INT_MAX && H * W <= INT_MAX, "dwconv_bn_swish_tiled: 32-bit indexing needs N*C and H*W < 2^31");
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y;
+  if (out.has_value() && out->defined()) {
+    y = *out;
+    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == dt && y.device() == x.device() && y.is_contiguous(),
+                "dwconv_bn_swish_tiled: out must be a contiguous tensor of x's shape, dtype and device");
+  } else {
+    y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  }
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({C}, fopts), var = at::empty({C}, fopts);
+  if (x.numel() == 0) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    return {y, mean.fill_(nan), var.fill_(nan)};
+  }
+  const at::Tensor w = conv_weight.reshape({C, K * K}).to(at::kFloat).contiguous();
+  const at::Tensor cb = vec_or_undefined(conv_bias, x, "conv_bias");
+  const at::Tensor gamma = vec_or_undefined(bn_weight, x, "bn_weight");
+  const at::Tensor beta = vec_or_undefined(bn_bias, x, "bn_bias");
+  if (dt == at::kFloat) {
+    run_k<float>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
+  } else if (dt == at::kHalf) {
+    run_k<c10::Half>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
+  } else {
+    run_k<c10::BFloat16>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
+  }
+  return {y, mean, var};
+}
+
+}  // namespace dwtiled
+
+TORCH_LIBRARY(dwconv_tiled_probe, m) {
+  m.def(
+      "dwconv_bn_swish_tiled(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "float eps=1e-05, bool swish=True, Tensor? out=None) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(dwconv_tiled_probe, CUDA, m) { m.impl("dwconv_bn_swish_tiled", &dwtiled::dwconv_bn_swish_tiled); }
