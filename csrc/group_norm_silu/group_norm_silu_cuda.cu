@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -810,6 +811,21 @@ int pick_vec(const GroupNormSiLUShape& s, bool cl, int64_t elem, std::initialize
   return 1;
 }
 
+// kVecsPerThread, or DIFFUSION_FAST_GNS_VECS_PER_THREAD (an integer in [1, 64], read once) for tuning
+// sweeps on a GPU without rebuilding (benchmarks/probes/group_norm_silu_sweep.py).
+int64_t vecs_per_thread() {
+  static const int64_t v = [] {
+    const char* env = std::getenv("DIFFUSION_FAST_GNS_VECS_PER_THREAD");
+    if (env == nullptr || *env == '\0') return kVecsPerThread;
+    char* end = nullptr;
+    const long n = std::strtol(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1 && n <= 64,
+                "DIFFUSION_FAST_GNS_VECS_PER_THREAD must be an integer in [1, 64], got '", env, "'");
+    return int64_t(n);
+  }();
+  return v;
+}
+
 Plan make_plan(const GroupNormSiLUShape& s, bool cl, int vec, int64_t elem, int64_t acc_size, bool backward,
                int unroll) {
   Plan p{};
@@ -847,7 +863,7 @@ Plan make_plan(const GroupNormSiLUShape& s, bool cl, int vec, int64_t elem, int6
   // NCHW: tc threads per channel row, each with ~unroll vectors of the row per step (loads in flight),
   // more when rows are few; channels-last: tc covers the group's columns (at most 32).
   const int64_t tile_vecs = g.tile * (cl ? g.cols : g.rows);
-  int64_t threads = std::min<int64_t>(std::max<int64_t>(pow2_ceil(ceil_div(tile_vecs, kVecsPerThread)), 32), kMaxThreads);
+  int64_t threads = std::min<int64_t>(std::max<int64_t>(pow2_ceil(ceil_div(tile_vecs, vecs_per_thread())), 32), kMaxThreads);
   int64_t tc;
   if (cl) {
     tc = std::min<int64_t>(32, pow2_ceil(g.cols));
