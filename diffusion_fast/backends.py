@@ -245,4 +245,6 @@ def env_info() -> dict:
         },
         "auto_rules": {op: describe() for op, describe in _auto_rules.items()},
         "fallbacks": fallbacks(),
+        # every DIFFUSION_FAST_* setting in force (backend, tuning knobs, attention tables, ...)
+        "settings": {k: v for k, v in sorted(os.environ.items()) if k.startswith("DIFFUSION_FAST_")},
     }

@@ -73,6 +73,13 @@ def test_env_info_reports_everything():
     json.dumps(info)  # plain data
 
 
+def test_env_info_lists_the_settings_in_force(monkeypatch):
+    monkeypatch.setenv("DIFFUSION_FAST_GNS_VECS_PER_THREAD", "4")
+    monkeypatch.setenv("UNRELATED_SETTING", "1")
+    settings = diffusion_fast.env_info()["settings"]
+    assert settings["DIFFUSION_FAST_GNS_VECS_PER_THREAD"] == "4" and "UNRELATED_SETTING" not in settings
+
+
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
                           capture_output=True, text=True, timeout=120)
