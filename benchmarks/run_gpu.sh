@@ -12,8 +12,8 @@
 #
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
 # BUILD_CAP_S (default 300) and TEST_CAP_S (default 240); the benches share what is left.
-# STEPS (default "machine build env_info tests benches") picks steps, e.g. STEPS=benches on a machine
-# that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
+# STEPS (default "machine build env_info tests benches"; also "probes": benchmarks/probes/, PROBE_CAP_S
+# each) picks steps, e.g. STEPS=benches on a machine that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
 # TESTS="tests/ops/test_sampler_steps.py -k philox". BENCHES (default: every bench_*.py) names benches in
 # the order to run, NAME or NAME:WEIGHT (a share of the bench time in proportion to WEIGHT, default 1),
 # e.g. BENCHES="group_norm_silu nvae_cell ddpm:3". A step out of time gets SIGINT first: pytest then still
@@ -101,6 +101,13 @@ for b in ${benches[@]+"${benches[@]}"}; do
     # --budget-s: stop starting cases with time to spare to write the results.
     step "$name" "$share" $PY "benchmarks/$name.py" --device cuda --out "$OUT" --budget-s $((share * 3 / 4))
 done
+
+# Probes (benchmarks/probes/, not in the default STEPS): each builds and times its own experiment.
+if want probes; then
+    for f in benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py; do
+        step "$(basename "$f" .py)" "${PROBE_CAP_S:-180}" $PY "$f" --out "$OUT"
+    done
+fi
 
 echo "total ${SECONDS}s; failed: ${failed[*]:-none}" | tee -a "$OUT/summary.txt"
 ((${#failed[@]} == 0))
