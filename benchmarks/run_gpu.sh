@@ -90,24 +90,25 @@ if want benches; then
         for f in benchmarks/bench_*.py; do benches+=("$(basename "$f" .py)"); done
     fi
 fi
+probes=()
+want probes && probes=(benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py)
+reserve=$((${#probes[@]} * ${PROBE_CAP_S:-180}))  # seconds the benches leave to the probes
 weight_of() { if [[ $1 == *:* ]]; then echo "${1#*:}"; else echo 1; fi; }
 weights=0
 for b in ${benches[@]+"${benches[@]}"}; do weights=$((weights + $(weight_of "$b"))); done
 for b in ${benches[@]+"${benches[@]}"}; do
     name=${b%%:*} && name=bench_${name#bench_}
     weight=$(weight_of "$b")
-    share=$(($(left) * weight / weights))  # this bench's share of the time left
+    share=$((($(left) - reserve) * weight / weights))  # this bench's share of the time left
     weights=$((weights - weight))
     # --budget-s: stop starting cases with time to spare to write the results.
     step "$name" "$share" $PY "benchmarks/$name.py" --device cuda --out "$OUT" --budget-s $((share * 3 / 4))
 done
 
 # Probes (benchmarks/probes/, not in the default STEPS): each builds and times its own experiment.
-if want probes; then
-    for f in benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py; do
-        step "$(basename "$f" .py)" "${PROBE_CAP_S:-180}" $PY "$f" --out "$OUT"
-    done
-fi
+for f in ${probes[@]+"${probes[@]}"}; do
+    step "$(basename "$f" .py)" "${PROBE_CAP_S:-180}" $PY "$f" --out "$OUT"
+done
 
 echo "total ${SECONDS}s; failed: ${failed[*]:-none}" | tee -a "$OUT/summary.txt"
 ((${#failed[@]} == 0))
