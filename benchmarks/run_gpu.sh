@@ -47,8 +47,13 @@ step() {
         return 1
     fi
     echo "RUN   $name (limit ${t}s): $*" | tee -a "$OUT/summary.txt"
-    local t0=$SECONDS rc=0
-    timeout --signal=INT --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 || rc=$?
+    local t0=$SECONDS rc=0 pid
+    # Own process group, killed whole afterwards: no leftover of a step (pytest-xdist workers after a
+    # timeout, say) may run on into the next step's timings.
+    setsid timeout --signal=INT --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 &
+    pid=$!
+    wait "$pid" || rc=$?
+    kill -KILL -- -"$pid" 2>/dev/null || true
     echo "DONE  $name rc=$rc in $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
     ((rc == 0)) || failed+=("$name")
     return $rc
@@ -59,7 +64,7 @@ step() {
 # machines have it), the CUDA tests run in 8 processes: most of their time on a fresh machine is Triton
 # compiling kernels, one CPU core per compile.
 if compgen -G ".whl/*.whl" >/dev/null; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/df_wheels .whl/*.whl &&
+    $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/df_wheels .whl/*.whl &&
         export PYTHONPATH=/tmp/df_wheels${PYTHONPATH:+:$PYTHONPATH}
 fi
 XDIST=()
