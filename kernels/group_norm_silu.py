@@ -16,6 +16,8 @@ Passes over memory:
   forward   stats kernel reads x -> per-split (mean, M2) of h - pivot (pivot: the group's first h),
             Chan-merged tile by tile, so |mean| >> std loses nothing (no E[x^2] - E[x]^2);
             fwd kernel merges the splits, reads x again, writes y.          2 reads + 1 write of x-size
+            SPLIT == 1 (FUSED): one launch, each program takes its group's statistics itself and
+            reads the group again right after, mostly from the cache.
   backward  reduce kernel reads x, dy -> per-(split, n, c) sums of dz, dz*xhat, xhat;
             bwd kernel reads x, dy again, writes dx and the (n, c) grads.   4 reads + 1 write of x-size
 Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math in fp32.
@@ -96,22 +98,10 @@ def _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU: tl.constexpr)
 
 
 @triton.jit
-def _group_norm_silu_stats_kernel(
-    x_ptr,          # (N, C, S) input, fp16/bf16/fp32, layout per CHANNELS_LAST
-    pre_bias_ptr,   # (N, C) any float dtype, or a dummy when not HAS_PRE_BIAS
-    part_mean_ptr,  # (N * G, SPLIT) fp32 out: mean of h - pivot over this split's elements
-    part_m2_ptr,    # (N * G, SPLIT) fp32 out: sum of squared deviations from that mean
-    C, S, G, S_PER, SPLIT,
-    CPG: tl.constexpr, HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    pid = tl.program_id(0)  # n * G + g
-    split = tl.program_id(1)
-    n = pid // G
-    x_ptr += n.to(tl.int64) * C * S
-    s_lo = split * S_PER
-    s_hi = tl.minimum(s_lo + S_PER, S)
-    pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
+def _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, CPG: tl.constexpr,
+                 HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
+                 BLOCK_S: tl.constexpr, G):
+    """(mean, M2) of h - pivot over positions [s_lo, s_hi) of group pid = n * G + g (x_ptr: sample n)."""
     cnt = 0.0
     mean = 0.0  # running mean of h - pivot
     m2 = 0.0
@@ -134,6 +124,28 @@ def _group_norm_silu_stats_kernel(
             mean += delta * (t_cnt / new_cnt)
             m2 += tl.sum(d * d) + delta * delta * (cnt * t_cnt / new_cnt)
             cnt = new_cnt
+    return mean, m2
+
+
+@triton.jit
+def _group_norm_silu_stats_kernel(
+    x_ptr,          # (N, C, S) input, fp16/bf16/fp32, layout per CHANNELS_LAST
+    pre_bias_ptr,   # (N, C) any float dtype, or a dummy when not HAS_PRE_BIAS
+    part_mean_ptr,  # (N * G, SPLIT) fp32 out: mean of h - pivot over this split's elements
+    part_m2_ptr,    # (N * G, SPLIT) fp32 out: sum of squared deviations from that mean
+    C, S, G, S_PER, SPLIT,
+    CPG: tl.constexpr, HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * G + g
+    split = tl.program_id(1)
+    n = pid // G
+    x_ptr += n.to(tl.int64) * C * S
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
+    mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, CPG, HAS_PRE_BIAS,
+                            CHANNELS_LAST, BLOCK_C, BLOCK_S, G)
     tl.store(part_mean_ptr + pid * SPLIT + split, mean)
     tl.store(part_m2_ptr + pid * SPLIT + split, m2)
 
@@ -147,14 +159,15 @@ def _group_norm_silu_fwd_kernel(
     pre_bias_ptr,   # (N, C)
     scale_ptr,      # (N, C)
     shift_ptr,      # (N, C)
-    part_mean_ptr,  # (N * G, SPLIT) fp32 per-split means from the stats kernel
-    part_m2_ptr,    # (N * G, SPLIT) fp32 per-split M2 from the stats kernel
+    part_mean_ptr,  # (N * G, SPLIT) fp32 per-split means from the stats kernel (unused when FUSED)
+    part_m2_ptr,    # (N * G, SPLIT) fp32 per-split M2 from the stats kernel (unused when FUSED)
     mean_ptr,       # (N, G) fp32 out (written by split 0)
     rstd_ptr,       # (N, G) fp32 out (written by split 0)
     C, S, G, S_PER, SPLIT, eps,
     CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT_P2: tl.constexpr,
+    FUSED: tl.constexpr,  # SPLIT == 1: this program takes its group's statistics itself (one launch)
 ):
     pid = tl.program_id(0)  # n * G + g
     split = tl.program_id(1)
@@ -162,16 +175,22 @@ def _group_norm_silu_fwd_kernel(
     base = n.to(tl.int64) * C * S
     x_ptr += base
     y_ptr += base
-    # merge the splits: mean = pivot + sum_j cnt_j mean_j / sum_j cnt_j, M2 = sum_j M2_j + cnt_j (mean_j - mean)^2
     pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
-    j = tl.arange(0, SPLIT_P2)
-    jm = j < SPLIT
-    j_cnt = tl.where(jm, tl.minimum(S - j * S_PER, S_PER).to(tl.float32) * CPG, 0.0)
-    j_mean = tl.load(part_mean_ptr + pid * SPLIT + j, mask=jm, other=0.0)
-    j_m2 = tl.load(part_m2_ptr + pid * SPLIT + j, mask=jm, other=0.0)
-    total = tl.sum(j_cnt)
-    mean = tl.sum(j_cnt * j_mean) / total
-    var = tl.sum(j_m2 + j_cnt * (j_mean - mean) * (j_mean - mean)) / total
+    if FUSED:  # the group's second read below mostly hits the cache
+        mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, 0, S, pivot, C, S, CPG, HAS_PRE_BIAS,
+                                CHANNELS_LAST, BLOCK_C, BLOCK_S, G)
+        total = S * 1.0 * CPG  # in fp32 before the product (no int32 overflow)
+        var = m2 / total
+    else:
+        # merge the splits: mean = sum_j cnt_j mean_j / sum_j cnt_j, M2 = sum_j M2_j + cnt_j (mean_j - mean)^2
+        j = tl.arange(0, SPLIT_P2)
+        jm = j < SPLIT
+        j_cnt = tl.where(jm, tl.minimum(S - j * S_PER, S_PER).to(tl.float32) * CPG, 0.0)
+        j_mean = tl.load(part_mean_ptr + pid * SPLIT + j, mask=jm, other=0.0)
+        j_m2 = tl.load(part_m2_ptr + pid * SPLIT + j, mask=jm, other=0.0)
+        total = tl.sum(j_cnt)
+        mean = tl.sum(j_cnt * j_mean) / total
+        var = tl.sum(j_m2 + j_cnt * (j_mean - mean) * (j_mean - mean)) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     mean += pivot
     tl.store(mean_ptr + pid, mean, mask=split == 0)
@@ -396,16 +415,19 @@ def group_norm_silu_fwd(x, weight, bias, pre_bias, scale, shift, num_groups: int
     if x.numel() == 0:
         return y, mean.fill_(math.nan), rstd.fill_(math.nan)
     cfg = _config(x, G, channels_last)
-    part_mean = torch.empty((N * G, cfg["SPLIT"]), device=x.device, dtype=torch.float32)
-    part_m2 = torch.empty_like(part_mean)
+    fused = cfg["SPLIT"] == 1  # one program per group: statistics and output in one launch
+    part_mean = mean if fused else torch.empty((N * G, cfg["SPLIT"]), device=x.device, dtype=torch.float32)
+    part_m2 = rstd if fused else torch.empty_like(part_mean)
     grid = (N * G, cfg["SPLIT"])
     opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
     has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
                HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
     common = dict(C=C, G=G, **cfg)
-    _group_norm_silu_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"], **common)
+    if not fused:
+        _group_norm_silu_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"],
+                                            **common)
     _group_norm_silu_fwd_kernel[grid](x, y, *opt, part_mean, part_m2, mean, rstd, eps=eps, SILU=silu,
-                                      SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), **has, **common)
+                                      SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has, **common)
     return y, mean, rstd
 
 

@@ -92,6 +92,22 @@ def test_matches_reference(backend, device, case, extras):
         check_against_reference(backend, x, groups, kw, e["silu"], dtype)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", ["odd spatial", "batch 1, many elements per group", "3-D spatial"])
+def test_triton_split_groups(backend, device, layout, case, monkeypatch):
+    """The Triton kernels' other schedule: each group split over S into several programs (a GPU's
+    choice for few large groups; the interpreter otherwise runs one program per group)."""
+    from diffusion_fast.kernels import group_norm_silu as kernels
+
+    monkeypatch.setattr(kernels, "_TILE", 16)
+    monkeypatch.setattr(kernels, "_target_programs", lambda device: 64)
+    shape, groups = CASES[case]
+    x, kw = make_inputs(shape, torch.float32, device, layout, True, True, True)
+    assert kernels._config(x, groups, layout == "channels_last")["SPLIT"] > 1
+    check_against_reference(backend, x, groups, kw, True, torch.float32)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("case", ["odd spatial", "1-D spatial", "3-D spatial", "groups == channels"])
