@@ -453,7 +453,7 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, pre_bias, scale, shift, mean, r
     # per-split sums of dz, dz * xhat (and xhat with pre_bias), then summed over splits
     sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
     _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N, **common)
-    sums = sums.sum(1)
+    sums = sums[:, 0] if cfg["SPLIT"] == 1 else sums.sum(1)  # a view, no launch, for one split
     wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
     _group_norm_silu_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
                                       wb[0], wb[1], *(x if t is None else g for t, g in zip(opt_nc, nc_grads)),
