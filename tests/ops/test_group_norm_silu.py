@@ -317,6 +317,47 @@ def test_module_loads_group_norm_checkpoint():
 
 
 # ---------------------------------------------------------------------------
+# The CUDA kernel's block size knob (DIFFUSION_FAST_GNS_VECS_PER_THREAD, read once per process).
+# ---------------------------------------------------------------------------
+_BLOCK_SIZE_CHECK = """
+import torch, diffusion_fast
+from diffusion_fast.ops.group_norm_silu import group_norm_silu_ref
+for shape, layout, dtype in [((4, 64, 16, 16), torch.contiguous_format, torch.float32),
+                             ((2, 96, 9, 7), torch.channels_last, torch.float16), ((8, 32, 33), None, torch.float32)]:
+    x = (torch.randn(shape, device="cuda") + 1).to(dtype)
+    x = x.to(memory_format=layout) if layout is not None else x
+    x.requires_grad_()
+    w, b = (torch.randn(shape[1], device="cuda", requires_grad=True) for _ in range(2))
+    with diffusion_fast.use_backend("cuda"):
+        y = diffusion_fast.group_norm_silu(x, 16, w, b)
+    g = torch.randn_like(y)
+    got = (y,) + torch.autograd.grad(y, (x, w, b), g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = group_norm_silu_ref(leaves[0], 16, leaves[1], leaves[2])
+    want = (ref,) + torch.autograd.grad(ref, leaves, g.double())
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for a, e in zip(got, want):
+        err = (a.double() - e).abs().max().item() / max(1.0, e.abs().max().item())
+        assert err < tol, (shape, dtype, err)
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vecs", ["1", "2", "32", "64"])
+def test_cuda_block_size_knob(vecs):
+    """Every value the sweep probe may set gives the right result (thread counts and reductions change)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFUSION_FAST_GNS_VECS_PER_THREAD": vecs}
+    done = subprocess.run([sys.executable, "-c", _BLOCK_SIZE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------
 # Large tensors: offsets past 2**31 elements.
 # ---------------------------------------------------------------------------
 def _check_large(device, backend):
