@@ -20,6 +20,8 @@ Passes over memory:
             reads the group again right after, mostly from the cache.
   backward  reduce kernel reads x, dy -> per-(split, n, c) sums of dz, dz*xhat, xhat;
             bwd kernel reads x, dy again, writes dx and the (n, c) grads.   4 reads + 1 write of x-size
+            SPLIT == 1 and the group's channels in one block (FUSED): one launch, the sums stay in
+            registers and the second read of x, dy mostly hits the cache.
 Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math in fp32.
 """
 
@@ -219,6 +221,58 @@ def _group_norm_silu_fwd_kernel(
 
 
 @triton.jit
+def _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, s_hi, C, S, mean, rstd, pb, k, b2, SILU: tl.constexpr,
+                  NEED_X: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[BLOCK_C] sums over positions [s_lo, s_hi) of channels c: A = sum dz, B = sum dz * xhat, X = sum xhat
+    (X only when NEED_X, else 0)."""
+    center = (pb - mean)[:, None]
+    acc_dz = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    acc_x = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cm[:, None] & (s < s_hi)[None, :]
+        offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+        dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k[:, None], b2[:, None], SILU)
+        acc_dz += dz
+        acc_dzx += dz * xhat
+        if NEED_X:
+            acc_x += xhat
+    return tl.sum(acc_dz, axis=1), tl.sum(acc_dzx, axis=1), tl.sum(acc_x, axis=1)
+
+
+@triton.jit
+def _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,
+                   c, nc, cm, first, s_lo, s_hi, C, S, mean, rstd, w, b, pb, sc1, sh, A, B, X, m1, m2,
+                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                   CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Channels c (nc = n * C + c): their (n, c) grads where ``first``, and dx over positions [s_lo, s_hi)."""
+    k = w * sc1
+    if HAS_WEIGHT:
+        tl.store(d_weight_ptr + nc, sc1 * B, mask=first)
+    if HAS_BIAS:
+        tl.store(d_bias_ptr + nc, sc1 * A, mask=first)
+    if HAS_PRE_BIAS:
+        d_pb = rstd * (k * A - S * m1 - m2 * X)
+        tl.store(d_pre_bias_ptr + nc, d_pb.to(d_pre_bias_ptr.dtype.element_ty), mask=first)
+    if HAS_SCALE:
+        tl.store(d_scale_ptr + nc, (w * B + b * A).to(d_scale_ptr.dtype.element_ty), mask=first)
+    if HAS_SHIFT:
+        tl.store(d_shift_ptr + nc, A.to(d_shift_ptr.dtype.element_ty), mask=first)
+    center = (pb - mean)[:, None]
+    b2 = (b * sc1 + sh)[:, None]
+    k = k[:, None]
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = cm[:, None] & (s < s_hi)[None, :]
+        offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
+        dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU)
+        dx = rstd * (dz * k - m1 - xhat * m2)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _group_norm_silu_bwd_reduce_kernel(
     dy_ptr,         # (N, C, S) upstream gradient, x's dtype and layout
     x_ptr,          # (N, C, S) forward input
@@ -255,26 +309,13 @@ def _group_norm_silu_bwd_reduce_kernel(
         w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                             c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
                                             HAS_SCALE, HAS_SHIFT)
-        center = (pb - mean)[:, None]
-        k = (w * sc1)[:, None]
-        b2 = (b * sc1 + sh)[:, None]
-        acc_dz = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-        acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-        acc_x = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = cm[:, None] & (s < s_hi)[None, :]
-            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
-            dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU)
-            acc_dz += dz
-            acc_dzx += dz * xhat
-            if HAS_PRE_BIAS:
-                acc_x += xhat
+        A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, s_hi, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
+                                SILU, HAS_PRE_BIAS, CHANNELS_LAST, BLOCK_C, BLOCK_S)
         out = split * N * C + nc
-        tl.store(sum_dz_ptr + out, tl.sum(acc_dz, axis=1), mask=cm)
-        tl.store(sum_dzx_ptr + out, tl.sum(acc_dzx, axis=1), mask=cm)
+        tl.store(sum_dz_ptr + out, A, mask=cm)
+        tl.store(sum_dzx_ptr + out, B, mask=cm)
         if HAS_PRE_BIAS:
-            tl.store(sum_x_ptr + out, tl.sum(acc_x, axis=1), mask=cm)
+            tl.store(sum_x_ptr + out, X, mask=cm)
 
 
 @triton.jit
@@ -289,9 +330,9 @@ def _group_norm_silu_bwd_kernel(
     shift_ptr,      # (N, C)
     mean_ptr,       # (N, G) fp32 from the forward
     rstd_ptr,       # (N, G) fp32 from the forward
-    sum_dz_ptr,     # (N, C) fp32: A = sum_s dz
-    sum_dzx_ptr,    # (N, C) fp32: B = sum_s dz * xhat
-    sum_x_ptr,      # (N, C) fp32: X = sum_s xhat (only when HAS_PRE_BIAS)
+    sum_dz_ptr,     # (N, C) fp32: A = sum_s dz (unused when FUSED)
+    sum_dzx_ptr,    # (N, C) fp32: B = sum_s dz * xhat (unused when FUSED)
+    sum_x_ptr,      # (N, C) fp32: X = sum_s xhat (only when HAS_PRE_BIAS; unused when FUSED)
     d_weight_ptr,   # (N, C) fp32 out: (1 + scale) * B, summed over n by the launcher
     d_bias_ptr,     # (N, C) fp32 out: (1 + scale) * A, summed over n by the launcher
     d_pre_bias_ptr, # (N, C) out, pre_bias's dtype: sum_s dx = rstd * (k A - S m1 - m2 X)
@@ -301,6 +342,7 @@ def _group_norm_silu_bwd_kernel(
     CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    FUSED: tl.constexpr,  # one program per group and one channel block: the sums stay in registers
 ):
     pid = tl.program_id(0)  # n * G + g
     split = tl.program_id(1)
@@ -312,57 +354,55 @@ def _group_norm_silu_bwd_kernel(
     mean = tl.load(mean_ptr + pid)
     # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
     rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
-    # group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
-    m1 = 0.0
-    m2 = 0.0
-    for c0 in range(0, CPG, BLOCK_C):
-        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CPG
-        k = (_load_opt(weight_ptr, c, cm, HAS_WEIGHT, 1.0)
-             * (1.0 + _load_opt(scale_ptr, n * C + c, cm, HAS_SCALE, 0.0)))
-        m1 += tl.sum(k * tl.load(sum_dz_ptr + n * C + c, mask=cm, other=0.0))
-        m2 += tl.sum(k * tl.load(sum_dzx_ptr + n * C + c, mask=cm, other=0.0))
-    m1 *= inv_m
-    m2 *= inv_m
-
-    s_lo = split * S_PER
-    s_hi = tl.minimum(s_lo + S_PER, S)
-    for c0 in range(0, CPG, BLOCK_C):
-        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+    if FUSED:  # the group's channels in one block: sums, then dx over a second (mostly cached) read
+        c = (pid % G) * CPG + tl.arange(0, BLOCK_C)
+        cm = tl.arange(0, BLOCK_C) < CPG
         nc = n * C + c
         w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                             c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
                                             HAS_SCALE, HAS_SHIFT)
-        k = w * sc1
-        # per-(n, c) gradients, written once by split 0 (the test is made block-shaped: Triton
-        # 3.9's interpreter gives a non-boolean mask for block & scalar)
-        first = cm & (c * 0 + split == 0)
-        A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
-        B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
-        if HAS_WEIGHT:
-            tl.store(d_weight_ptr + nc, sc1 * B, mask=first)
-        if HAS_BIAS:
-            tl.store(d_bias_ptr + nc, sc1 * A, mask=first)
-        if HAS_PRE_BIAS:
-            X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
-            d_pb = rstd * (k * A - S * m1 - m2 * X)
-            tl.store(d_pre_bias_ptr + nc, d_pb.to(d_pre_bias_ptr.dtype.element_ty), mask=first)
-        if HAS_SCALE:
-            tl.store(d_scale_ptr + nc, (w * B + b * A).to(d_scale_ptr.dtype.element_ty), mask=first)
-        if HAS_SHIFT:
-            tl.store(d_shift_ptr + nc, A.to(d_shift_ptr.dtype.element_ty), mask=first)
-
-        center = (pb - mean)[:, None]
-        b2 = (b * sc1 + sh)[:, None]
-        k = k[:, None]
-        for s0 in range(s_lo, s_hi, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            mask = cm[:, None] & (s < s_hi)[None, :]
-            offs = _tile_offsets(c, s, C, S, CHANNELS_LAST)
-            dz, xhat = _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU)
-            dx = rstd * (dz * k - m1 - xhat * m2)
-            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, 0, S, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
+                                SILU, HAS_PRE_BIAS, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+        m1 = tl.sum(tl.where(cm, w * sc1 * A, 0.0)) * inv_m  # mean(dxhat) over the group
+        m2 = tl.sum(tl.where(cm, w * sc1 * B, 0.0)) * inv_m  # mean(dxhat * xhat)
+        _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,
+                       c, nc, cm, cm, 0, S, C, S, mean, rstd, w, b, pb, sc1, sh, A, B, X, m1, m2,
+                       HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT, SILU, CHANNELS_LAST, BLOCK_S)
+    else:
+        # group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
+        m1 = 0.0
+        m2 = 0.0
+        for c0 in range(0, CPG, BLOCK_C):
+            c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+            cm = c0 + tl.arange(0, BLOCK_C) < CPG
+            k = (_load_opt(weight_ptr, c, cm, HAS_WEIGHT, 1.0)
+                 * (1.0 + _load_opt(scale_ptr, n * C + c, cm, HAS_SCALE, 0.0)))
+            m1 += tl.sum(k * tl.load(sum_dz_ptr + n * C + c, mask=cm, other=0.0))
+            m2 += tl.sum(k * tl.load(sum_dzx_ptr + n * C + c, mask=cm, other=0.0))
+        m1 *= inv_m
+        m2 *= inv_m
+        s_lo = split * S_PER
+        s_hi = tl.minimum(s_lo + S_PER, S)
+        for c0 in range(0, CPG, BLOCK_C):
+            c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
+            cm = c0 + tl.arange(0, BLOCK_C) < CPG
+            nc = n * C + c
+            w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
+                                                c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
+                                                HAS_SCALE, HAS_SHIFT)
+            A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
+            B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
+            if HAS_PRE_BIAS:
+                X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
+            else:
+                X = tl.zeros([BLOCK_C], tl.float32)
+            # per-(n, c) gradients, written once by split 0 (the test is made block-shaped: Triton
+            # 3.9's interpreter gives a non-boolean mask for block & scalar)
+            first = cm & (c * 0 + split == 0)
+            _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr,
+                           d_shift_ptr, c, nc, cm, first, s_lo, s_hi, C, S, mean, rstd, w, b, pb, sc1, sh, A, B, X,
+                           m1, m2, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT, SILU, CHANNELS_LAST,
+                           BLOCK_S)
 
 
 # ---------------------------------------------------------------------------
@@ -450,14 +490,20 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, pre_bias, scale, shift, mean, r
     has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
                HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
     common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
-    # per-split sums of dz, dz * xhat (and xhat with pre_bias), then summed over splits
-    sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
-    _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N, **common)
-    sums = sums[:, 0] if cfg["SPLIT"] == 1 else sums.sum(1)  # a view, no launch, for one split
+    # one launch when one program holds a whole group in one channel block (its sums stay in registers);
+    # else per-split sums of dz, dz * xhat (and xhat with pre_bias), summed over splits, then dx
+    fused = cfg["SPLIT"] == 1 and cfg["CPG"] <= cfg["BLOCK_C"]
     wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
+    if fused:
+        sums = wb[:1].expand(3, N, C)  # not read
+    else:
+        sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
+        _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N,
+                                                 **common)
+        sums = sums[:, 0] if cfg["SPLIT"] == 1 else sums.sum(1)  # a view, no launch, for one split
     _group_norm_silu_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
                                       wb[0], wb[1], *(x if t is None else g for t, g in zip(opt_nc, nc_grads)),
-                                      inv_m=1.0 / (cfg["CPG"] * cfg["S"]), **common)
+                                      inv_m=1.0 / (cfg["CPG"] * cfg["S"]), FUSED=fused, **common)
     grad_weight = x.new_empty((0,)) if weight is None else wb[0].sum(0).to(weight.dtype)
     grad_bias = x.new_empty((0,)) if bias is None else wb[1].sum(0).to(bias.dtype)
     return (grad_x, grad_weight, grad_bias, *nc_grads)

@@ -93,18 +93,26 @@ def test_matches_reference(backend, device, case, extras):
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("schedule", ["split", "channel blocks"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", ["odd spatial", "batch 1, many elements per group", "3-D spatial"])
-def test_triton_split_groups(backend, device, layout, case, monkeypatch):
-    """The Triton kernels' other schedule: each group split over S into several programs (a GPU's
-    choice for few large groups; the interpreter otherwise runs one program per group)."""
+def test_triton_schedules(backend, device, schedule, layout, case, monkeypatch):
+    """The Triton kernels' other schedules, which small tests otherwise never reach: each group split
+    over S into several programs (a GPU's choice for few large groups), or one program per group
+    walking several channel blocks (large groups: the backward then takes two launches)."""
     from diffusion_fast.kernels import group_norm_silu as kernels
 
-    monkeypatch.setattr(kernels, "_TILE", 16)
-    monkeypatch.setattr(kernels, "_target_programs", lambda device: 64)
+    monkeypatch.setattr(kernels, "_TILE", 16 if schedule == "split" else 2)
+    monkeypatch.setattr(kernels, "_target_programs", lambda device: 64 if schedule == "split" else 1)
     shape, groups = CASES[case]
     x, kw = make_inputs(shape, torch.float32, device, layout, True, True, True)
-    assert kernels._config(x, groups, layout == "channels_last")["SPLIT"] > 1
+    cfg = kernels._config(x, groups, layout == "channels_last")
+    if schedule == "split":
+        assert cfg["SPLIT"] > 1
+    elif cfg["CPG"] <= cfg["BLOCK_C"]:
+        pytest.skip("channels-last blocks hold 2 channels here: a group of 2 is one block")
+    else:
+        assert cfg["SPLIT"] == 1
     check_against_reference(backend, x, groups, kw, True, torch.float32)
 
 
