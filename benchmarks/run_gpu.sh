@@ -50,7 +50,7 @@ step() {
     local t0=$SECONDS rc=0 pid
     # Own process group, killed whole afterwards: no leftover of a step (pytest-xdist workers after a
     # timeout, say) may run on into the next step's timings.
-    setsid timeout --signal=INT --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 &
+    setsid -w timeout --signal=INT --kill-after=15 "$t" "$@" >"$OUT/$name.log" 2>&1 &
     pid=$!
     wait "$pid" || rc=$?
     kill -KILL -- -"$pid" 2>/dev/null || true
