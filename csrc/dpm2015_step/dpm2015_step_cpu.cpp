@@ -87,7 +87,7 @@ at::Tensor dpm2015_step_cpu(const at::Tensor& x, const at::Tensor& z_mu, const a
                             const std::optional<at::Tensor>& beta, double beta_value, int64_t seed, int64_t step,
                             bool add_noise) {
   check_dpm2015_step(x, z_mu, z_sigma, beta, beta_value, step);
-  auto out = at::empty_like(x);
+  auto out = noise_step::empty_cpu_like(x);
   const bool beta_in_memory = beta.has_value() && beta->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dpm2015_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

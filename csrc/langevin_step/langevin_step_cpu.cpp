@@ -64,7 +64,7 @@ at::Tensor langevin_step_cpu(const at::Tensor& x, const at::Tensor& score, const
                              double alpha_value, const std::optional<at::Tensor>& noise, int64_t seed, int64_t step,
                              bool add_noise) {
   check_langevin_step(x, score, alpha, noise, step, add_noise);
-  auto out = at::empty_like(x);
+  at::Tensor out = noise_step::empty_cpu_like(x);
   const bool given = noise.has_value() && noise->defined();
   const bool alpha_in_memory = alpha.has_value() && alpha->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cpu", [&] {

@@ -70,8 +70,8 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x, const a
                                                     int64_t seed, int64_t step, std::optional<double> clip,
                                                     bool return_x0) {
   check_sampler_step(x, eps, coef, noise, step);
-  auto out = at::empty_like(x);
-  auto x0 = return_x0 ? at::empty_like(x) : x.new_empty({0});
+  auto out = noise_step::empty_cpu_like(x);
+  auto x0 = return_x0 ? noise_step::empty_cpu_like(x) : x.new_empty({0});
   const bool given = noise.has_value() && noise->defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

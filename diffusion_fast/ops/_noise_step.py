@@ -23,7 +23,7 @@ from torch import Tensor
 from diffusion_fast import backends
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # a hash lookup: cheaper than the tuple's comparisons
+FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)  # a hash lookup: cheaper than the tuple's comparisons
 
 
 # ---------------------------------------------------------------------------
@@ -94,7 +94,7 @@ def check_float_tensor(fn: str, name: str, t, x: Optional[Tensor], x_name: str =
     """t is a floating tensor (FLOAT_DTYPES), on x's device unless x is None."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPE_SET:
+    if t.dtype not in FLOAT_DTYPE_SET:
         raise TypeError(f"{fn}: {name} must be a floating tensor ({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
     if x is not None and t.device != x.device:
         raise ValueError(f"{fn}: {name} is on {t.device} but {x_name} is on {x.device}; move them to one device")
