@@ -17,7 +17,8 @@
 //   channels-last forward: a task is a band of output rows of one sample with all its channels, so x is
 //     read and y written in memory order; input rows enter a ring of K rows laid out block-major
 //     [64-byte channel block][W + 2R][lanes] (see cl_fwd_units), the conv is one lane-wise FMA per tap.
-//     Training runs it twice: conv -> per-row (mean, M2) merged over rows, bands and samples (Chan et al.),
+//     Training runs it twice: conv -> per-unit sums of z - shift and its square (shift: the unit's first row
+//     mean), as (mean, M2) merged over bands and samples (Chan et al.),
 //     then conv with BatchNorm folded -> swish.
 //   channels-last backward: a task owns the LN = 64 / sizeof(T) channels of one 64-byte line of x, held as
 //     the LN lanes of one vector per position (padded [H + 2R][W + 2R][LN] copies, no transposes).
@@ -731,27 +732,31 @@ void cl_ring_load(const Geo& g, const T* __restrict src, A* __restrict dst) {
 }
 
 // z[(w + o) * LN + l] = bias[l] + sum_{i,j} wt[(i * K + j) * LN + l] * rows[i][(w + o + j) * LN + l], o < WB.
+// Per tap row i, the K weight vectors are loaded once and the WB + K - 1 input vectors stream through, each
+// feeding the (up to K) outputs it touches: WB accumulators + K weights + 1 input stay in registers (holding
+// all of a row's inputs at once instead made GCC spill a third of the loop to the stack, ~1.6x slower).
 template <int K, int LN, int WB, typename A>
 inline void cl_conv_positions(const A* const* rows, const A* wt, const A* bias, int64_t w, A* z) {
   using V = Vec<A, LN>;
   V acc[WB];
   const V bv = loadu<LN>(bias);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int o = 0; o < WB; ++o) acc[o] = bv;
 #pragma GCC unroll 5
   for (int i = 0; i < K; ++i) {
     const A* r = rows[i] + w * LN;
-    V in[WB + K - 1];
-#pragma GCC unroll 12
-    for (int t = 0; t < WB + K - 1; ++t) in[t] = loadu<LN>(r + t * LN);
+    V wv[K];
 #pragma GCC unroll 5
-    for (int j = 0; j < K; ++j) {
-      const V wv = loadu<LN>(wt + (i * K + j) * LN);
-#pragma GCC unroll 8
-      for (int o = 0; o < WB; ++o) acc[o] += wv * in[o + j];
+    for (int j = 0; j < K; ++j) wv[j] = loadu<LN>(wt + (i * K + j) * LN);
+#pragma GCC unroll 20
+    for (int t = 0; t < WB + K - 1; ++t) {
+      const V in = loadu<LN>(r + t * LN);
+#pragma GCC unroll 5
+      for (int j = 0; j < K; ++j)
+        if (t - j >= 0 && t - j < WB) acc[t - j] += wv[j] * in;
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int o = 0; o < WB; ++o) storeu<LN>(z + (w + o) * LN, acc[o]);
 }
 
@@ -782,14 +787,16 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
   const Geo& g = a.g;
   const int64_t nblk = (g.C + LN - 1) / LN, strip = g.Wq * LN, row = nblk * strip, KK = g.K * g.K;
   std::vector<A> ring(K * row, A(0)), zero(row, A(0)), z(g.W * LN);
+  // STATS: per channel (nblk * LN, lanes past C unused), the unit's shift (its first row's mean) and the sums
+  // of z - shift and (z - shift)^2: rows add their float partials in double, with no per-row merge.
+  std::vector<A> shift(STATS ? nblk * LN : 0);
+  std::vector<double> s1(STATS ? nblk * LN : 0), s2(STATS ? nblk * LN : 0);
   const ExpBounds eb = a.eb;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t n = u / bd.per_sample, h0 = (u % bd.per_sample) * bd.rows, h1 = std::min(g.H, h0 + bd.rows);
     int64_t held[K];  // the input row each ring slot holds
     std::fill(held, held + K, int64_t(-1));
-    double* mean = STATS ? pm + u * g.C : nullptr;
-    double* m2 = STATS ? pm2 + u * g.C : nullptr;
-    if (STATS) std::fill(mean, mean + g.C, 0.0), std::fill(m2, m2 + g.C, 0.0);
+    if (STATS) std::fill(s1.begin(), s1.end(), 0.0), std::fill(s2.begin(), s2.end(), 0.0);
     for (int64_t h = h0; h < h1; ++h) {
       // the next input row to enter the ring, prefetched a part per channel block
       const int64_t next = h + g.R + 1, part = (g.W * g.C * int64_t(sizeof(T)) + nblk - 1) / nblk;
@@ -815,18 +822,30 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
         if (next < std::min(g.H, h1 + g.R)) prefetch(next_row + b * part, part);
         cl_conv_row<K, LN>(g, brows, wl + b * KK * LN, bl + b * LN, z.data());
         const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);
-        if (STATS) {  // this row's per-lane (mean, M2), two passes over z in L1, merged into the unit's
+        if (STATS) {  // this row's sums of z - shift and its square per lane, in float, added to the unit's
           if constexpr (std::is_same_v<T, A>)
             if (a.z_in_y)
               for (int64_t w = 0; w < g.W; ++w) std::copy(z.data() + w * LN, z.data() + w * LN + cbn, y + w * g.C + c0);
-          A s[LN] = {}, q[LN] = {};
-          for (int64_t w = 0; w < g.W; ++w)
-            for (int l = 0; l < LN; ++l) s[l] += z[w * LN + l];
-          for (int l = 0; l < LN; ++l) s[l] /= A(g.W);
-          for (int64_t w = 0; w < g.W; ++w)
-            for (int l = 0; l < LN; ++l) q[l] += (z[w * LN + l] - s[l]) * (z[w * LN + l] - s[l]);
-          for (int64_t l = 0; l < cbn; ++l)
-            merge_stats(mean[c0 + l], m2[c0 + l], (h - h0) * g.W, double(s[l]), double(q[l]), g.W);
+          using V = Vec<A, LN>;
+          if (h == h0) {
+            V m = loadu<LN>(z.data());
+            for (int64_t w = 1; w < g.W; ++w) m += loadu<LN>(z.data() + w * LN);
+            storeu<LN>(shift.data() + c0, m / A(g.W));
+          }
+          const V sh = loadu<LN>(shift.data() + c0);
+          V r1 = {}, r2 = {};
+          for (int64_t w = 0; w < g.W; ++w) {
+            const V d = loadu<LN>(z.data() + w * LN) - sh;
+            r1 += d;
+            r2 += d * d;
+          }
+          A t1[LN], t2[LN];
+          storeu<LN>(t1, r1);
+          storeu<LN>(t2, r2);
+          double* __restrict p1 = s1.data() + c0;
+          for (int l = 0; l < LN; ++l) p1[l] += double(t1[l]);
+          double* __restrict p2 = s2.data() + c0;
+          for (int l = 0; l < LN; ++l) p2[l] += double(t2[l]);
         } else if (cbn == LN) {
           for (int64_t w = 0; w < g.W; ++w)
             for (int l = 0; l < LN; ++l) y[w * g.C + c0 + l] = T(act<SWISH>(z[w * LN + l], eb));
@@ -834,6 +853,14 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
           for (int64_t w = 0; w < g.W; ++w)
             for (int64_t l = 0; l < cbn; ++l) y[w * g.C + c0 + l] = T(act<SWISH>(z[w * LN + l], eb));
         }
+      }
+    }
+    if (STATS) {  // the unit's (mean, M2) per channel: mean = shift + s1 / n, M2 = s2 - s1^2 / n
+      const double n = double((h1 - h0) * g.W);
+      for (int64_t c = 0; c < g.C; ++c) {
+        const double d = s1[c] / n;
+        pm[u * g.C + c] = double(shift[c]) + d;
+        pm2[u * g.C + c] = std::max(0.0, s2[c] - s1[c] * d);
       }
     }
   }

@@ -232,6 +232,34 @@ def test_extension_training_forward_with_and_without_grad(threads, grad):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_extension_channels_last_statistics_far_from_zero(threads):
+    """The C++ channels-last training forward sums z - shift per unit of rows (shift: the unit's first row
+    mean). With the conv output 2e3 away from zero (by its bias: no border effects) and a ramp down the rows
+    (each row's mean off the first's), the batch statistics must still be the float64 ones; plain float
+    sums of z and z^2 would lose them to cancellation."""
+    torch.set_num_threads(threads)
+    try:
+        for grad in (False, True):  # conv once (z kept in y) or twice
+            x, p = make_inputs((3, 20, 12, 33), 5, torch.float32, "cpu", "channels_last")
+            ramp = 0.3 * torch.arange(12, dtype=torch.float32).view(1, 1, 12, 1)
+            x = (x + ramp).contiguous(memory_format=torch.channels_last)
+            p["conv_bias"] = p["conv_bias"] + 2e3
+            require_backend("cuda", "dwconv_bn_swish", x, _unsupported)
+            mine = {k: v.clone() if k.startswith("running") else v for k, v in p.items()}
+            mine["conv_weight"].requires_grad_(grad)
+            with diffusion_fast.use_backend("cuda"):
+                y = call(OURS, x, mine, training=True)
+            ref = {k: v.double() for k, v in p.items()}
+            expected = call(REF, x.double(), ref, training=True)
+            baseline = call(REF, x, {k: v.clone() for k, v in p.items()}, training=True)  # fp32 rounding of z
+            assert_close(y, expected, torch.float32, "y", baseline=baseline)
+            for name in ("running_mean", "running_var"):
+                assert_close(mine[name], ref[name], torch.float32, name)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("k", [3, 5, None], ids=["k3", "k5", "bn_swish"])
 def test_gradcheck_extension_cpu(training, k):
