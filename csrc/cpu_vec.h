@@ -93,6 +93,15 @@ inline void prefetch(uintptr_t addr, int64_t bytes) {
 #endif
 }
 
+// Makes p opaque to the optimiser at this point, so loads through it are not hoisted out of the enclosing
+// loop (where too many hoisted vectors would be spilled to the stack and reloaded: worse than loading them).
+template <typename P>
+inline void opaque(P& p) {
+#if defined(__GNUC__)
+  asm volatile("" : "+r"(p));
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // GCC vector types: N lanes of A, lowered to one zmm (AVX-512), two ymm (AVX2) or xmm registers, so that
 // register blocking does not depend on the auto-vectoriser. Unaligned loads/stores go through memcpy.

@@ -64,6 +64,7 @@ using cpu_vec::act;
 using cpu_vec::act_grad;
 using cpu_vec::ExpBounds;
 using cpu_vec::loadu;
+using cpu_vec::opaque;
 using cpu_vec::prefetch;
 using cpu_vec::storeu;
 using cpu_vec::Vec;
@@ -765,8 +766,14 @@ template <int K, int LN, typename A>
 void cl_conv_row(const Geo& g, const A* const* rows, const A* wt, const A* bias, A* z) {
   constexpr int WB = 8;
   int64_t w = 0;
-  for (; w + WB <= g.W; w += WB) cl_conv_positions<K, LN, WB>(rows, wt, bias, w, z);
-  for (; w < g.W; ++w) cl_conv_positions<K, LN, 1>(rows, wt, bias, w, z);
+  for (; w + WB <= g.W; w += WB) {
+    opaque(wt);  // the K * K weight vectors are reloaded per block: hoisted out of the loop, they spilled
+    cl_conv_positions<K, LN, WB>(rows, wt, bias, w, z);
+  }
+  for (; w < g.W; ++w) {
+    opaque(wt);
+    cl_conv_positions<K, LN, 1>(rows, wt, bias, w, z);
+  }
 }
 
 // Chan et al.: merges (mean mb, M2 m2b) of nb values into the running (mean, m2) of na values.
@@ -824,8 +831,13 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
         const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);
         if (STATS) {  // this row's sums of z - shift and its square per lane, in float, added to the unit's
           if constexpr (std::is_same_v<T, A>)
-            if (a.z_in_y)
-              for (int64_t w = 0; w < g.W; ++w) std::copy(z.data() + w * LN, z.data() + w * LN + cbn, y + w * g.C + c0);
+            if (a.z_in_y) {
+              if (cbn == LN)
+                for (int64_t w = 0; w < g.W; ++w) storeu<LN>(y + w * g.C + c0, loadu<LN>(z.data() + w * LN));
+              else
+                for (int64_t w = 0; w < g.W; ++w)
+                  for (int64_t l = 0; l < cbn; ++l) y[w * g.C + c0 + l] = z[w * LN + l];
+            }
           using V = Vec<A, LN>;
           if (h == h0) {
             V m = loadu<LN>(z.data());
@@ -839,13 +851,9 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
             r1 += d;
             r2 += d * d;
           }
-          A t1[LN], t2[LN];
-          storeu<LN>(t1, r1);
-          storeu<LN>(t2, r2);
-          double* __restrict p1 = s1.data() + c0;
-          for (int l = 0; l < LN; ++l) p1[l] += double(t1[l]);
-          double* __restrict p2 = s2.data() + c0;
-          for (int l = 0; l < LN; ++l) p2[l] += double(t2[l]);
+          using VD = Vec<double, LN>;
+          storeu<LN>(s1.data() + c0, loadu<LN>(s1.data() + c0) + __builtin_convertvector(r1, VD));
+          storeu<LN>(s2.data() + c0, loadu<LN>(s2.data() + c0) + __builtin_convertvector(r2, VD));
         } else if (cbn == LN) {
           for (int64_t w = 0; w < g.W; ++w)
             for (int l = 0; l < LN; ++l) y[w * g.C + c0 + l] = T(act<SWISH>(z[w * LN + l], eb));
