@@ -562,35 +562,30 @@ void bwd_tasks(const Args<T, A>& a, int64_t t0, int64_t t1) {
 // with a zero border; every step is lane-wise, so lanes past the last channel (cbn < LN) only carry
 // values that are never stored.
 // ---------------------------------------------------------------------------
+// The n <= LN channels of one position into LN lanes, zero past n (one vector copy when n == LN: through
+// possibly aliasing pointers and a run-time count GCC copied element by element).
+template <int LN, typename T, typename A>
+inline void load_lanes(const T* __restrict s, int64_t n, A* __restrict d) {
+  if (n == LN)
+    for (int l = 0; l < LN; ++l) d[l] = A(s[l]);
+  else
+    for (int l = 0; l < LN; ++l) d[l] = l < n ? A(s[l]) : A(0);
+}
+
+// The first n <= LN lanes back to one position's channels.
+template <int LN, typename T, typename A>
+inline void store_lanes(const A* __restrict s, int64_t n, T* __restrict d) {
+  if (n == LN)
+    for (int l = 0; l < LN; ++l) d[l] = T(s[l]);
+  else
+    for (int64_t l = 0; l < n; ++l) d[l] = T(s[l]);
+}
+
 template <int LN, typename T, typename A>
 void cl_load_padded(const T* src, const Geo& g, int64_t cbn, A* pad) {
   for (int64_t h = 0; h < g.H; ++h)
-    for (int64_t w = 0; w < g.W; ++w) {
-      const T* s = src + (h * g.W + w) * g.C;
-      A* d = pad + ((h + g.R) * g.Wq + w + g.R) * LN;
-      if (cbn == LN)
-        for (int l = 0; l < LN; ++l) d[l] = A(s[l]);
-      else
-        for (int64_t l = 0; l < cbn; ++l) d[l] = A(s[l]);
-    }
-}
-
-// out[p] = bias + sum_{i,j} wt[i * K + j] * pad[(h + i) * Wq + w + j], per lane.
-template <int K, int LN, typename A>
-void cl_conv(const Geo& g, const A* pad, const A* wt, const A* bias, A* out) {
-  using V = Vec<A, LN>;
-  V wk[K * K];
-  for (int t = 0; t < K * K; ++t) wk[t] = loadu<LN>(wt + t * LN);
-  const V b = loadu<LN>(bias);
-  for (int64_t h = 0; h < g.H; ++h)
-    for (int64_t w = 0; w < g.W; ++w) {
-      V acc = b;
-      for (int i = 0; i < K; ++i) {
-        const A* row = pad + ((h + i) * g.Wq + w) * LN;
-        for (int j = 0; j < K; ++j) acc += wk[i * K + j] * loadu<LN>(row + j * LN);
-      }
-      std::memcpy(out + (h * g.W + w) * LN, &acc, sizeof(acc));
-    }
+    for (int64_t w = 0; w < g.W; ++w)
+      load_lanes<LN>(src + (h * g.W + w) * g.C, cbn, pad + ((h + g.R) * g.Wq + w + g.R) * LN);
 }
 
 // dw[(i * K + j) * LN + l] += sum_p dz[p][l] * x[h + i - R][w + j - R][l], from padded lane planes.
@@ -622,9 +617,10 @@ void cl_dzn(const Geo& g, const A* z, const T* dy, const LaneCoef<A>& k, int64_t
     A ra[LN] = {}, rb[LN] = {};
     for (int64_t w = 0; w < g.W; ++w) {
       const int64_t p = h * g.W + w;
-      const T* dp = dy + p * g.C;
-      for (int64_t l = 0; l < cbn; ++l) {
-        const A zz = z[p * LN + l], d = act_grad<SWISH>(k.sc[l] * zz + k.sh[l], A(dp[l]), eb);
+      A dl[LN];  // lanes past cbn: dy = 0, so dzn = 0 there
+      load_lanes<LN>(dy + p * g.C, cbn, dl);
+      for (int l = 0; l < LN; ++l) {
+        const A zz = z[p * LN + l], d = act_grad<SWISH>(k.sc[l] * zz + k.sh[l], dl[l], eb);
         dzn[p * LN + l] = d;
         ra[l] += d;
         rb[l] += d * ((zz - k.mean[l]) * k.rstd[l]);
@@ -654,8 +650,7 @@ void cl_dz(const Geo& g, const A* z, const A* dzn, const LaneCoef<A>& k, A* dzpa
 
 template <int LN, typename T, typename A>
 void cl_store(const Geo& g, const A* src, int64_t cbn, T* dst) {
-  for (int64_t p = 0; p < g.HW; ++p)
-    for (int64_t l = 0; l < cbn; ++l) dst[p * g.C + l] = T(src[p * LN + l]);
+  for (int64_t p = 0; p < g.HW; ++p) store_lanes<LN>(src + p * LN, cbn, dst + p * g.C);
 }
 
 // Lane-major conv weights of channels c0 .. c0 + cbn: wl[t * LN + l] = w[c0 + l][t] (flipped: t -> KK - 1 - t),
@@ -773,6 +768,17 @@ void cl_conv_row(const Geo& g, const A* const* rows, const A* wt, const A* bias,
   for (; w < g.W; ++w) {
     opaque(wt);
     cl_conv_positions<K, LN, 1>(rows, wt, bias, w, z);
+  }
+}
+
+// A whole zero-bordered lane plane (the backward's): out[p] = bias + sum_{i,j} wt[(i * K + j) * LN] *
+// pad[(h + i) * Wq + w + j], per lane, row by row through the forward's register blocks.
+template <int K, int LN, typename A>
+void cl_conv(const Geo& g, const A* pad, const A* wt, const A* bias, A* out) {
+  for (int64_t h = 0; h < g.H; ++h) {
+    const A* rows[K];
+    for (int i = 0; i < K; ++i) rows[i] = pad + (h + i) * g.Wq * LN;
+    cl_conv_row<K, LN>(g, rows, wt, bias, out + h * g.W * LN);
   }
 }
 
