@@ -100,9 +100,9 @@ def _dz_xhat(dy_ptr, x_ptr, offs, mask, center, rstd, k, b2, SILU: tl.constexpr)
 
 
 @triton.jit
-def _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, CPG: tl.constexpr,
+def _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, G, CPG: tl.constexpr,
                  HAS_PRE_BIAS: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr,
-                 BLOCK_S: tl.constexpr, G):
+                 BLOCK_S: tl.constexpr):
     """(mean, M2) of h - pivot over positions [s_lo, s_hi) of group pid = n * G + g (x_ptr: sample n)."""
     cnt = 0.0
     mean = 0.0  # running mean of h - pivot
@@ -146,8 +146,8 @@ def _group_norm_silu_stats_kernel(
     s_lo = split * S_PER
     s_hi = tl.minimum(s_lo + S_PER, S)
     pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
-    mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, CPG, HAS_PRE_BIAS,
-                            CHANNELS_LAST, BLOCK_C, BLOCK_S, G)
+    mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, G, CPG, HAS_PRE_BIAS,
+                            CHANNELS_LAST, BLOCK_C, BLOCK_S)
     tl.store(part_mean_ptr + pid * SPLIT + split, mean)
     tl.store(part_m2_ptr + pid * SPLIT + split, m2)
 
@@ -179,8 +179,8 @@ def _group_norm_silu_fwd_kernel(
     y_ptr += base
     pivot = _pivot(x_ptr, pre_bias_ptr, n, (pid % G) * CPG, C, S, HAS_PRE_BIAS, CHANNELS_LAST)
     if FUSED:  # the group's second read below mostly hits the cache
-        mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, 0, S, pivot, C, S, CPG, HAS_PRE_BIAS,
-                                CHANNELS_LAST, BLOCK_C, BLOCK_S, G)
+        mean, m2 = _split_stats(x_ptr, pre_bias_ptr, pid, n, 0, S, pivot, C, S, G, CPG, HAS_PRE_BIAS,
+                                CHANNELS_LAST, BLOCK_C, BLOCK_S)
         total = S * 1.0 * CPG  # in fp32 before the product (no int32 overflow)
         var = m2 / total
     else:
