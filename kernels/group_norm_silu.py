@@ -74,6 +74,14 @@ def _pivot(x_ptr, pre_bias_ptr, n, c, C, S, HAS_PRE_BIAS: tl.constexpr, CHANNELS
 
 
 @triton.jit
+def _group_channels(pid, G, CPG: tl.constexpr, c0, BLOCK_C: tl.constexpr):
+    """Channels c0 .. c0 + BLOCK_C - 1 of group pid % G (pid = n * G + g): their indices c in [0, C), and
+    the mask of those inside the group."""
+    cg = c0 + tl.arange(0, BLOCK_C)
+    return (pid % G) * CPG + cg, cg < CPG
+
+
+@triton.jit
 def _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
@@ -108,8 +116,7 @@ def _split_stats(x_ptr, pre_bias_ptr, pid, n, s_lo, s_hi, pivot, C, S, G, CPG: t
     mean = 0.0  # running mean of h - pivot
     m2 = 0.0
     for c0 in range(0, CPG, BLOCK_C):
-        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        c, cm = _group_channels(pid, G, CPG, c0, BLOCK_C)
         pb = _load_opt(pre_bias_ptr, n * C + c, cm, HAS_PRE_BIAS, 0.0)
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
@@ -201,8 +208,7 @@ def _group_norm_silu_fwd_kernel(
     s_lo = split * S_PER
     s_hi = tl.minimum(s_lo + S_PER, S)
     for c0 in range(0, CPG, BLOCK_C):
-        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        c, cm = _group_channels(pid, G, CPG, c0, BLOCK_C)
         w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                             c, n * C + c, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
                                             HAS_SCALE, HAS_SHIFT)
@@ -303,8 +309,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     s_lo = split * S_PER
     s_hi = tl.minimum(s_lo + S_PER, S)
     for c0 in range(0, CPG, BLOCK_C):
-        c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-        cm = c0 + tl.arange(0, BLOCK_C) < CPG
+        c, cm = _group_channels(pid, G, CPG, c0, BLOCK_C)
         nc = n * C + c
         w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                             c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
@@ -355,8 +360,7 @@ def _group_norm_silu_bwd_kernel(
     # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
     rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
     if FUSED:  # the group's channels in one block: sums, then dx over a second (mostly cached) read
-        c = (pid % G) * CPG + tl.arange(0, BLOCK_C)
-        cm = tl.arange(0, BLOCK_C) < CPG
+        c, cm = _group_channels(pid, G, CPG, 0, BLOCK_C)
         nc = n * C + c
         w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                             c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
@@ -373,8 +377,7 @@ def _group_norm_silu_bwd_kernel(
         m1 = 0.0
         m2 = 0.0
         for c0 in range(0, CPG, BLOCK_C):
-            c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-            cm = c0 + tl.arange(0, BLOCK_C) < CPG
+            c, cm = _group_channels(pid, G, CPG, c0, BLOCK_C)
             k = (_load_opt(weight_ptr, c, cm, HAS_WEIGHT, 1.0)
                  * (1.0 + _load_opt(scale_ptr, n * C + c, cm, HAS_SCALE, 0.0)))
             m1 += tl.sum(k * tl.load(sum_dz_ptr + n * C + c, mask=cm, other=0.0))
@@ -384,8 +387,7 @@ def _group_norm_silu_bwd_kernel(
         s_lo = split * S_PER
         s_hi = tl.minimum(s_lo + S_PER, S)
         for c0 in range(0, CPG, BLOCK_C):
-            c = (pid % G) * CPG + c0 + tl.arange(0, BLOCK_C)
-            cm = c0 + tl.arange(0, BLOCK_C) < CPG
+            c, cm = _group_channels(pid, G, CPG, c0, BLOCK_C)
             nc = n * C + c
             w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                                 c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
