@@ -837,13 +837,8 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
         const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);
         if (STATS) {  // this row's sums of z - shift and its square per lane, in float, added to the unit's
           if constexpr (std::is_same_v<T, A>)
-            if (a.z_in_y) {
-              if (cbn == LN)
-                for (int64_t w = 0; w < g.W; ++w) storeu<LN>(y + w * g.C + c0, loadu<LN>(z.data() + w * LN));
-              else
-                for (int64_t w = 0; w < g.W; ++w)
-                  for (int64_t l = 0; l < cbn; ++l) y[w * g.C + c0 + l] = z[w * LN + l];
-            }
+            if (a.z_in_y)
+              for (int64_t w = 0; w < g.W; ++w) store_lanes<LN>(z.data() + w * LN, cbn, y + w * g.C + c0);
           using V = Vec<A, LN>;
           if (h == h0) {
             V m = loadu<LN>(z.data());
@@ -870,9 +865,9 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
       }
     }
     if (STATS) {  // the unit's (mean, M2) per channel: mean = shift + s1 / n, M2 = s2 - s1^2 / n
-      const double n = double((h1 - h0) * g.W);
+      const double count = double((h1 - h0) * g.W);
       for (int64_t c = 0; c < g.C; ++c) {
-        const double d = s1[c] / n;
+        const double d = s1[c] / count;
         pm[u * g.C + c] = double(shift[c]) + d;
         pm2[u * g.C + c] = std::max(0.0, s2[c] - s1[c] * d);
       }

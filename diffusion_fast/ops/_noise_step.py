@@ -140,6 +140,8 @@ def kernel_dtype(x: Tensor) -> torch.dtype:
 def scalar_arg(v, x: Tensor) -> Tuple[Optional[Tensor], float]:
     """A checked step parameter as the schemas take it: (a (1,) tensor in kernel_dtype(x), 0.0)
     for a tensor, (None, the number) for a number."""
+    if type(v) is float:  # the common call, tested first
+        return None, v
     if isinstance(v, Tensor):
         return v.to(kernel_dtype(x)).reshape(1), 0.0
     return None, float(v)

@@ -89,10 +89,8 @@ def _check_inputs(x, score, step_size, seed, step, noise, add_noise) -> tuple:
             raise ValueError(f"{FN}: score must have x's shape {tuple(x.shape)}, got {tuple(score.shape)}")
     elif score.dtype not in FLOAT_DTYPE_SET:
         check_float_tensor(FN, "score", score, x)
-    if type(step_size) is float:
-        if not 0.0 < step_size < math.inf:
-            raise ValueError(f"{FN}: step_size must be finite and > 0, got {step_size}")
-    elif not check_scalar(FN, "step_size", step_size, x) and not (math.isfinite(step_size) and step_size > 0):
+    is_tensor = type(step_size) is not float and check_scalar(FN, "step_size", step_size, x)
+    if not is_tensor and not 0.0 < step_size < math.inf:  # also False for NaN
         raise ValueError(f"{FN}: step_size must be finite and > 0, got {step_size}")
     seed, step = check_int(FN, "seed", seed, 2**64), check_int(FN, "step", step, 2**32)
     if add_noise is not True:
@@ -125,7 +123,7 @@ def langevin_step(x: Tensor, score: Tensor, step_size: float | Tensor, *, seed: 
     if backend == "torch":
         out = langevin_step_ref(x, score, step_size, seed=seed, step=step, noise=noise, add_noise=add_noise)
         return out.contiguous()  # as on the other backends
-    alpha, alpha_value = (None, step_size) if type(step_size) is float else scalar_arg(step_size, x)
+    alpha, alpha_value = scalar_arg(step_size, x)
     x = x.contiguous()
     score = like_x(score, x)
     noise = None if noise is None else like_x(noise, x)
