@@ -18,7 +18,9 @@ and the (N, C) extras; stats = mean and rstd, N*G fp32 each):
              group_norm output for silu's backward, so GB/s here is effective bandwidth.
 FLOPs: ~10 per element forward (stats 3, normalize + affine 3, silu ~4 with exp) and ~20
 backward, i.e. ~1 FLOP/byte in fp32: far below any GPU's or CPU's FLOP:byte ratio, so the
-floor is bytes / bandwidth and "% copy BW" is the figure of merit.
+floor is bytes / bandwidth and "% copy BW" is the figure of merit; for tensors of a few MiB,
+where launch and tail costs keep even copy_ far from that bandwidth, "% same-bytes copy" (a copy_
+moving the case's bytes, timed the same way) says how far from that size's floor we are.
 """
 
 from __future__ import annotations

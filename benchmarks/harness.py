@@ -18,7 +18,10 @@ CPU ``torch.utils.benchmark.Timer.blocked_autorange``. Both give the median and 
 last-level cache, so no call finds the inputs the previous one left in cache.
 
 GB/s divides the bytes the bench says the op must move by the median time; ``frac_copy_bw``
-divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured once per run.
+divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured once per run, and
+``frac_same_bytes_copy`` is the median of a ``copy_`` moving the case's own bytes (rotated over as
+many buffers as its inputs) over this median: the floor for that many bytes at that size, launch
+and tail effects included, where the large copy's bandwidth is out of reach for small tensors.
 TFLOP/s divides the FLOPs the bench counts (``Case.flops``; 0 = not counted) by the median time.
 """
 
@@ -93,6 +96,7 @@ class Row:
     gbps: float
     tflops: Optional[float]  # flops / median time, None when the bench does not count flops
     frac_copy_bw: Optional[float]  # gbps / measured copy_ bandwidth
+    frac_same_bytes_copy: Optional[float]  # median of a copy_ of the case's bytes / this median
     max_abs_diff: Optional[float]  # max |output - eager in fp32| (fwd: y; fwd+bwd: every grad)
     pool_sets: int  # input copies rotated through
     extra: dict
@@ -323,11 +327,20 @@ class Harness:
             providers.append((label, f, None, context))
         providers.append(("compile", None, None, None))
         timed = {}
+        copy_ms = None
         try:
             self._time_providers(case, providers, unsupported, pool, ref, timed)
+            copy_ms = self._same_bytes_copy_ms(case, len(pool)) if case.nbytes else None
         finally:
-            self._add_rows(case, timed, len(pool))
+            self._add_rows(case, timed, len(pool), copy_ms)
             self.save()
+
+    def _same_bytes_copy_ms(self, case: Case, sets: int) -> float:
+        """Median ms of dst.copy_(src) with src and dst of case.nbytes / 2 each, rotated over
+        ``sets`` pairs like the op's inputs."""
+        n = max(1, case.nbytes // 8)  # fp32 elements per buffer
+        pairs = [(torch.ones(n, device=self.device), torch.empty(n, device=self.device)) for _ in range(sets)]
+        return time_ms(rotating(lambda src, dst: dst.copy_(src), pairs), self.device, self.args.quick)[0]
 
     def _time_providers(self, case: Case, providers: list, unsupported: Callable, pool: list, ref, timed: dict) -> None:
         """Time each (label, f, backend, context) on the pool into ``timed`` {label: (quantiles, diff)}."""
@@ -371,7 +384,7 @@ class Harness:
         wide = tuple(_upcast(t) for t in args0)  # the reference: eager in fp32 on the same values
         return pool, as_step(eager, case.mode)(wide, _upcast(grad_out))
 
-    def _add_rows(self, case: Case, timed: dict, pool_sets: int) -> None:
+    def _add_rows(self, case: Case, timed: dict, pool_sets: int, copy_ms: Optional[float]) -> None:
         eager_ms = timed["eager"][0][0] if "eager" in timed else None
         compile_ms = timed["compile"][0][0] if "compile" in timed else None
         order = sorted(timed, key=lambda label: (label != "eager", label != "compile"))  # eager, compile, run order
@@ -386,6 +399,7 @@ class Harness:
                 ratio_to_compile=None if compile_ms is None else compile_ms / median,
                 bytes=case.nbytes, gbps=gbps, tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
                 frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
+                frac_same_bytes_copy=None if copy_ms is None else copy_ms / median,
                 max_abs_diff=diff, pool_sets=pool_sets, extra=case.extra, **self.meta,
             ))
 
@@ -406,12 +420,13 @@ class Harness:
             f"torch {m['torch']}, triton {m['triton']}, diffusion_fast {m['diffusion_fast']}, "
             f"commit {(m['commit'] or 'unknown')[:12]}, {m['date']}. Timer: {self.env['timer']}, median "
             f"and p25-p75 ms. Copy bandwidth (copy_ of {self.env['copy_tensor_bytes'] >> 20} MiB): "
-            f"{self.copy_gbps:.1f} GB/s. x eager / x compile: speed-up (> 1 is faster). "
+            f"{self.copy_gbps:.1f} GB/s; % same-bytes copy: the time of a copy_ moving the case's bytes over "
+            f"this row's. x eager / x compile: speed-up (> 1 is faster). "
             f"Load average at start: {self.env['loadavg']}.",
             "",
             "| variant | shape | dtype | mode | provider | median ms | p25-p75 ms | x eager | x compile "
-            "| GB/s | % copy BW | TFLOP/s | max abs diff |",
-            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| GB/s | % copy BW | % same-bytes copy | TFLOP/s | max abs diff |",
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         variants = list(dict.fromkeys(r.variant for r in self.rows))  # in run order
         rows = sorted(self.rows, key=lambda r: (variants.index(r.variant), r.dtype, r.shape, MODES.index(r.mode)))
@@ -421,6 +436,7 @@ class Harness:
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} "
                 f"| {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
+                f"| {_fmt(r.frac_same_bytes_copy and 100 * r.frac_same_bytes_copy, '.0f')} "
                 f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
             )
         lines += self.notes

@@ -20,10 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_fast import backends
+from diffusion_fast.models import onednn
 from diffusion_fast.models.attention import attention
+from diffusion_fast.models.param_cache import derived_params
 from diffusion_fast.nn import FusedGroupNormSiLU
 
-__all__ = ["timestep_embedding", "conv2d", "linear", "run_channels_last", "forward_in_layout", "Conv2d",
+__all__ = ["timestep_embedding", "conv2d", "linear", "run_channels_last", "forward_in_layout", "Conv2d", "Linear",
            "ResnetBlock", "AttnBlock", "Downsample", "Upsample"]
 
 
@@ -42,21 +44,6 @@ def timestep_embedding(t: Tensor, dim: int, dtype: torch.dtype = torch.float32) 
     args = t.to(dtype)[:, None] * torch.exp(exponent)[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 == 1 else emb
-
-
-def derived_params(module: nn.Module, name: str, params: tuple, make) -> object:
-    """``make(*params)``, kept on ``module`` as attribute ``name`` and reused while the params are
-    unchanged (in place: their version counters move; replaced or moved: their storage does).
-    Only outside autograd (sampling) and outside torch.compile; else computed on every call.
-    """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-        return make(*params)
-    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-    cache = getattr(module, name, None)
-    if cache is None or cache[0] != key:
-        cache = (key, make(*params))
-        setattr(module, name, cache)
-    return cache[1]
 
 
 def run_channels_last(x: Tensor) -> bool:
@@ -90,6 +77,13 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            if self.padding_mode == "zeros" and not isinstance(self.padding, str) and (
+                    onednn.unsupported(x, self.weight, self.bias) is None):
+                y = onednn.guarded(lambda: onednn.conv2d(self, x, derived_params(
+                    self, "_onednn_weight", (self.weight,), lambda w: onednn.pack_conv2d(self, x.shape),
+                    extra=tuple(x.shape))))
+                if y is not None:
+                    return y
             weight = derived_params(self, "_channels_last_weight", (weight,),
                                     lambda w: w.contiguous(memory_format=torch.channels_last))
         return self._conv_forward(x, weight, self.bias)
@@ -113,9 +107,25 @@ def conv2d(in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1, padding
     return _variance_scaling_(Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad), init_scale)
 
 
-def linear(in_features: int, out_features: int, *, init_scale: float = 1.0) -> nn.Linear:
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) that runs through oneDNN with a
+    prepacked weight (``onednn``) when sampling on the CPU with our backends, from
+    ``onednn.MIN_ROWS`` input rows up (the attention block's projections)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // max(self.in_features, 1)
+        if rows >= onednn.MIN_ROWS and onednn.unsupported(x, self.weight, self.bias) is None:
+            y = onednn.guarded(lambda: onednn.linear(x, derived_params(
+                self, "_onednn_weight", (self.weight,), lambda w: onednn.pack_linear(w, rows), extra=(rows,)),
+                self.bias))
+            if y is not None:
+                return y
+        return F.linear(x, self.weight, self.bias)
+
+
+def linear(in_features: int, out_features: int, *, init_scale: float = 1.0) -> Linear:
     """Linear layer (the official ``dense`` / ``nin``) with the official initialisation."""
-    return _variance_scaling_(nn.Linear(in_features, out_features), init_scale)
+    return _variance_scaling_(Linear(in_features, out_features), init_scale)
 
 
 class ResnetBlock(nn.Module):
@@ -182,7 +192,17 @@ class AttnBlock(nn.Module):
 
     def _qkv(self, tokens: Tensor) -> tuple:
         """q, k, v: (N, 1, HW, C) views of one (C -> 3C) projection of tokens (N, 1, HW, C)."""
-        return F.linear(tokens, *self._qkv_params()).chunk(3, dim=-1)  # row stride 3C
+        weight, bias = self._qkv_params()
+        qkv = None
+        rows = tokens.numel() // tokens.shape[-1]
+        if rows >= onednn.MIN_ROWS and onednn.unsupported(tokens, weight, bias) is None:
+            params = (self.q.weight, self.k.weight, self.v.weight)  # packed from these, not from the
+            qkv = onednn.guarded(lambda: onednn.linear(tokens, derived_params(  # cat (its address is reused)
+                self, "_qkv_onednn", params, lambda *w: onednn.pack_linear(torch.cat(w), rows), extra=(rows,)),
+                bias))
+        if qkv is None:
+            qkv = F.linear(tokens, weight, bias)
+        return qkv.chunk(3, dim=-1)  # row stride 3C
 
     def _qkv_params(self) -> tuple:
         """The (3C, C) weight and (3C,) bias of the joint projection, concatenated once per

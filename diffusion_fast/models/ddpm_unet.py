@@ -157,8 +157,9 @@ class DDPMUNet(nn.Module):
         temb = timestep_embedding(t, self.config["ch"], emb_dtype).to(dense0.weight.dtype)
         temb_act = F.silu(dense1(F.silu(dense0(temb))))  # every res block applies swish to temb first
 
-        # Every later op keeps the layout of conv_in's output (x with 1 or 3 channels cannot carry it).
-        hs = [self.conv_in(x) if layout is None else self.conv_in(x).contiguous(memory_format=layout)]
+        # Every later op keeps the layout of conv_in's output (a one-channel x cannot carry it).
+        h = self.conv_in(x if layout is None else x.contiguous(memory_format=layout))
+        hs = [h if layout is None else h.contiguous(memory_format=layout)]
         for stage in self.down:
             for i, block in enumerate(stage.block):
                 h = block(hs[-1], temb_act)

@@ -11,6 +11,7 @@ import diffusion_fast
 from diffusion_fast import backends
 from diffusion_fast.models import DDPMUNet, attention
 from diffusion_fast.models.blocks import timestep_embedding
+from diffusion_fast.models.param_cache import cached
 from diffusion_fast.nn import FusedGroupNormSiLU
 from diffusion_fast.ops.group_norm_silu import _unsupported as group_norm_silu_unsupported
 
@@ -305,9 +306,9 @@ def test_attention_block_reuses_its_joint_projection_until_a_parameter_changes()
         assert_close(got, want, x.dtype, what)
 
     check("first call")
-    cached = block._qkv_cache[1]
+    joint = cached(block, "_qkv_cache")
     check("second call")
-    assert block._qkv_cache[1] is cached, "the joint weight was rebuilt although nothing changed"
+    assert cached(block, "_qkv_cache") is joint, "the joint weight was rebuilt although nothing changed"
     with torch.no_grad():
         block.k.weight.mul_(-2.0)
     check("after an in-place update of k's weight")
@@ -340,17 +341,17 @@ def test_conv2d_keeps_a_channels_last_weight_for_channels_last_inputs(shape):
         assert_close(xl.grad, xg.grad, torch.float64, f"grad x, {layout}")
         assert_close(conv.weight.grad, plain.weight.grad, torch.float64, f"grad weight, {layout}")
         conv.zero_grad(), plain.zero_grad()
-    assert not hasattr(conv, "_channels_last_weight"), "cached a weight although autograd was recording"
+    assert cached(conv, "_channels_last_weight") is None, "cached a weight although autograd was recording"
 
     xl = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         conv(xl)
-        cached = conv._channels_last_weight[1]
-        assert cached.is_contiguous(memory_format=torch.channels_last)
+        kept = cached(conv, "_channels_last_weight")
+        assert kept.is_contiguous(memory_format=torch.channels_last)
         with torch.profiler.profile() as prof:
             got = conv(xl)
         assert not [e.key for e in prof.key_averages() if e.key == "aten::clone"], "the weight was copied again"
-        assert conv._channels_last_weight[1] is cached
+        assert cached(conv, "_channels_last_weight") is kept
         assert_close(got, plain(x), torch.float64, "cached weight")
         conv.weight.mul_(-0.5)
         plain.weight.mul_(-0.5)

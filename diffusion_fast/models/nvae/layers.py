@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_fast.models.blocks import derived_params
+from diffusion_fast.models.param_cache import derived_params
 
 __all__ = ["FactorizedReduce", "SqueezeExcitation", "WNConv2d"]
 
