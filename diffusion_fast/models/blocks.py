@@ -110,17 +110,10 @@ def conv2d(in_ch: int, out_ch: int, kernel: int = 3, *, stride: int = 1, padding
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) that runs through oneDNN with a
     prepacked weight (``onednn``) when sampling on the CPU with our backends, from
-    ``onednn.MIN_ROWS`` input rows up (the attention block's projections)."""
+    ``onednn.MIN_ROWS`` input rows up (the attention projections here, CLIP's MLP and projections)."""
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // max(self.in_features, 1)
-        if rows >= onednn.MIN_ROWS and onednn.unsupported(x, self.weight, self.bias) is None:
-            y = onednn.guarded(lambda: onednn.linear(x, derived_params(
-                self, "_onednn_weight", (self.weight,), lambda w: onednn.pack_linear(w, rows), extra=(rows,)),
-                self.bias))
-            if y is not None:
-                return y
-        return F.linear(x, self.weight, self.bias)
+        return onednn.prepacked_linear(self, "_onednn_weight", x, self.weight, self.bias)
 
 
 def linear(in_features: int, out_features: int, *, init_scale: float = 1.0) -> Linear:
@@ -192,16 +185,9 @@ class AttnBlock(nn.Module):
 
     def _qkv(self, tokens: Tensor) -> tuple:
         """q, k, v: (N, 1, HW, C) views of one (C -> 3C) projection of tokens (N, 1, HW, C)."""
-        weight, bias = self._qkv_params()
-        qkv = None
-        rows = tokens.numel() // tokens.shape[-1]
-        if rows >= onednn.MIN_ROWS and onednn.unsupported(tokens, weight, bias) is None:
-            params = (self.q.weight, self.k.weight, self.v.weight)  # packed from these, not from the
-            qkv = onednn.guarded(lambda: onednn.linear(tokens, derived_params(  # cat (its address is reused)
-                self, "_qkv_onednn", params, lambda *w: onednn.pack_linear(torch.cat(w), rows), extra=(rows,)),
-                bias))
-        if qkv is None:
-            qkv = F.linear(tokens, weight, bias)
+        weight, bias = self._qkv_params()  # packed from q/k/v's own weights, not from the cat (whose address is reused)
+        qkv = onednn.prepacked_linear(self, "_qkv_onednn", tokens, weight, bias,
+                                      sources=(self.q.weight, self.k.weight, self.v.weight))
         return qkv.chunk(3, dim=-1)  # row stride 3C
 
     def _qkv_params(self) -> tuple:

@@ -18,6 +18,9 @@ text-tower weights load one to one (``diffusion_fast.models.clip_convert``).
 Attention goes through ``diffusion_fast.models.attention.attention(..., causal=True)``; the
 ``backend=`` switch picks the implementation of our ops for this model. LayerNorm stays
 ``torch.nn.LayerNorm``: it is already one kernel, and none of our ops fuses it with its neighbours.
+On the CPU without autograd, with our backends, the linears run through oneDNN with prepacked
+weights (``diffusion_fast.models.onednn``): 2.2-2.4x MKL's GEMM at ViT-B/32's sizes, batch 64, on
+this project's AMD CPU (where MKL does not take its AVX-512 path).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_fast.backends import check_optional_name, maybe_use_backend
+from diffusion_fast.models import onednn
 from diffusion_fast.models.attention import attention
+from diffusion_fast.models.blocks import Linear
+from diffusion_fast.models.param_cache import derived_params
 
 __all__ = ["CLIPTextEncoder", "QuickGELU"]
 
@@ -56,11 +62,12 @@ class CausalSelfAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
-        self.out_proj = nn.Linear(width, width)
+        self.out_proj = Linear(width, width)
 
     def forward(self, x: Tensor) -> Tensor:
         b, seq, width = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, L, 3 width)
+        qkv = onednn.prepacked_linear(self, "_in_proj_onednn", x, self.in_proj_weight, self.in_proj_bias)
+        # qkv: (B, L, 3 width)
         q, k, v = qkv.view(b, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, d) each
         out = attention(q, k, v, causal=True)  # (B, H, L, d)
         return self.out_proj(out.transpose(1, 2).reshape(b, seq, width))
@@ -76,14 +83,38 @@ class ResidualAttentionBlock(nn.Module):
         self.attn = CausalSelfAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width, eps=eps)
         self.mlp = nn.Sequential(OrderedDict([
-            ("c_fc", nn.Linear(width, hidden)),
+            ("c_fc", Linear(width, hidden)),
             ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
-            ("c_proj", nn.Linear(hidden, width)),
+            ("c_proj", Linear(hidden, width)),
         ]))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        return x + self._mlp(self.ln_2(x))
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        """c_proj(act(c_fc(x))); on oneDNN (see ``onednn``) as two GEMMs with the activation in the
+        first one's epilogue. QuickGELU(z) = silu(1.702 z) / 1.702, so c_fc's weight and bias are
+        packed times 1.702 and c_proj's weight divided by it, and oneDNN's swish applies."""
+        fc, act, proj = self.mlp.c_fc, self.mlp.gelu, self.mlp.c_proj
+        rows = x.numel() // x.shape[-1]
+        quick = isinstance(act, QuickGELU)
+        if (rows < onednn.MIN_ROWS or not (quick or isinstance(act, nn.GELU))
+                or onednn.unsupported(x, fc.weight, fc.bias, proj.weight, proj.bias) is not None):
+            return self.mlp(x)
+        s = 1.702 if quick else 1.0
+
+        def run():
+            w_fc, b_fc = derived_params(self, "_fc_onednn", (fc.weight, fc.bias),
+                                        lambda w, b: (onednn.pack_linear(w * s, rows), b * s), extra=(rows,))
+            w_proj = derived_params(self, "_proj_onednn", (proj.weight,),
+                                    lambda w: onednn.pack_linear(w / s, rows), extra=(rows,))
+            h = onednn.linear(x, w_fc, b_fc, "swish", "") if quick else onednn.linear(x, w_fc, b_fc, "gelu",
+                                                                                         act.approximate)
+            return onednn.linear(h, w_proj, proj.bias)
+
+        y = onednn.guarded(run)
+        return self.mlp(x) if y is None else y
 
 
 class CLIPTextEncoder(nn.Module):

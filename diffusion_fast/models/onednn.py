@@ -13,7 +13,7 @@ slow at the DDPM attention's sizes. Measured (2-core AVX-512 host, fp32, medians
 Inductor's CPU weight freezing does the same: ``mkldnn_reorder_conv2d_weight`` /
 ``mkldnn._reorder_linear_weight`` once, then ``mkldnn._convolution_pointwise`` /
 ``mkldnn._linear_pointwise`` per call. The models' layers (``blocks.Conv2d``, ``blocks.Linear``,
-the attention block's joint q/k/v) use it for channels_last CPU activations of our backends
+the DDPM attention block's joint q/k/v, CLIP's in_proj) use it for channels_last CPU activations of our backends
 (never under ``backend="torch"``, the eager baseline) where no gradient is needed (sampling),
 outside torch.compile, in float32 and bfloat16; the caller keeps the packed weight
 (``derived_params``). ``DIFFUSION_FAST_ONEDNN=0`` turns it off; if the private oneDNN ops are
@@ -30,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_fast import backends
+from diffusion_fast.models.param_cache import derived_params
 
 __all__ = ["unsupported_globally", "unsupported", "guarded", "pack_conv2d", "conv2d", "pack_linear", "linear",
-           "MIN_ROWS"]
+           "prepacked_linear", "MIN_ROWS"]
 
 OP = "oneDNN prepacked conv/linear"
 MIN_ROWS = 64  # linears on fewer rows stay on ATen (packing pays from a few dozen rows up)
@@ -65,13 +66,13 @@ backends.register_auto_rule("conv2d/linear (models, CPU sampling)", lambda: {
 
 def unsupported(x: Tensor, *params: Optional[Tensor]) -> Optional[str]:
     """Why a layer with ``params`` (weight first) takes ATen on input x, or None if oneDNN runs it."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile (Inductor does its own)"
     why = unsupported_globally()
     if why is not None:
         return why
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or params[0].dtype != x.dtype:
         return "not a float32/bfloat16 CPU input of the weight's dtype"
-    if torch.compiler.is_compiling():
-        return "inside torch.compile (Inductor does its own)"
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return "gradient needed"
     if backends.current() == "torch":
@@ -109,6 +110,21 @@ def pack_linear(weight: Tensor, rows: int) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
 
 
-def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x (..., in) @ weightᵀ + bias -> (..., out), contiguous."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], act: str = "none", algorithm: str = "") -> Tensor:
+    """act(x (..., in) @ weightᵀ + bias) -> (..., out), contiguous; act "none", "swish" (x·σ(x)) or
+    "gelu" (algorithm "none": erf, "tanh") runs in the GEMM's epilogue."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, act, [], algorithm)
+
+
+def prepacked_linear(module: nn.Module, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                     sources: Optional[tuple] = None) -> Tensor:
+    """F.linear(x, weight, bias): x (..., in) -> (..., out). On oneDNN where ``unsupported`` allows and
+    x has at least MIN_ROWS rows, with ``weight`` packed once and kept for ``module`` under ``name``
+    until ``sources`` (the parameters weight is made from; default: weight itself) change."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows >= MIN_ROWS and unsupported(x, weight, bias) is None:
+        y = guarded(lambda: linear(x, derived_params(module, name, sources or (weight,),
+                                                     lambda *_: pack_linear(weight, rows), extra=(rows,)), bias))
+        if y is not None:
+            return y
+    return torch.nn.functional.linear(x, weight, bias)

@@ -167,3 +167,31 @@ def test_sampled_model_still_copies_and_saves():
     assert list(twin.state_dict()) == list(model.state_dict())
     with torch.no_grad():
         assert torch.equal(twin(x, t), y) and torch.equal(loaded(x, t), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("quick_gelu", [True, False], ids=["quickgelu", "gelu"])
+def test_clip_mlp_with_the_activation_in_the_gemm(quick_gelu, dtype):
+    """CLIP's MLP as two oneDNN GEMMs (QuickGELU through swish with 1.702 folded into the weights):
+    the same as the plain MLP in float64; the packed weights follow in-place updates."""
+    from diffusion_fast.models import CLIPTextEncoder
+    model = randomize_(CLIPTextEncoder.tiny(quick_gelu=quick_gelu)).eval()
+    block = model.transformer.resblocks[0]
+    x = torch.randn(3, 40, model.config["width"])
+    plain = copy.deepcopy(block.mlp).double()
+
+    def check(what):
+        with torch.no_grad():
+            got = block._mlp(x.to(dtype))
+            assert_close(got, plain(x.double()), dtype, what, baseline=block.mlp(x.to(dtype)))
+
+    block.to(dtype)
+    check("first call")
+    packed = cached(block, "_fc_onednn")
+    assert packed is not None and packed[0].is_mkldnn and cached(block, "_proj_onednn") is not None
+    with torch.no_grad():
+        for mlp in (block.mlp, plain):
+            mlp.c_fc.bias.mul_(-1.5)
+            mlp.c_proj.weight.mul_(0.5)
+    check("after in-place updates of c_fc's bias and c_proj's weight")
+    assert cached(block, "_fc_onednn") is not packed
