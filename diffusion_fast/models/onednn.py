@@ -12,11 +12,11 @@ slow at the DDPM attention's sizes. Measured (2-core AVX-512 host, fp32, medians
 
 Inductor's CPU weight freezing does the same: ``mkldnn_reorder_conv2d_weight`` /
 ``mkldnn._reorder_linear_weight`` once, then ``mkldnn._convolution_pointwise`` /
-``mkldnn._linear_pointwise`` per call. The models' layers (``blocks.Conv2d``, ``blocks.Linear``,
-the DDPM attention block's joint q/k/v, CLIP's in_proj) use it for channels_last CPU activations of our backends
-(never under ``backend="torch"``, the eager baseline) where no gradient is needed (sampling),
-outside torch.compile, in float32 and bfloat16; the caller keeps the packed weight
-(``derived_params``). ``DIFFUSION_FAST_ONEDNN=0`` turns it off; if the private oneDNN ops are
+``mkldnn._linear_pointwise`` per call. The models' layers use it on the CPU with our backends
+(never under ``backend="torch"``, the eager baseline), where no gradient is needed (sampling),
+outside torch.compile, in float32 and bfloat16: ``blocks.Conv2d`` on channels_last inputs;
+``blocks.Linear``, the DDPM attention block's joint q/k/v and CLIP's in_proj and MLP on inputs of
+MIN_ROWS rows or more. The caller keeps the packed weight (``derived_params``). ``DIFFUSION_FAST_ONEDNN=0`` turns it off; if the private oneDNN ops are
 missing or raise, the layers go back to ATen and the fallback is reported once (a warning and
 ``env_info()["fallbacks"]``).
 """
@@ -60,7 +60,8 @@ def unsupported_globally() -> Optional[str]:
 
 
 backends.register_auto_rule("conv2d/linear (models, CPU sampling)", lambda: {
-    "rule": "oneDNN with prepacked weights for channels_last CPU inputs without autograd, else ATen",
+    "rule": "oneDNN with prepacked weights on CPU inputs without autograd (convs: channels_last; linears: "
+            f">= {MIN_ROWS} rows), else ATen",
     "onednn": unsupported_globally() is None, "why_not": unsupported_globally()})
 
 
