@@ -16,9 +16,9 @@ Inductor's CPU weight freezing does the same: ``mkldnn_reorder_conv2d_weight`` /
 (never under ``backend="torch"``, the eager baseline), where no gradient is needed (sampling),
 outside torch.compile, in float32 and bfloat16: ``blocks.Conv2d`` on channels_last inputs;
 ``blocks.Linear``, the DDPM attention block's joint q/k/v and CLIP's in_proj and MLP on inputs of
-MIN_ROWS rows or more. The caller keeps the packed weight (``derived_params``). ``DIFFUSION_FAST_ONEDNN=0`` turns it off; if the private oneDNN ops are
-missing or raise, the layers go back to ATen and the fallback is reported once (a warning and
-``env_info()["fallbacks"]``).
+MIN_ROWS rows or more. The caller keeps the packed weight (``derived_params``).
+``DIFFUSION_FAST_ONEDNN=0`` turns it off; if the private oneDNN ops are missing or raise, the
+layers go back to ATen and the fallback is reported once (a warning and ``env_info()["fallbacks"]``).
 """
 
 from __future__ import annotations
