@@ -27,7 +27,9 @@ def derived_params(module: nn.Module, name: str, params: tuple, make, extra: tup
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
         return make(*params)
     key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params) + extra
-    caches = _caches.setdefault(module, {})
+    caches = _caches.get(module)
+    if caches is None:
+        caches = _caches[module] = {}
     cache = caches.get(name)
     if cache is None or cache[0] != key:
         cache = caches[name] = (key, make(*params))
