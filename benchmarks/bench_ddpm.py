@@ -13,6 +13,9 @@ reference run) are cast to the model's dtype.
     cpu/cuda/triton  DDPMUNet + fused steps on our backends (``sample_ddim`` for sampling)
     diffusers        diffusers' UNet2DModel (DDPM layout, weights converted), eager
     diffusers+patch  the same after ``diffusion_fast.patch`` (our kernels inside diffusers)
+    diffusers+cl     (CPU) diffusers' model in channels_last memory, eager
+    diffusers+cl+patch  (CPU) the same after ``diffusion_fast.patch``: on the CPU the patch's
+                     convolutions need channels_last for oneDNN's packed path, so it is measured so
     cuda+graph       (GPU, sampling) ours with ``cuda_graph=True``: one graph replay per step
 
 Configs: ``cifar10`` (35.7M parameters, 32x32) on a GPU at batch 1 and 128 in fp32 and bf16;
@@ -93,7 +96,9 @@ def forward_flops(model: DDPMUNet, x: torch.Tensor, t: torch.Tensor) -> int:
 
 
 def diffusers_models(model: DDPMUNet) -> dict:
-    """label -> diffusers UNet2DModel with the same weights (plain, and patched if we can)."""
+    """label -> diffusers UNet2DModel with the same weights: plain, and patched if we can; on the
+    CPU both also channels_last (the layout our patched convolutions need for oneDNN's packed path,
+    and a speed-up eager users can have by themselves, hence its own row)."""
     try:
         import diffusers
     except ImportError:
@@ -104,11 +109,14 @@ def diffusers_models(model: DDPMUNet) -> dict:
     ref.load_state_dict(to_diffusers_state_dict(model))
     ref = ref.to(next(model.parameters())).eval()
     models = {"diffusers": ref}
+    cpu = next(model.parameters()).device.type == "cpu"
+    if cpu:
+        models["diffusers+cl"] = copy.deepcopy(ref).to(memory_format=torch.channels_last)
     patch = getattr(diffusion_fast, "patch", None)
     if patch is not None:
-        patched = copy.deepcopy(ref)
+        patched = copy.deepcopy(models["diffusers+cl"] if cpu else ref)
         patch(patched)
-        models["diffusers+patch"] = patched
+        models["diffusers+cl+patch" if cpu else "diffusers+patch"] = patched
     return models
 
 

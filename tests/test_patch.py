@@ -19,6 +19,9 @@ from helpers import BACKEND_DEVICES, assert_close, require_backend  # noqa: E402
 import diffusion_fast as df  # noqa: E402
 from diffusion_fast import backends  # noqa: E402
 from diffusion_fast.patching import DiffusionFastAttnProcessor, PatchedGroupNormSiLU, PatchReport  # noqa: E402
+from diffusion_fast.models import onednn  # noqa: E402
+from diffusion_fast.models.blocks import Conv2d, Linear  # noqa: E402
+from diffusion_fast.models.param_cache import cached  # noqa: E402
 from diffusion_fast.patching import attention as attention_handler  # noqa: E402
 
 
@@ -138,6 +141,25 @@ def test_unet_training_step(backend, device):
     assert torch.isfinite(after).all() and not torch.equal(before, after)
 
 
+@pytest.mark.skipif(onednn.unsupported_globally() is not None, reason="oneDNN path off")
+def test_channels_last_unet_samples_on_prepacked_onednn_layers():
+    """Run channels_last on the CPU, a patched UNet2DModel's convs and attention projections take
+    oneDNN with packed weights, and its output still equals the unpatched model's."""
+    model = tiny_unet(True, "default").to(memory_format=torch.channels_last)
+    x, t = unet_inputs(16)
+    with torch.no_grad():
+        reference = run(copy.deepcopy(model).double(), x, t, torch.float64)
+        baseline = run(model, x, t)
+        report = df.patch(model)
+        actual = run(model, x, t)
+    conv, linear = model.down_blocks[0].resnets[0].conv1, model.mid_block.attentions[0].to_q
+    assert type(conv) is Conv2d and type(linear) is Linear and report.layers > 0
+    assert cached(conv, "_onednn_weight") is not None and cached(linear, "_onednn_weight") is not None
+    assert_close(actual, reference, torch.float32, "channels_last patched UNet2DModel", baseline=baseline)
+    with torch.no_grad(), df.use_backend("torch"):
+        assert_close(run(model, x, t), reference, torch.float32, "patched, backend torch", baseline=baseline)
+
+
 def test_report_lists_every_site():
     model = tiny_unet(True, "scale_shift")
     report = df.patch(model)
@@ -174,11 +196,14 @@ def test_unpatch_restores_exactly():
     state = model.state_dict()
     processors = {n: m.processor for n, m in model.named_modules() if isinstance(m, Attention)}
     norm_out, act = model.conv_norm_out, model.conv_act
+    classes = {n: type(m) for n, m in model.named_modules()}
     with torch.no_grad():
         before = run(model, x, t)
-        df.patch(model)
+        report = df.patch(model)
         patched_state = model.state_dict()
-        assert df.unpatch(model) == 13  # 8 resnets, 4 attentions, the model's output pair
+        assert report.layers > 0
+        # 8 resnets, 4 attentions, the model's output pair, and each plain Conv2d / Linear
+        assert df.unpatch(model) == 13 + report.layers
         after = run(model, x, t)
     assert torch.equal(before, after)
     assert list(patched_state) == list(state) and all(
@@ -187,6 +212,7 @@ def test_unpatch_restores_exactly():
     assert list(restored) == list(state) and all(torch.equal(restored[k], state[k]) for k in state)
     assert model.conv_norm_out is norm_out and model.conv_act is act
     assert {n: m.processor for n, m in model.named_modules() if isinstance(m, Attention)} == processors
+    assert {n: type(m) for n, m in model.named_modules()} == classes
     assert not any("forward" in m.__dict__ or "_diffusion_fast_patch" in m.__dict__ for m in model.modules())
     assert df.unpatch(model) == 0
 

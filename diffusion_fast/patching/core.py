@@ -8,7 +8,7 @@ from typing import Optional
 from torch import nn
 
 from diffusion_fast.backends import BACKENDS
-from diffusion_fast.patching import attention, pairs, resnet
+from diffusion_fast.patching import attention, layers, pairs, resnet
 from diffusion_fast.patching.report import ATTR, PatchReport, Record, Skipped
 
 # Per-class handlers, by the diffusers class name (diffusers itself is never imported):
@@ -25,6 +25,7 @@ UNDO = {
     "attention": attention.unpatch_attention,
     "sequential": pairs.unpatch_sequential,
     "attribute_pairs": pairs.unpatch_attribute_pairs,
+    "layer_class": layers.unpatch_layer,
 }
 
 
@@ -50,7 +51,10 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
       ``Attention`` (a processor calling ``diffusion_fast.models.attention``), and the output
       ``conv_norm_out`` + ``conv_act`` of ``UNet2DModel``, ``UNet2DConditionModel`` and the VAE
       ``Encoder``/``Decoder``;
-    - every ``nn.Sequential`` holding ``GroupNorm`` then ``SiLU`` runs the pair fused.
+    - every ``nn.Sequential`` holding ``GroupNorm`` then ``SiLU`` runs the pair fused;
+    - every plain ``nn.Conv2d`` / ``nn.Linear`` becomes the models' ``Conv2d`` / ``Linear``, which
+      sample on the CPU through oneDNN with prepacked weights (``patching.layers``; convolutions
+      when the model runs channels_last: ``model.to(memory_format=torch.channels_last)``).
 
     ``backend``: "auto" (follow ``DIFFUSION_FAST_BACKEND`` / ``use_backend`` at call time) or
     one of "cuda", "triton", "torch" for the patched modules. Patching again re-applies from
@@ -61,6 +65,7 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
         raise ValueError(f"diffusion_fast.patch: backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     unpatch(model)
     report = PatchReport(backend)
+    swapped = 0
     for path, module in list(model.named_modules()):
         cls = _diffusers_class(module)
         if cls is not None:
@@ -71,10 +76,14 @@ def patch(model: nn.Module, backend: str = "auto") -> PatchReport:
             record = CLASS_HANDLERS[cls.__name__](module, path, backend, report)
         elif isinstance(module, nn.Sequential):
             record = pairs.patch_sequential(module, path, backend, report)
+        elif type(module) in layers.SWAPS:
+            record = layers.patch_layer(module, backend)
+            swapped += record is not None
         else:
             continue
         if record is not None:
             setattr(module, ATTR, record)
+    report.layers = swapped
     return report
 
 

@@ -35,11 +35,13 @@ class Skipped:
 
 @dataclass
 class PatchReport:
-    """Returned by ``patch``: what was replaced and what was skipped (with reasons)."""
+    """Returned by ``patch``: what was replaced and what was skipped (with reasons); ``layers``:
+    how many nn.Conv2d / nn.Linear now run as ours (``patching.layers``)."""
 
     backend: str
     replaced: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
+    layers: int = 0
 
     def counts(self) -> Counter:
         """Number of replaced sites per kind."""
@@ -47,7 +49,8 @@ class PatchReport:
 
     def __str__(self) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.counts().items())) or "nothing"
-        lines = [f"diffusion_fast.patch (backend={self.backend}): replaced {kinds}; skipped {len(self.skipped)}"]
+        lines = [f"diffusion_fast.patch (backend={self.backend}): replaced {kinds}; skipped {len(self.skipped)}; "
+                 f"{self.layers} Conv2d/Linear on prepacked oneDNN weights when sampling on the CPU"]
         lines += [f"  replaced {r.path or '<model>'} [{r.kind}]: {r.detail}" for r in self.replaced]
         lines += [f"  skipped  {s.path or '<model>'} [{s.kind}]: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
