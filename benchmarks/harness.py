@@ -235,6 +235,13 @@ def make_pool(first: tuple, llc: int) -> list:
     return [first] + [tuple(_clone(t) for t in first) for _ in range(n - 1)]
 
 
+def copy_sets(nbytes: int, sets: int, llc: int) -> int:
+    """How many buffer pairs the same-bytes copy rotates over: the op's ``sets``, but no more than
+    it takes to total 2x the last-level cache. A model bench counts its weights in nbytes (a
+    20-step sampling run: hundreds of MB), while its input pool holds dozens of small inputs."""
+    return max(1, min(sets, math.ceil(2 * llc / max(nbytes, 1))))
+
+
 def as_step(f: Callable, mode: str) -> Callable:
     """fwd: f(*args). fwd+bwd: f(*args), then grads of every input that requires grad."""
     if mode == "fwd":
@@ -337,9 +344,10 @@ class Harness:
 
     def _same_bytes_copy_ms(self, case: Case, sets: int) -> float:
         """Median ms of dst.copy_(src) with src and dst of case.nbytes / 2 each, rotated over
-        ``sets`` pairs like the op's inputs."""
+        ``copy_sets`` pairs (as many as the op's input sets, fewer when the bytes are large)."""
         n = max(1, case.nbytes // 8)  # fp32 elements per buffer
-        pairs = [(torch.ones(n, device=self.device), torch.empty(n, device=self.device)) for _ in range(sets)]
+        pairs = [(torch.ones(n, device=self.device), torch.empty(n, device=self.device))
+                 for _ in range(copy_sets(case.nbytes, sets, self.llc))]
         return time_ms(rotating(lambda src, dst: dst.copy_(src), pairs), self.device, self.args.quick)[0]
 
     def _time_providers(self, case: Case, providers: list, unsupported: Callable, pool: list, ref, timed: dict) -> None:

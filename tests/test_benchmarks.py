@@ -216,3 +216,12 @@ def test_interrupted_case_keeps_the_rows_timed_so_far(tmp_path):
         bench.run(case, torch.sin, torch.sin, lambda backend, x: None, others={"stop": stop})
     rows = json.loads((tmp_path / "bench_interrupt.json").read_text())["rows"]
     assert [r["provider"] for r in rows] == ["eager"]
+
+
+def test_same_bytes_copy_rotates_no_more_than_twice_the_cache():
+    """The copy baseline allocates sets x nbytes: a sampling bench (weights counted in nbytes, dozens
+    of small input sets) once asked for 64 x 360 MB and was killed for memory."""
+    llc = 32 << 20
+    assert harness.copy_sets(360 << 20, 64, llc) == 1
+    assert harness.copy_sets(8 << 20, 64, llc) == 8
+    assert harness.copy_sets(1 << 10, 5, llc) == 5
