@@ -228,18 +228,18 @@ def _upcast(t):
     return t
 
 
+def copy_sets(nbytes: int, sets: int, llc: int) -> int:
+    """How many copies of ``nbytes`` to rotate over: enough to total 2x the last-level cache, at
+    most ``sets``. Used for the input pool (at most MAX_POOL_SETS) and for the same-bytes copy (at
+    most the pool's count: a model bench counts its weights in nbytes, hundreds of MB for a 20-step
+    sampling run, while its pool holds dozens of small inputs)."""
+    return max(1, min(sets, math.ceil(2 * llc / max(nbytes, 1))))
+
+
 def make_pool(first: tuple, llc: int) -> list:
     """Copies of one input set, enough to total at least 2x the last-level cache."""
-    set_bytes = sum(t.nbytes for t in first if isinstance(t, torch.Tensor))
-    n = max(1, min(MAX_POOL_SETS, math.ceil(2 * llc / max(set_bytes, 1))))
+    n = copy_sets(sum(t.nbytes for t in first if isinstance(t, torch.Tensor)), MAX_POOL_SETS, llc)
     return [first] + [tuple(_clone(t) for t in first) for _ in range(n - 1)]
-
-
-def copy_sets(nbytes: int, sets: int, llc: int) -> int:
-    """How many buffer pairs the same-bytes copy rotates over: the op's ``sets``, but no more than
-    it takes to total 2x the last-level cache. A model bench counts its weights in nbytes (a
-    20-step sampling run: hundreds of MB), while its input pool holds dozens of small inputs."""
-    return max(1, min(sets, math.ceil(2 * llc / max(nbytes, 1))))
 
 
 def as_step(f: Callable, mode: str) -> Callable:
