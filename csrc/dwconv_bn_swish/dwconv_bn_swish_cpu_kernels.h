@@ -55,6 +55,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace diffusion_fast {
@@ -130,32 +131,40 @@ void copy_plane(int64_t n, const I* __restrict src, O* __restrict dst) {
 }
 
 // out[h * W + w] = bias + sum_{i,j} wv[i * K + j] * pad[(h + i) * Wp + w + j] for the RB rows h0 .. h0 + RB - 1:
-// each of their K + RB - 1 padded input rows is loaded once (K shifted vectors) for all RB accumulators.
+// each of their K + RB - 1 padded input rows is loaded once per tap column j (K shifted vectors) for all RB
+// accumulators. Register budget (32 vector registers): the j loop stays rolled so that only column j's K
+// weights are live beside the 2 * RB accumulators; with all K * K weights live GCC ran out of registers and
+// folded a (cache-line-splitting) load of the input into every FMA. Two partial sums per row (even / odd
+// weight row i) give 2 * RB = 8 independent FMA chains: an FMA takes 4 cycles and two issue per cycle.
 template <int K, int VW, int RB, typename A>
 inline void conv_rows(const Geo& g, const A* pad, const Vec<A, VW>* wv, A bias, int64_t h0, A* out) {
   using V = Vec<A, VW>;
   for (int64_t b = 0; b < g.nb; ++b) {
-    V acc[RB];
+    V acc[RB][2];
 #pragma GCC unroll 8
-    for (int o = 0; o < RB; ++o) acc[o] = V{} + bias;
-#pragma GCC unroll 8
-    for (int r = 0; r < K + RB - 1; ++r) {
-      const A* row = pad + (h0 + r) * g.Wp + b * VW;
+    for (int o = 0; o < RB; ++o) acc[o][0] = V{} + bias, acc[o][1] = V{};
+    const A* col = pad + h0 * g.Wp + b * VW;
+#pragma GCC unroll 1
+    for (int j = 0; j < K; ++j) {
+      V wj[K];
 #pragma GCC unroll 5
-      for (int j = 0; j < K; ++j) {
-        const V v = loadu<VW>(row + j);
+      for (int i = 0; i < K; ++i) wj[i] = wv[i * K + j];
+#pragma GCC unroll 8
+      for (int r = 0; r < K + RB - 1; ++r) {
+        const V v = loadu<VW>(col + r * g.Wp + j);
 #pragma GCC unroll 8
         for (int o = 0; o < RB; ++o)
-          if (r - o >= 0 && r - o < K) acc[o] += wv[(r - o) * K + j] * v;
+          if (r - o >= 0 && r - o < K) acc[o][(r - o) & 1] += wj[r - o] * v;
       }
     }
     const int64_t n = std::min<int64_t>(VW, g.W - b * VW);
     for (int o = 0; o < RB; ++o) {
+      const V sum = acc[o][0] + acc[o][1];
       A* dst = out + (h0 + o) * g.W + b * VW;
       if (n == VW)
-        storeu<VW>(dst, acc[o]);
+        storeu<VW>(dst, sum);
       else
-        std::memcpy(dst, &acc[o], sizeof(A) * n);
+        std::memcpy(dst, &sum, sizeof(A) * n);
     }
   }
 }
@@ -194,32 +203,61 @@ void wgrad_plane(const Geo& g, const A* dzpad, const A* xpad, double* dw) {
   }
 }
 
-// W == 8, float: two output rows per 16-lane vector (a row is only 8 lanes). The plane sits in buf with row
-// stride 8 and R + 1 zero rows above and below (x row r at buf + (r + R + 1) * 8, zeros elsewhere), so the
-// 16-lane load at buffer row r, column j - R holds rows r and r + 1 shifted by j - R; its lanes whose column
-// w + j - R leaves [0, 8) read the neighbouring row, and their weights are zero (wm). (Non-finite x thus
-// reaches outputs up to one row further than the k x k window.) PB row pairs share each load.
+// W == 8, float: two output rows per 16-lane vector (a row is only 8 lanes). The plane sits in buf (64-byte
+// aligned) with row stride 8 and R + 1 zero rows above and below (x row r at buf + (r + R + 1) * 8, zeros
+// elsewhere), so the 16 lanes at buffer row r, column j - R hold rows r and r + 1 shifted by j - R; its lanes
+// whose column w + j - R leaves [0, 8) read the neighbouring row, and their weights are zero (wm). (Non-finite
+// x thus reaches outputs up to one row further than the k x k window.) PB row pairs share each window.
+// Windows are cut from aligned vectors by constant-index shuffles (valignd): as unaligned loads, 4 in 5 of
+// them split a cache line, and GCC folded them into every FMA (100 loads of 2 lines a plane, not 55 of 1),
+// which made the loads, not the FMAs, the bound.
+template <int O, typename V, int... I>
+inline V window_of(const V& a, const V& b, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(a, b, (O + I)...);
+}
+
+// Lanes O .. O + 15 of the concatenation z[0], z[1], ... of 16-lane vectors.
+template <int O, typename V>
+inline V window(const V* z) {
+  if constexpr (O % 16 == 0)
+    return z[O / 16];
+  else
+    return window_of<O % 16>(z[O / 16], z[O / 16 + 1], std::make_integer_sequence<int, 16>{});
+}
+
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>): a loop whose index is a constant.
+template <typename F, int... I>
+inline void static_for_impl(const F& f, std::integer_sequence<int, I...>) {
+  (f(std::integral_constant<int, I>{}), ...);
+}
+template <int N, typename F>
+inline void static_for(const F& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
 template <int K, int PB, typename A>
 inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, int64_t H, A* out) {
   using V = Vec<A, 16>;
-  constexpr int R = K / 2;
-  V acc[PB];
-#pragma GCC unroll 8
-  for (int q = 0; q < PB; ++q) acc[q] = V{} + bias;
-#pragma GCC unroll 16
-  for (int s = 0; s < 2 * (PB - 1) + K; ++s) {
-    const A* row = buf + (2 * p0 + s + 1) * 8 - R;
-#pragma GCC unroll 5
-    for (int j = 0; j < K; ++j) {
-      const V v = loadu<16>(row + j);
-#pragma GCC unroll 8
-      for (int q = 0; q < PB; ++q)
-        if (s - 2 * q >= 0 && s - 2 * q < K) acc[q] += wm[(s - 2 * q) * K + j] * v;
-    }
-  }
+  constexpr int R = K / 2, S = 2 * (PB - 1) + K;  // S windows rows per column shift
+  constexpr int NZ = (8 + 8 * (S - 1) - R + K - 1) / 16 + 2;
+  V z[NZ], acc[PB][2];  // acc: even / odd weight rows i apart, 2 * PB independent FMA chains (see conv_rows)
+  const A* base = buf + 16 * p0;  // row pair p0 starts a 64-byte line
+  for (int k = 0; k < NZ; ++k) z[k] = loadu<16>(base + 16 * k);
+  for (int q = 0; q < PB; ++q) acc[q][0] = V{} + bias, acc[q][1] = V{};
+  static_for<S>([&](auto s_) {
+    static_for<K>([&](auto j_) {
+      constexpr int s = decltype(s_)::value, j = decltype(j_)::value;
+      const V v = window<8 + 8 * s - R + j>(z);
+      static_for<PB>([&](auto q_) {
+        constexpr int q = decltype(q_)::value, i = s - 2 * q;
+        if constexpr (i >= 0 && i < K) acc[q][i & 1] += wm[i * K + j] * v;
+      });
+    });
+  });
   for (int q = 0; q < PB; ++q) {
     const int64_t h = 2 * (p0 + q);
-    std::memcpy(out + h * 8, &acc[q], sizeof(A) * (h + 1 < H ? 16 : 8));
+    const V sum = acc[q][0] + acc[q][1];
+    std::memcpy(out + h * 8, &sum, sizeof(A) * (h + 1 < H ? 16 : 8));
   }
 }
 
@@ -235,14 +273,22 @@ constexpr ColMask make_col_mask() {
 }
 constexpr ColMask kColMask = make_col_mask();
 
-// Buffer size of conv_plane_w8 (fp32 elements).
-inline int64_t w8_buffer(const Geo& g) { return (g.H + g.K + 4) * 8; }
+// Buffer size of conv_plane_w8 (fp32 elements): (H + 1) / 2 row pairs of 16 plus the windows' reach past the
+// last pair (at most 4 vectors of 16) and 15 elements to align the start to 64 bytes.
+inline int64_t w8_buffer(const Geo& g) { return 16 * ((g.H + 1) / 2 + 4) + 15; }
+
+// buf aligned up to 64 bytes (w8_buffer leaves room).
+template <typename A>
+inline A* align64(A* buf) {
+  return reinterpret_cast<A*>((reinterpret_cast<uintptr_t>(buf) + 63) & ~uintptr_t(63));
+}
 
 template <int K, typename A>
 void conv_plane_w8(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
   using V = Vec<A, 16>;
   constexpr int R = K / 2, PB = 4;
   V wm[K * K];
+#pragma GCC unroll 25
   for (int t = 0; t < K * K; ++t) wm[t] = loadu<16>(kColMask.m[t % K - R + 2]) * wt[t];
   const int64_t pairs = (g.H + 1) / 2;
   int64_t p = 0;
@@ -256,8 +302,9 @@ template <typename T, typename A>
 void conv_fwd_plane(const Geo& g, const T* src, const A* wt, A bias, A* pad, A* z) {
   if constexpr (sizeof(A) == 4) {
     if (g.W == 8) {
-      copy_plane(g.HW, src, pad + (g.R + 1) * 8);
-      with_k(g, [&](auto K) { conv_plane_w8<decltype(K)::value>(g, pad, wt, bias, z); });
+      A* buf = align64(pad);
+      copy_plane(g.HW, src, buf + (g.R + 1) * 8);
+      with_k(g, [&](auto K) { conv_plane_w8<decltype(K)::value>(g, buf, wt, bias, z); });
       return;
     }
   }

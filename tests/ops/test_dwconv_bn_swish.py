@@ -34,6 +34,7 @@ CASES = {
     "batch 1": (1, 5, 6, 9),
     "wide rows (two 16-blocks)": (2, 3, 3, 19),
     "8 wide, odd H (C++: two rows per vector)": (2, 3, 5, 8),
+    "8 wide, 11 rows (C++: a block of 4 row pairs, then single pairs)": (1, 2, 11, 8),
     "1x1 spatial": (8, 3, 1, 1),
 }
 # Extras: which optional inputs are present, and swish.
