@@ -279,6 +279,15 @@ def _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_p
 
 
 @triton.jit
+def _saved_stats(mean_ptr, rstd_ptr, pid, CPG: tl.constexpr, S):
+    """The forward's (mean, rstd) of group pid, for xhat = (x - mean) * rstd; a one-element group's rstd is
+    taken as 0, making its xhat exactly 0 (x - mean is ~0 only after rounding)."""
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
+    return mean, rstd
+
+
+@triton.jit
 def _group_norm_silu_bwd_reduce_kernel(
     dy_ptr,         # (N, C, S) upstream gradient, x's dtype and layout
     x_ptr,          # (N, C, S) forward input
@@ -303,9 +312,7 @@ def _group_norm_silu_bwd_reduce_kernel(
     base = n.to(tl.int64) * C * S
     x_ptr += base
     dy_ptr += base
-    mean = tl.load(mean_ptr + pid)
-    # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
-    rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
+    mean, rstd = _saved_stats(mean_ptr, rstd_ptr, pid, CPG, S)
     s_lo = split * S_PER
     s_hi = tl.minimum(s_lo + S_PER, S)
     for c0 in range(0, CPG, BLOCK_C):
@@ -356,9 +363,7 @@ def _group_norm_silu_bwd_kernel(
     x_ptr += base
     dy_ptr += base
     dx_ptr += base
-    mean = tl.load(mean_ptr + pid)
-    # xhat = (x - mean) * rstd; a one-element group's is exactly 0 (x - mean is ~0 only after rounding)
-    rstd = tl.where(CPG * S > 1, tl.load(rstd_ptr + pid), 0.0)
+    mean, rstd = _saved_stats(mean_ptr, rstd_ptr, pid, CPG, S)
     if FUSED:  # the group's channels in one block: sums, then dx over a second (mostly cached) read
         c, cm = _group_channels(pid, G, CPG, 0, BLOCK_C)
         nc = n * C + c
