@@ -23,19 +23,32 @@ swish), backward four times (stats of dz, dz itself, dx, dw: ~220). In fp32 that
 for fwd+bwd: compute-bound on a CPU (a few FLOP/byte at its bandwidth), near balance on an H100.
 On a GPU the bench also records the peak memory of one fwd+bwd step per provider
 (bench_nvae_cell_memory.json/.md): eager keeps conv and BN outputs for backward, ours keeps x only.
+
+The whole generative cell (variants cell_train, cell_eval, cell_train_cl, cell_eval_cl; shape = the cell's
+input (B, C, H, W), C = 6C / 6 of a middle shape): ``GenerativeResidualCell(C, C)``, i.e. BN -> 1x1 conv
+(C -> 6C) -> BN-Swish -> dwconv 5x5-BN-Swish -> 1x1 conv (6C -> C) -> BN -> SE, plus the skip. Eager and
+compile run a copy whose fused modules are the plain layers they replace (BatchNorm2d + SiLU, depthwise
+Conv2d + BatchNorm2d + SiLU); ours run the library's cell. fwd+bwd takes the grads of x and of every
+parameter. TFLOP/s counts the convolutions and SE's linears (2 per multiply-add; fwd+bwd 3x the forward);
+no byte count (the cell's traffic depends on which intermediates a provider keeps).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 
 import harness  # first: puts the repo root on sys.path when diffusion_fast is not installed
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
 
 import diffusion_fast
+from diffusion_fast.models.nvae.cells import GenerativeResidualCell
+from diffusion_fast.nn import BNSwish, DWConvBNSwish
 from diffusion_fast.ops.dwconv_bn_swish import _unsupported
 
 K, EPS, MOMENTUM = 5, 1e-5, 0.1
@@ -153,6 +166,67 @@ def write_memory(bench, rows) -> None:
     (bench.out / "bench_nvae_cell_memory.md").write_text("\n".join(lines) + "\n")
 
 
+def plain_twin(cell: nn.Module) -> nn.Module:
+    """A copy of cell whose BNSwish / DWConvBNSwish are the plain layers they fuse (same parameter order)."""
+    twin = copy.deepcopy(cell)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            act = [nn.SiLU()] if getattr(child, "swish", False) else []
+            if isinstance(child, DWConvBNSwish):
+                setattr(parent, name, nn.Sequential(child.conv, child.bn, *act))
+            elif isinstance(child, BNSwish):
+                setattr(parent, name, nn.Sequential(child.bn, *act))
+    return twin
+
+
+def cell_flops(cell: nn.Module, x: torch.Tensor) -> int:
+    """2 x multiply-adds of the cell's convolutions and linears in one forward."""
+    total = 0
+
+    def count(module, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * module.weight[0].numel()  # (in_channels / groups) x k x k, or in_features
+
+    hooks = [m.register_forward_hook(count) for m in cell.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        cell(x)
+    for h in hooks:
+        h.remove()
+    return total
+
+
+def cell_case(bench, variant: str, shape, dtype, mode: str):
+    """(case, eager, ours) of the whole generative cell: f(x, *parameters) on a twin / on the library's cell."""
+    training, channels_last = variant in ("cell_train", "cell_train_cl"), variant.endswith("_cl")
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    torch.manual_seed(0)
+    cell = GenerativeResidualCell(shape[1], shape[1]).to(device=bench.device, dtype=dtype, memory_format=layout)
+    cell.train(training)
+    twin = plain_twin(cell)
+    params = list(cell.parameters())
+
+    def make(requires_grad: bool) -> tuple:
+        x = torch.randn(shape, device=bench.device, dtype=dtype).to(memory_format=layout)
+        return (x.requires_grad_(requires_grad),) + tuple(p.detach().clone().requires_grad_(requires_grad)
+                                                          for p in params)
+
+    def on(model):
+        names = [n for n, _ in model.named_parameters()]
+        return lambda x, *p: functional_call(model, dict(zip(names, p)), (x,))
+
+    flops = cell_flops(cell, make(False)[0]) * (3 if mode == "fwd+bwd" else 1)
+    case = harness.Case(variant, shape, dtype, mode, make, 0, extra={"expand": 6}, flops=flops)
+    return case, on(twin), on(cell)
+
+
+def cell_plan(device: str, quick: bool, dtypes) -> list:
+    """(variant, cell input shape, dtype) of the whole-cell cases, the middle's shapes divided by 6 in C."""
+    shapes = QUICK_SHAPES if quick else CPU_SHAPES if device == "cpu" else GPU_SHAPES[:2]
+    variants = ("cell_train", "cell_eval", "cell_train_cl", "cell_eval_cl")
+    default = [torch.float32] if device == "cpu" or quick else [torch.bfloat16, torch.float32]
+    return [(v, (b, c // 6, h, w), d) for d in dtypes or default for (b, c, h, w) in shapes for v in variants]
+
+
 def main(argv=None) -> None:
     args = harness.parse_args(__doc__.splitlines()[0], argv)
     bench = harness.Harness("bench_nvae_cell", "dwconv_bn_swish", args)
@@ -169,6 +243,11 @@ def main(argv=None) -> None:
         if bench.device.type == "cuda" and not variant.startswith("eval"):
             memory += record_memory(bench, variant, shape, dtype, eager, ours)
             write_memory(bench, memory)
+    for variant, shape, dtype in cell_plan(args.device, args.quick, args.dtypes):
+        for mode in harness.MODES:
+            print(f"{variant} {list(shape)} {dtype} {mode}", flush=True)
+            case, eager, ours = cell_case(bench, variant, shape, dtype, mode)
+            bench.run(case, eager, ours, _unsupported)
     bench.finish()
 
 

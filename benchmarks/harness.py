@@ -93,7 +93,7 @@ class Row:
     ratio_to_eager: Optional[float]  # eager median / this median: > 1 means faster than eager
     ratio_to_compile: Optional[float]  # compile median / this median: > 1 means faster than compile
     bytes: int
-    gbps: float
+    gbps: Optional[float]  # None when the bench counts no bytes for the case
     tflops: Optional[float]  # flops / median time, None when the bench does not count flops
     frac_copy_bw: Optional[float]  # gbps / measured copy_ bandwidth
     frac_same_bytes_copy: Optional[float]  # median of a copy_ of the case's bytes / this median
@@ -398,7 +398,7 @@ class Harness:
         order = sorted(timed, key=lambda label: (label != "eager", label != "compile"))  # eager, compile, run order
         for label in order:
             (median, p25, p75), diff = timed[label]
-            gbps = case.nbytes / (median * 1e-3) / 1e9
+            gbps = case.nbytes / (median * 1e-3) / 1e9 if case.nbytes else None  # no byte count: no GB/s
             self.rows.append(Row(
                 bench=self.bench, op=self.op, variant=case.variant, provider=label, device=self.device.type,
                 shape=list(case.shape), dtype=_dtype_name(case.dtype), mode=case.mode,
@@ -406,7 +406,7 @@ class Harness:
                 ratio_to_eager=None if eager_ms is None else eager_ms / median,
                 ratio_to_compile=None if compile_ms is None else compile_ms / median,
                 bytes=case.nbytes, gbps=gbps, tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
-                frac_copy_bw=gbps / self.copy_gbps if self.copy_gbps else None,
+                frac_copy_bw=gbps / self.copy_gbps if gbps is not None and self.copy_gbps else None,
                 frac_same_bytes_copy=None if copy_ms is None else copy_ms / median,
                 max_abs_diff=diff, pool_sets=pool_sets, extra=case.extra, **self.meta,
             ))
@@ -442,7 +442,7 @@ class Harness:
             lines.append(
                 f"| {r.variant} | {'x'.join(map(str, r.shape))} | {r.dtype} | {r.mode} | {r.provider} "
                 f"| {r.median_ms:.4f} | {r.p25_ms:.4f}-{r.p75_ms:.4f} | {_fmt(r.ratio_to_eager, '.2f')} "
-                f"| {_fmt(r.ratio_to_compile, '.2f')} | {r.gbps:.1f} "
+                f"| {_fmt(r.ratio_to_compile, '.2f')} | {_fmt(r.gbps, '.1f')} "
                 f"| {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.frac_same_bytes_copy and 100 * r.frac_same_bytes_copy, '.0f')} "
                 f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"

@@ -30,8 +30,8 @@ def run_quick(tmp_path: Path, name: str, providers: str = "eager,cpu", timeout: 
 
 
 def assert_timed(row: dict) -> None:
-    """The row's timing quartiles are ordered and positive and it counts the bytes moved."""
-    assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and row["bytes"] > 0
+    """The row's timing quartiles are ordered and positive and it counts the bytes moved or the FLOPs."""
+    assert 0 < row["p25_ms"] <= row["median_ms"] <= row["p75_ms"] and (row["bytes"] > 0 or row["tflops"] > 0)
 
 
 def assert_cpu_ran_or_skipped(data: dict) -> list:
@@ -168,12 +168,33 @@ def test_nvae_cell_bench_quick_cpu(tmp_path):
     """The NVAE cell bench (dwconv 5x5 + BN + Swish), --quick on the CPU: every variant and mode, our C++ run."""
     rows = run_quick(tmp_path, "bench_nvae_cell")["rows"]
     seen = {(r["variant"], r["mode"], r["provider"]) for r in rows}
-    assert seen == {(v, m, p) for v in ("train", "eval", "train_cl", "eval_cl") for m in harness.MODES
-                    for p in ("eager", "cpu")}
+    variants = [p + v for p in ("", "cell_") for v in ("train", "eval", "train_cl", "eval_cl")]
+    assert seen == {(v, m, p) for v in variants for m in harness.MODES for p in ("eager", "cpu")}
     for row in rows:
         assert_timed(row)
         if row["provider"] == "cpu":
             assert row["max_abs_diff"] < 1e-3
+        if row["variant"].startswith("cell_"):  # the whole cell: FLOPs counted, no bytes
+            assert row["gbps"] is None and row["tflops"] > 0
+
+
+def test_nvae_cell_bench_plain_twin():
+    """Eager's generative cell is the library's cell with plain layers in place of the fused modules:
+    no fused module left, the same parameters in the same order, the same outputs as our cell."""
+    import bench_nvae_cell as bench
+    from diffusion_fast.models.nvae.cells import GenerativeResidualCell
+    from diffusion_fast.nn import BNSwish, DWConvBNSwish
+
+    torch.manual_seed(0)
+    cell = GenerativeResidualCell(4, 4)
+    twin = bench.plain_twin(cell)
+    assert not any(isinstance(m, (BNSwish, DWConvBNSwish)) for m in twin.modules())
+    assert [p.shape for p in twin.parameters()] == [p.shape for p in cell.parameters()]
+    x = torch.randn(3, 4, 7, 7, dtype=torch.float64)
+    cell, twin = cell.double(), twin.double()
+    torch.testing.assert_close(twin(x), cell(x))  # training mode: batch statistics
+    cell.eval(), twin.eval()
+    torch.testing.assert_close(twin(x), cell(x))
 
 
 def test_run_gpu_script_steps(tmp_path):
