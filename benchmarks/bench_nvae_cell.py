@@ -221,9 +221,9 @@ def cell_case(bench, variant: str, shape, dtype, mode: str):
 
 def cell_plan(device: str, quick: bool, dtypes) -> list:
     """(variant, cell input shape, dtype) of the whole-cell cases, the middle's shapes divided by 6 in C."""
-    shapes = QUICK_SHAPES if quick else CPU_SHAPES if device == "cpu" else GPU_SHAPES[:2]
+    shapes = QUICK_SHAPES if quick else CPU_SHAPES if device == "cpu" else GPU_SHAPES[:1]
     variants = ("cell_train", "cell_eval", "cell_train_cl", "cell_eval_cl")
-    default = [torch.float32] if device == "cpu" or quick else [torch.bfloat16, torch.float32]
+    default = [torch.float32] if device == "cpu" or quick else [torch.bfloat16]
     return [(v, (b, c // 6, h, w), d) for d in dtypes or default for (b, c, h, w) in shapes for v in variants]
 
 
