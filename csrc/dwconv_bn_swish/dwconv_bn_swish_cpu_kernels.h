@@ -257,7 +257,10 @@ inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, i
   for (int q = 0; q < PB; ++q) {
     const int64_t h = 2 * (p0 + q);
     const V sum = acc[q][0] + acc[q][1];
-    std::memcpy(out + h * 8, &sum, sizeof(A) * (h + 1 < H ? 16 : 8));
+    if (h + 1 < H)  // constant sizes: a variable-size memcpy is a library call
+      storeu<16>(out + h * 8, sum);
+    else
+      std::memcpy(out + h * 8, &sum, sizeof(A) * 8);
   }
 }
 
