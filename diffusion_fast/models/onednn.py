@@ -118,14 +118,18 @@ def linear(x: Tensor, packed: Tensor, bias: Optional[Tensor], act: str = "none",
 
 
 def prepacked_linear(module: nn.Module, name: str, x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                     sources: Optional[tuple] = None) -> Tensor:
-    """F.linear(x, weight, bias): x (..., in) -> (..., out). On oneDNN where ``unsupported`` allows and
-    x has at least MIN_ROWS rows, with ``weight`` packed once and kept for ``module`` under ``name``
-    until ``sources`` (the parameters weight is made from; default: weight itself) change."""
+                     sources: Optional[tuple] = None, act: str = "none") -> Tensor:
+    """act(F.linear(x, weight, bias)), act "none" or "swish": x (..., in) -> (..., out). On oneDNN where
+    ``unsupported`` allows and x has at least MIN_ROWS rows (act in the GEMM's epilogue), with ``weight``
+    packed once and kept for ``module`` under ``name`` until ``sources`` (the parameters weight is made
+    from; default: weight itself) change."""
+    if act not in ("none", "swish"):
+        raise ValueError(f"prepacked_linear: act must be 'none' or 'swish', got {act!r}")
     rows = x.numel() // max(x.shape[-1], 1)
     if rows >= MIN_ROWS and unsupported(x, weight, bias) is None:
         y = guarded(lambda: linear(x, derived_params(module, name, sources or (weight,),
-                                                     lambda *_: pack_linear(weight, rows), extra=(rows,)), bias))
+                                                     lambda *_: pack_linear(weight, rows), extra=(rows,)), bias, act))
         if y is not None:
             return y
-    return torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return torch.nn.functional.silu(y) if act == "swish" else y

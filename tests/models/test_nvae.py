@@ -23,9 +23,11 @@ from diffusion_fast.models.nvae import (
     residual_normal_kl,
     training_loss,
 )
+from diffusion_fast.models.nvae.cells import GenerativeResidualCell
 from diffusion_fast.models.nvae.flows import ARConv2d, CellAR, PairedCellAR, autoregressive_mask
 from diffusion_fast.models.nvae.layers import WNConv2d
 from diffusion_fast.models.nvae.regularizers import SpectralRegularizer
+from diffusion_fast.models.param_cache import cached
 from diffusion_fast.nn import BNSwish, DWConvBNSwish
 
 
@@ -484,3 +486,78 @@ def test_weight_norm_is_cached_while_sampling_and_follows_updates():
         conv.weight.mul_(-2.0)
         assert torch.allclose(conv(x), expected(), atol=1e-6)
     assert conv.normalized_weight() is not conv.normalized_weight() and conv.normalized_weight().requires_grad
+
+
+def _moved_cell(upsample: bool, expand: int) -> GenerativeResidualCell:
+    """A generative cell with perturbed parameters and running statistics moved off (0, 1), in eval mode."""
+    torch.manual_seed(0)
+    cell = GenerativeResidualCell(6, 4 if upsample else 6, expand=expand, upsample=upsample)
+    x = torch.randn(4, 6, 5, 7) * 1.5 + 0.5
+    for _ in range(3):
+        cell(x)  # train mode: running statistics move
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return cell.eval()
+
+
+@pytest.mark.parametrize("upsample,expand", [(False, 6), (True, 3)])
+def test_generative_cell_eval_folds_batch_norms(upsample, expand):
+    """Eval without grad on our backends: the BNs folded into the 1x1 convs give the unfolded cell's output
+    (float64, NCHW: F.conv2d; float32 channels_last: oneDNN GEMMs with swish in the epilogue), and the folded
+    weights follow a change of the running statistics."""
+    cell = _moved_cell(upsample, expand).double()
+    x = torch.randn(3, 6, 6, 5, dtype=torch.float64) + 0.3
+
+    def reference():
+        with backends.use_backend("torch"), torch.no_grad():
+            return cell(x)
+
+    ref = reference()
+    with torch.no_grad():
+        out = cell(x)
+    assert cached(cell, "_eval_fold") is not None
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    cell.train()
+    cell(x)  # new running statistics
+    cell.eval()
+    ref = reference()
+    with torch.no_grad():
+        torch.testing.assert_close(cell(x), ref, rtol=1e-10, atol=1e-12)
+    cell, xl = cell.float().to(memory_format=torch.channels_last), x.float().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = cell(xl)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_generative_cell_folds_only_when_it_may():
+    """No fold in training, with a gradient, on the torch backend or in an edited branch (which still runs)."""
+    x = torch.randn(2, 6, 5, 5)
+    for setup in ("train", "grad", "torch", "edited"):
+        cell = _moved_cell(False, 6)
+        if setup == "train":
+            cell.train()
+        if setup == "edited":
+            cell.branch[2] = torch.nn.Sequential(cell.branch[2].bn, torch.nn.SiLU())
+        with backends.use_backend("torch" if setup == "torch" else "auto"), torch.set_grad_enabled(setup == "grad"):
+            y = cell(x)
+        assert cached(cell, "_eval_fold") is None, setup
+        assert y.shape == x.shape and torch.isfinite(y).all()
+
+
+def test_sampling_matches_torch_backend():
+    """NVAE.sample in eval: our backend (cells folded) gives the torch backend's samples for the same seed."""
+    ref = rgb_model(backend="torch")
+    ref(torch.rand(4, 3, 16, 16))  # train-mode pass: running statistics move
+    ref.eval()
+    ours = rgb_model(backend="cuda")
+    ours.load_state_dict(ref.state_dict())
+    ours.eval()
+    samples = []
+    for model in (ref, ours):
+        torch.manual_seed(3)
+        samples.append(model.sample(2, t=0.8))
+    assert any(cached(m, "_eval_fold") is not None for m in ours.modules())
+    assert all(cached(m, "_eval_fold") is None for m in ref.modules())
+    torch.testing.assert_close(samples[1], samples[0], rtol=1e-4, atol=1e-4)

@@ -13,19 +13,29 @@ and the skip/combiner convs are weight-normalised (``WNConv2d``). BatchNorm mome
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_fast import backends
+from diffusion_fast.models import onednn
 from diffusion_fast.models.nvae.layers import (
     FactorizedReduce,
     SqueezeExcitation,
     WNConv2d,
 )
+from diffusion_fast.models.param_cache import derived_params
 from diffusion_fast.nn import BNSwish, DWConvBNSwish
 
 __all__ = ["BN_MOMENTUM", "DecoderCombiner", "EncoderCombiner", "EncoderResidualCell", "GenerativeResidualCell"]
 
 BN_MOMENTUM = 0.05
 RESIDUAL_SCALE = 0.1
+
+
+def _bn_affine(weight: Tensor, bias: Tensor, running_mean: Tensor, running_var: Tensor, eps: float) -> tuple:
+    """(a, c) in float64 with BatchNorm(x) = a * x + c per channel, from the running statistics (eval)."""
+    a = weight.double() / (running_var.double() + eps).sqrt()
+    return a, bias.double() - running_mean.double() * a
 
 
 class EncoderResidualCell(nn.Module):
@@ -59,6 +69,14 @@ class GenerativeResidualCell(nn.Module):
 
     ``upsample=True`` doubles H, W (nearest) before the branch and uses upsample + weight-normalised 1x1 conv
     as skip. (N, C_in, H, W) -> (N, C_out, H*u, W*u). ``expand`` is 6 in the decoder tower, 3 in post-processing.
+
+    Evaluation (sampling) with our backends and no gradient: BatchNorm with running statistics is the
+    per-channel affine map a * x + c, so the branch runs as three ops instead of six,
+        swish(W1' x + b1')  ->  dwconv_bn_swish  ->  W2' h + b2'  ->  SE,
+        W1' = diag(a1) W1 diag(a0), b1' = a1 * (W1 c0) + c1,  W2' = diag(a2) W2, b2' = c2,
+    (BN 0 before the expansion conv W1, BN 1 after it, BN 2 after the projection W2), the 1x1 convs as
+    GEMMs over channels (on the CPU, channels_last: oneDNN with the packed weight and swish in the epilogue).
+    Folded weights are kept while the parameters and running statistics are unchanged.
     """
 
     def __init__(self, in_channels: int, out_channels: int, expand: int = 6, upsample: bool = False,
@@ -80,9 +98,61 @@ class GenerativeResidualCell(nn.Module):
             nn.BatchNorm2d(out_channels, momentum=BN_MOMENTUM),
             SqueezeExcitation(out_channels) if use_se else nn.Identity(),
         )
+        self._up = len(up)  # branch[_up:] = bn0, conv1, bn_swish, dwconv, conv2, bn2, se
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._foldable():
+            return self.skip(x) + RESIDUAL_SCALE * self._folded_branch(x)
         return self.skip(x) + RESIDUAL_SCALE * self.branch(x)
+
+    def _foldable(self) -> bool:
+        """Eval, our backends, no gradient, outside torch.compile, and the branch as built (not edited)."""
+        if self.training or torch.compiler.is_compiling() or backends.current() == "torch":
+            return False
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.branch.parameters()):
+            return False
+        b = self.branch[self._up:]
+        kinds = (nn.BatchNorm2d, WNConv2d, BNSwish, DWConvBNSwish, WNConv2d, nn.BatchNorm2d)
+        if len(b) != 7 or not all(isinstance(m, k) for m, k in zip(b, kinds)) or not b[2].swish:
+            return False
+        if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.groups != 1 or c.bias is not None
+               for c in (b[1], b[4])):
+            return False
+        return all(not bn.training and bn.running_mean is not None and bn.weight is not None
+                   for bn in (b[0], b[2].bn, b[5]))
+
+    def _fold_sources(self) -> tuple:
+        b = self.branch[self._up:]
+        bn0, conv1, bn1, conv2, bn2 = b[0], b[1], b[2].bn, b[4], b[5]
+        bns = [t for bn in (bn0, bn1, bn2) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        return (conv1.normalized_weight(), conv2.normalized_weight(), *bns)
+
+    def _folded_weights(self, w1, w2, *bns) -> tuple:
+        """(W1', b1', W2', b2') of the class doc, computed in float64, in the weights' dtype."""
+        b = self.branch[self._up:]
+        (a0, c0), (a1, c1), (a2, c2) = (_bn_affine(*bns[4 * i:4 * i + 4], bn.eps)
+                                        for i, bn in enumerate((b[0], b[2].bn, b[5])))
+        w1, w2 = w1.double().flatten(1), w2.double().flatten(1)  # (hidden, in), (out, hidden)
+        folded = (a1[:, None] * w1 * a0[None, :], a1 * (w1 @ c0) + c1, a2[:, None] * w2, c2)
+        return tuple(t.to(bns[0].dtype) for t in folded)
+
+    def _folded_branch(self, x: Tensor) -> Tensor:
+        for up in self.branch[:self._up]:
+            x = up(x)
+        sources = self._fold_sources()
+        w1, b1, w2, b2 = derived_params(self, "_eval_fold", sources, self._folded_weights)
+        h = self._pointwise(x, w1, b1, "swish", "_conv1_onednn", sources)
+        h = self.branch[self._up + 3](h)  # dwconv 5x5 + BN + swish, fused
+        h = self._pointwise(h, w2, b2, "none", "_conv2_onednn", sources)
+        return self.branch[self._up + 6](h)  # SE
+
+    def _pointwise(self, x: Tensor, weight: Tensor, bias: Tensor, act: str, name: str, sources: tuple) -> Tensor:
+        """act(1x1 conv): (N, I, H, W) -> (N, O, H, W), x's memory layout; weight (O, I)."""
+        if x.is_contiguous(memory_format=torch.channels_last):  # memory is the (N, H, W, I) token matrix
+            y = onednn.prepacked_linear(self, name, x.permute(0, 2, 3, 1), weight, bias, sources=sources, act=act)
+            return y.permute(0, 3, 1, 2)
+        y = F.conv2d(x, weight[:, :, None, None], bias)
+        return F.silu(y) if act == "swish" else y
 
 
 class EncoderCombiner(nn.Module):

@@ -250,6 +250,7 @@ class NVAE(nn.Module):
         return DiscMixLogistic(params, self.num_mix, self.in_channels, self.num_bits)
 
     @torch.no_grad()
+    @torch.no_grad()  # the discretised sample is not differentiable; without a graph the cells fold their BNs
     def sample(self, num_samples: int, t: float = 1.0) -> Tensor:
         """Images (num_samples, C, H, W) in [0, 1]: z_l ~ p(z_l | z_<l) with sigma scaled by t, then x ~ p(x | z)
         (its logistic scale also scaled by t). Call ``readjust_bn`` first for low t (Sec. 5.1)."""
@@ -257,7 +258,6 @@ class NVAE(nn.Module):
             params = self._top_down(num_samples, t=t)[0]
         return self.decoder_output(params).sample(t)
 
-    @torch.no_grad()
     @torch.no_grad()  # forwards only: no graph, and dwconv_bn_swish takes its forward-only path
     def readjust_bn(self, num_batches: int = 20, batch_size: int = 16, t: float = 1.0) -> None:
         """BatchNorm re-adjustment (Sec. 5.1): generate ``num_batches`` batches in train mode so the running
