@@ -204,11 +204,14 @@ def cell_case(bench, variant: str, shape, dtype, mode: str):
     cell.train(training)
     twin = plain_twin(cell)
     params = list(cell.parameters())
+    leaves = {}  # one set of parameter tensors for every input set: a model's weights do not rotate, and the
+    # eval cell keeps BN-folded weights while its parameters are unchanged
 
     def make(requires_grad: bool) -> tuple:
+        if requires_grad not in leaves:
+            leaves[requires_grad] = tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
         x = torch.randn(shape, device=bench.device, dtype=dtype).to(memory_format=layout)
-        return (x.requires_grad_(requires_grad),) + tuple(p.detach().clone().requires_grad_(requires_grad)
-                                                          for p in params)
+        return (x.requires_grad_(requires_grad),) + leaves[requires_grad]
 
     def on(model):
         names = [n for n, _ in model.named_parameters()]
