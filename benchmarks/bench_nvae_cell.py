@@ -204,21 +204,20 @@ def cell_case(bench, variant: str, shape, dtype, mode: str):
     cell.train(training)
     twin = plain_twin(cell)
     params = list(cell.parameters())
-    leaves = {}  # one set of parameter tensors for every input set: a model's weights do not rotate, and the
-    # eval cell keeps BN-folded weights while its parameters are unchanged
 
     def make(requires_grad: bool) -> tuple:
-        if requires_grad not in leaves:
-            leaves[requires_grad] = tuple(p.detach().clone().requires_grad_(requires_grad) for p in params)
         x = torch.randn(shape, device=bench.device, dtype=dtype).to(memory_format=layout)
-        return (x.requires_grad_(requires_grad),) + leaves[requires_grad]
+        return (x.requires_grad_(requires_grad),) + tuple(p.detach().clone().requires_grad_(requires_grad)
+                                                          for p in params)
 
     def on(model):
         names = [n for n, _ in model.named_parameters()]
         return lambda x, *p: functional_call(model, dict(zip(names, p)), (x,))
 
     flops = cell_flops(cell, make(False)[0]) * (3 if mode == "fwd+bwd" else 1)
-    case = harness.Case(variant, shape, dtype, mode, make, 0, extra={"expand": 6}, flops=flops)
+    # the parameters are shared by every input set (weights=): a model's do not rotate, and the eval cell keeps
+    # its BN-folded weights while they are unchanged
+    case = harness.Case(variant, shape, dtype, mode, make, 0, extra={"expand": 6}, flops=flops, weights=len(params))
     return case, on(twin), on(cell)
 
 

@@ -73,6 +73,7 @@ class Case:
     nbytes: int  # bytes a fused implementation must read + write (counted by the bench)
     extra: dict = field(default_factory=dict)  # anything else worth recording, e.g. num_groups
     flops: int = 0  # floating-point operations the op must do (counted by the bench; 0: not counted)
+    weights: int = 0  # the last `weights` args are a model's weights: the same tensors in every pool set
 
 
 @dataclass
@@ -236,10 +237,12 @@ def copy_sets(nbytes: int, sets: int, llc: int) -> int:
     return max(1, min(sets, math.ceil(2 * llc / max(nbytes, 1))))
 
 
-def make_pool(first: tuple, llc: int) -> list:
-    """Copies of one input set, enough to total at least 2x the last-level cache."""
-    n = copy_sets(sum(t.nbytes for t in first if isinstance(t, torch.Tensor)), MAX_POOL_SETS, llc)
-    return [first] + [tuple(_clone(t) for t in first) for _ in range(n - 1)]
+def make_pool(first: tuple, llc: int, keep: frozenset = frozenset()) -> list:
+    """Copies of one input set, enough to total at least 2x the last-level cache; the args at the
+    indices ``keep`` (a model's weights, which do not change between calls) are shared, not copied."""
+    n = copy_sets(sum(t.nbytes for i, t in enumerate(first) if isinstance(t, torch.Tensor) and i not in keep),
+                  MAX_POOL_SETS, llc)
+    return [first] + [tuple(t if i in keep else _clone(t) for i, t in enumerate(first)) for _ in range(n - 1)]
 
 
 def as_step(f: Callable, mode: str) -> Callable:
@@ -388,7 +391,8 @@ class Harness:
         if case.mode == "fwd+bwd":
             with torch.no_grad():
                 grad_out = torch.randn_like(eager(*args0))  # fixed by the seed: the same for every provider
-        pool = [(s[:-1], s[-1]) for s in make_pool(args0 + (grad_out,), self.llc)]
+        keep = frozenset(range(len(args0) - case.weights, len(args0)))
+        pool = [(s[:-1], s[-1]) for s in make_pool(args0 + (grad_out,), self.llc, keep)]
         wide = tuple(_upcast(t) for t in args0)  # the reference: eager in fp32 on the same values
         return pool, as_step(eager, case.mode)(wide, _upcast(grad_out))
 

@@ -246,3 +246,12 @@ def test_same_bytes_copy_rotates_no_more_than_twice_the_cache():
     assert harness.copy_sets(360 << 20, 64, llc) == 1
     assert harness.copy_sets(8 << 20, 64, llc) == 8
     assert harness.copy_sets(1 << 10, 5, llc) == 5
+
+
+def test_make_pool_shares_weights():
+    """Pool sets copy the rotating inputs and share the kept ones (a model's weights), and only the rotating
+    bytes decide how many sets fill 2x the cache."""
+    x, w = torch.randn(1 << 10), torch.randn(1 << 20)
+    pool = harness.make_pool((x, w), llc=1 << 16, keep=frozenset({1}))
+    assert len(pool) == 32  # 2 x 64 KiB of 4 KiB x sets; w's 4 MiB not counted
+    assert all(s[1] is w for s in pool) and all(s[0] is not x and torch.equal(s[0], x) for s in pool[1:])
