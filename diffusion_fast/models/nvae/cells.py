@@ -137,14 +137,21 @@ class GenerativeResidualCell(nn.Module):
         return tuple(t.to(bns[0].dtype) for t in folded)
 
     def _folded_branch(self, x: Tensor) -> Tensor:
+        """The branch with folded BNs; on the CPU the expanded (6C-channel) tensors are channels_last whatever
+        x's layout (the GEMMs and the depthwise kernel are faster so: 32x32x16x16 fp32, 1.8 -> 1.4 ms), only the
+        C-channel input and output are converted."""
         for up in self.branch[:self._up]:
             x = up(x)
+        nchw = x.device.type == "cpu" and not x.is_contiguous(memory_format=torch.channels_last)
+        if nchw:
+            x = x.contiguous(memory_format=torch.channels_last)
         sources = self._fold_sources()
         w1, b1, w2, b2 = derived_params(self, "_eval_fold", sources, self._folded_weights)
         h = self._pointwise(x, w1, b1, "swish", "_conv1_onednn", sources)
         h = self.branch[self._up + 3](h)  # dwconv 5x5 + BN + swish, fused
         h = self._pointwise(h, w2, b2, "none", "_conv2_onednn", sources)
-        return self.branch[self._up + 6](h)  # SE
+        h = self.branch[self._up + 6](h)  # SE
+        return h.contiguous() if nchw else h
 
     def _pointwise(self, x: Tensor, weight: Tensor, bias: Tensor, act: str, name: str, sources: tuple) -> Tensor:
         """act(1x1 conv): (N, I, H, W) -> (N, O, H, W), x's memory layout; weight (O, I)."""
