@@ -195,3 +195,37 @@ def test_clip_mlp_with_the_activation_in_the_gemm(quick_gelu, dtype):
             mlp.c_proj.weight.mul_(0.5)
     check("after in-place updates of c_fc's bias and c_proj's weight")
     assert cached(block, "_fc_onednn") is not packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (1, 8, 8, 8), (2, 4, 1, 3)])
+def test_upsample_conv_runs_as_four_phase_convs(shape, dtype):
+    """Nearest 2x upsampling + conv 3x3 as one oneDNN 2x2 conv into the four output phases: the result of
+    upsample-then-conv (float64 reference), channels_last, packed once and again after a weight update;
+    on the torch backend or with autograd the plain path runs."""
+    from diffusion_fast.models.blocks import Upsample
+    up = randomize_(Upsample(shape[1])).to(dtype)
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=CL)
+
+    def reference():
+        w, b = up.conv.weight.double(), up.conv.bias.double()
+        return F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), w, b, padding=1)
+
+    def baseline():
+        return F.conv2d(F.interpolate(x.contiguous(), scale_factor=2.0, mode="nearest"), up.conv.weight, up.conv.bias,
+                        padding=1)
+
+    with torch.no_grad():
+        y = up(x)
+        packed = cached(up, "_phase_conv")
+        assert packed is not None, "the phase path was not taken"
+        assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
+        assert_close(y, reference(), dtype, "first call", baseline=baseline())
+        up.conv.weight.mul_(-0.5)
+        assert_close(up(x), reference(), dtype, "after an in-place update", baseline=baseline())
+        assert cached(up, "_phase_conv") is not packed
+    fresh = randomize_(Upsample(shape[1])).to(dtype)
+    with diffusion_fast.use_backend("torch"), torch.no_grad():
+        fresh(x)
+    fresh(x)  # autograd: the parameters require grad
+    assert cached(fresh, "_phase_conv") is None
