@@ -15,7 +15,9 @@ falls back to another backend) is skipped with its reason in the output, never t
 Timing: on GPU ``triton.testing.do_bench`` (CUDA events, L2 flushed before each call); on
 CPU ``torch.utils.benchmark.Timer.blocked_autorange``. Both give the median and the 25th and
 75th percentiles in ms. Inputs rotate through a pool of copies totalling at least twice the
-last-level cache, so no call finds the inputs the previous one left in cache.
+last-level cache, so no call finds the inputs the previous one left in cache; a case's last
+``Case.weights`` args (a model's parameters, passed as args for their grads) are shared by every
+copy, as a model's weights are between calls.
 
 GB/s divides the bytes the bench says the op must move by the median time; ``frac_copy_bw``
 divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured once per run, and
