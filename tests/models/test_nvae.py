@@ -531,18 +531,23 @@ def test_generative_cell_eval_folds_batch_norms(upsample, expand):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_generative_cell_folds_only_when_it_may():
-    """No fold in training, with a gradient, on the torch backend or in an edited branch (which still runs)."""
+def test_generative_cell_folds_only_when_it_may(monkeypatch):
+    """No fold in training, with a gradient, on the torch backend or in an edited branch (which still runs);
+    the folded branch is spied on (under autograd the fold's cache stays empty either way)."""
+    folded = []
+    real = GenerativeResidualCell._folded_branch
+    monkeypatch.setattr(GenerativeResidualCell, "_folded_branch", lambda self, x: folded.append(1) or real(self, x))
     x = torch.randn(2, 6, 5, 5)
-    for setup in ("train", "grad", "torch", "edited"):
+    for setup in ("eval", "train", "grad", "torch", "edited"):
         cell = _moved_cell(False, 6)
         if setup == "train":
             cell.train()
         if setup == "edited":
             cell.branch[2] = torch.nn.Sequential(cell.branch[2].bn, torch.nn.SiLU())
+        folded.clear()
         with backends.use_backend("torch" if setup == "torch" else "auto"), torch.set_grad_enabled(setup == "grad"):
             y = cell(x)
-        assert cached(cell, "_eval_fold") is None, setup
+        assert bool(folded) == (setup == "eval"), setup
         assert y.shape == x.shape and torch.isfinite(y).all()
 
 

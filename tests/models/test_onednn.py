@@ -201,8 +201,7 @@ def test_clip_mlp_with_the_activation_in_the_gemm(quick_gelu, dtype):
 @pytest.mark.parametrize("shape", [(3, 6, 5, 7), (1, 8, 8, 8), (2, 4, 1, 3)])
 def test_upsample_conv_runs_as_four_phase_convs(shape, dtype):
     """Nearest 2x upsampling + conv 3x3 as one oneDNN 2x2 conv into the four output phases: the result of
-    upsample-then-conv (float64 reference), channels_last, packed once and again after a weight update;
-    on the torch backend or with autograd the plain path runs."""
+    upsample-then-conv (float64 reference), channels_last, packed once and again after a weight update."""
     from diffusion_fast.models.blocks import Upsample
     up = randomize_(Upsample(shape[1])).to(dtype)
     x = torch.randn(shape).to(dtype).contiguous(memory_format=CL)
@@ -224,8 +223,19 @@ def test_upsample_conv_runs_as_four_phase_convs(shape, dtype):
         up.conv.weight.mul_(-0.5)
         assert_close(up(x), reference(), dtype, "after an in-place update", baseline=baseline())
         assert cached(up, "_phase_conv") is not packed
-    fresh = randomize_(Upsample(shape[1])).to(dtype)
-    with diffusion_fast.use_backend("torch"), torch.no_grad():
-        fresh(x)
-    fresh(x)  # autograd: the parameters require grad
-    assert cached(fresh, "_phase_conv") is None
+
+def test_upsample_phase_conv_only_where_it_may(monkeypatch):
+    """Upsample takes the plain path on the torch backend, under autograd and on NCHW input (spied on: under
+    autograd the packed weight's cache stays empty either way), the phase conv otherwise."""
+    from diffusion_fast.models.blocks import Upsample
+    phased = []
+    real = Upsample._forward_phases
+    monkeypatch.setattr(Upsample, "_forward_phases", lambda self, x: phased.append(1) or real(self, x))
+    up = randomize_(Upsample(4))
+    x = torch.randn(2, 4, 3, 5).contiguous(memory_format=CL)
+    for setup, expect in (("sampling", True), ("torch", False), ("autograd", False), ("nchw", False)):
+        phased.clear()
+        with diffusion_fast.use_backend("torch" if setup == "torch" else "auto"), \
+                torch.set_grad_enabled(setup == "autograd"):
+            up(x.contiguous() if setup == "nchw" else x)
+        assert bool(phased) == expect, setup
