@@ -75,11 +75,16 @@ class Conv2d(nn.Conv2d):
     forward of the small CPU config, all weights copied once per call.
     """
 
+    def takes_onednn(self, x: Tensor) -> bool:
+        """Whether this conv runs x through oneDNN with a packed weight (``onednn.unsupported``)."""
+        return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and onednn.unsupported(x, self.weight, self.bias) is None)
+
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
         if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            if self.padding_mode == "zeros" and not isinstance(self.padding, str) and (
-                    onednn.unsupported(x, self.weight, self.bias) is None):
+            if self.takes_onednn(x):
                 y = onednn.guarded(lambda: onednn.conv2d(self, x, derived_params(
                     self, "_onednn_weight", (self.weight,), lambda w: onednn.pack_conv2d(self, x.shape),
                     extra=tuple(x.shape))))
@@ -263,9 +268,7 @@ class Upsample(nn.Module):
         self.conv = conv2d(ch, ch) if with_conv else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.conv is not None and x.dim() == 4 and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and onednn.unsupported(x, self.conv.weight, self.conv.bias) is None):
+        if self.conv is not None and self.conv.takes_onednn(x):
             y = onednn.guarded(lambda: self._forward_phases(x))
             if y is not None:
                 return y

@@ -111,27 +111,29 @@ class GenerativeResidualCell(nn.Module):
             return False
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.branch.parameters()):
             return False
-        b = self.branch[self._up:]
+        b = self.branch[self._up:]  # bn0, conv1, bn_swish, dwconv, conv2, bn2, se
         kinds = (nn.BatchNorm2d, WNConv2d, BNSwish, DWConvBNSwish, WNConv2d, nn.BatchNorm2d)
         if len(b) != 7 or not all(isinstance(m, k) for m, k in zip(b, kinds)) or not b[2].swish:
             return False
         if any(c.kernel_size != (1, 1) or c.stride != (1, 1) or c.groups != 1 or c.bias is not None
                for c in (b[1], b[4])):
             return False
-        return all(not bn.training and bn.running_mean is not None and bn.weight is not None
-                   for bn in (b[0], b[2].bn, b[5]))
+        return all(not bn.training and bn.running_mean is not None and bn.weight is not None for bn in self._bns())
+
+    def _bns(self) -> tuple:
+        """The three BatchNorms the fold removes: before the expansion conv, after it, after the projection."""
+        b = self.branch[self._up:]
+        return b[0], b[2].bn, b[5]
 
     def _fold_sources(self) -> tuple:
         b = self.branch[self._up:]
-        bn0, conv1, bn1, conv2, bn2 = b[0], b[1], b[2].bn, b[4], b[5]
-        bns = [t for bn in (bn0, bn1, bn2) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        return (conv1.normalized_weight(), conv2.normalized_weight(), *bns)
+        bns = [t for bn in self._bns() for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        return (b[1].normalized_weight(), b[4].normalized_weight(), *bns)
 
     def _folded_weights(self, w1, w2, *bns) -> tuple:
         """(W1', b1', W2', b2') of the class doc, computed in float64, in the weights' dtype."""
-        b = self.branch[self._up:]
         (a0, c0), (a1, c1), (a2, c2) = (_bn_affine(*bns[4 * i:4 * i + 4], bn.eps)
-                                        for i, bn in enumerate((b[0], b[2].bn, b[5])))
+                                        for i, bn in enumerate(self._bns()))
         w1, w2 = w1.double().flatten(1), w2.double().flatten(1)  # (hidden, in), (out, hidden)
         folded = (a1[:, None] * w1 * a0[None, :], a1 * (w1 @ c0) + c1, a2[:, None] * w2, c2)
         return tuple(t.to(bns[0].dtype) for t in folded)
