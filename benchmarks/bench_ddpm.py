@@ -16,7 +16,8 @@ reference run) are cast to the model's dtype.
     diffusers+cl     (CPU) diffusers' model in channels_last memory, eager
     diffusers+cl+patch  (CPU) the same after ``diffusion_fast.patch``: on the CPU the patch's
                      convolutions need channels_last for oneDNN's packed path, so it is measured so
-    cuda+graph       (GPU, sampling) ours with ``cuda_graph=True``: one graph replay per step
+    cuda+graph       (GPU) ours replayed from a CUDA graph (sampling: ``cuda_graph=True``, one replay per step)
+    eager+cl/ours+cl (GPU, forward) eager and ours on channels_last inputs and weights
 
 Configs: ``cifar10`` (35.7M parameters, 32x32) on a GPU at batch 1 and 128 in fp32 and bf16;
 ``small`` (ch 64, ch_mult 1,2,2, 32x32) and ``tiny`` (16x16) on a CPU in fp32 and bf16 (oneDNN
@@ -37,6 +38,7 @@ import torch
 
 import diffusion_fast
 from diffusion_fast.backends import unsupported
+from diffusion_fast.cuda_graphs import GraphedModel
 from diffusion_fast.models import DDPMUNet
 from diffusion_fast.samplers import sample_ddim
 
@@ -128,6 +130,29 @@ def compiled_ours(model: DDPMUNet, mode=None):
     return torch.no_grad()(lambda x, t: compiled(x, t))
 
 
+def gpu_forwards(eager_model: DDPMUNet, ours_model: DDPMUNet, dtype: torch.dtype) -> dict:
+    """GPU-only forward providers: eager and ours on channels_last inputs (and weights), where
+    cuDNN's bf16/fp16 convolutions need no NCHW <-> NHWC transposes (inductor picks that layout
+    itself); ours replayed from a CUDA graph (``GraphedModel``: no host overhead per kernel)."""
+    cl = torch.channels_last
+    eager_cl = copy.deepcopy(eager_model).to(memory_format=cl)
+    graphed = GraphedModel(ours_model)
+
+    @torch.no_grad()
+    def eager_channels_last(x, t):
+        return eager_cl(x.to(dtype).contiguous(memory_format=cl), t)
+
+    @torch.no_grad()
+    def ours_channels_last(x, t):
+        return ours_model(x.to(dtype).contiguous(memory_format=cl), t)
+
+    @torch.no_grad()
+    def ours_graphed(x, t):
+        return graphed(x.to(dtype), t)
+
+    return {"eager+cl": eager_channels_last, "ours+cl": ours_channels_last, "cuda+graph": ours_graphed}
+
+
 def ddim_table(steps: int, device) -> tuple:
     abar = torch.cumprod(1.0 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)
     timesteps = [i * (T // steps) for i in reversed(range(steps))]
@@ -155,7 +180,7 @@ def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) ->
     def ours(graph: bool):
         def run(x):
             x = x.to(dtype)
-            return sample_ddim(ours_model, tuple(x.shape), alphas_cumprod=abar.to(device), timesteps=timesteps,
+            return sample_ddim(ours_model, tuple(x.shape), alphas_cumprod=abar, timesteps=timesteps,
                                eta=0.0, device=x.device, dtype=x.dtype, x_init=x, cuda_graph=graph)
         return run
 
@@ -201,6 +226,8 @@ def main(argv=None) -> None:
             others = {label: (lambda x, t, m=m: torch.no_grad()(lambda: m(x, t).sample)())
                       for label, m in others_models.items()}
             others["ours+compile"] = compiled_ours(base, args.compile_mode)
+            if device.type == "cuda":
+                others.update(gpu_forwards(eager_model, base, dtype))
             nbytes, work = params * size + 2 * math.prod(shape) * size, flops
         else:
             def make(requires_grad, shape=shape, dtype=dtype):

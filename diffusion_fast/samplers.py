@@ -88,7 +88,8 @@ def sample_ddpm(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
     device = torch.device(device) if device is not None else torch.device("cpu")
     model = _denoiser(model, cuda_graph, device)
     betas = linear_betas() if betas is None else betas
-    table = ddpm_coefficients(betas.to(device), variance)
+    # The table is built and checked on the CPU (its checks read values), then copied once, asynchronously.
+    table = ddpm_coefficients(betas.cpu(), variance).to(device, non_blocking=True)
     steps = table.shape[0]
     x = _start(shape, seed, steps, device, dtype, x_init)
     t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
@@ -124,7 +125,7 @@ def sample_ddim(model: Callable[[Tensor, Tensor], Tensor], shape: Sequence[int],
             raise ValueError(f"num_steps must be an int in [1, {alphas_cumprod.numel()}], got {num_steps!r}")
         stride = alphas_cumprod.numel() // num_steps
         timesteps = [i * stride for i in reversed(range(num_steps))]
-    table = ddim_coefficients(alphas_cumprod.to(device), timesteps, eta)
+    table = ddim_coefficients(alphas_cumprod.cpu(), timesteps, eta).to(device, non_blocking=True)  # as in sample_ddpm
     x = _start(shape, seed, table.shape[0], device, dtype, x_init)
     t_batch = torch.empty(shape[0], dtype=torch.long, device=device)
     for i, t in enumerate(timesteps):

@@ -65,15 +65,23 @@ def test_backends_give_the_same_samples(sampler):
 
 
 @pytest.mark.cuda
-def test_cuda_sampling_matches_cpu_and_never_syncs():
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_cuda_sampling_matches_cpu_and_never_syncs(sampler):
     torch.manual_seed(0)
     model = DDPMUNet.tiny(resolution=8, attn_resolutions=(4,)).eval()
-    cpu = sample_ddpm(model, (2, 3, 8, 8), betas=BETAS, seed=11)
+
+    def sample(device=None):
+        if sampler == "ddpm":
+            return sample_ddpm(model, (2, 3, 8, 8), betas=BETAS, seed=11, device=device)
+        abar = torch.cumprod(1.0 - BETAS, 0)
+        return sample_ddim(model, (2, 3, 8, 8), num_steps=5, eta=1.0, alphas_cumprod=abar, seed=11, device=device)
+
+    cpu = sample()
     model.cuda()
-    sample_ddpm(model, (2, 3, 8, 8), betas=BETAS, seed=11, device="cuda")  # warm-up: lazy init may sync
+    sample("cuda")  # warm-up: lazy init may sync
     torch.cuda.set_sync_debug_mode("error")
     try:
-        gpu = sample_ddpm(model, (2, 3, 8, 8), betas=BETAS, seed=11, device="cuda")
+        gpu = sample("cuda")
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
