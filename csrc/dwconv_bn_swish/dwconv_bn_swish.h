@@ -64,6 +64,14 @@ Fwd dwconv_bn_swish_fwd_cuda(const at::Tensor& x, const at::Tensor& conv_weight,
 DWBwd dwconv_bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish);
+// The shared-memory tiled forward (dwconv_bn_swish_cuda_tiled.cu) that dwconv_bn_swish_fwd_cuda runs where it
+// supports the input: NCHW-contiguous non-empty x of float32/float16/bfloat16, K in {3, 5}, 32-bit tile indexing.
+// w: (C, 1, K, K) and cb, gamma, beta: (C,) or undefined, all float32 contiguous; y: x's shape, contiguous;
+// mean, var: (C,) float32, written when training, read (the running statistics) when not.
+bool dwconv_bn_swish_tiled_supports(const at::Tensor& x, int64_t K);
+void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb,
+                                    const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y, at::Tensor& mean,
+                                    at::Tensor& var, bool training, double eps, bool swish);
 Fwd bn_swish_fwd_cuda(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
                       bool swish, bool needs_grad);

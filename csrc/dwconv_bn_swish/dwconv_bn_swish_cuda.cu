@@ -15,6 +15,8 @@
 //                      dz (TILES x C blocks): dz = sc dzn + q zhat + r in an fp32 (fp64) scratch of x's layout;
 //                      dx (SPLIT x C blocks): dx = sum w[i][j] dz[h+R-i][w+R-j], per-split dw and dcb.
 // Statistics and sums are fp32 (fp64 for fp64 x).
+// The forward of NCHW x with K 3 or 5 in fp32/fp16/bf16 runs the shared-memory tiled kernels of
+// dwconv_bn_swish_cuda_tiled.cu instead (x read once per tile, not once per tap).
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
 #include <ATen/Dispatch.h>
@@ -26,7 +28,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 namespace diffusion_fast {
@@ -416,6 +420,15 @@ void with_k(int64_t k, const F& f) {
   }
 }
 
+// DIFFUSION_FAST_DWCONV_TILED=0 turns the tiled forward off (A/B timing against the kernels below); read once.
+bool tiled_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DIFFUSION_FAST_DWCONV_TILED");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return on;
+}
+
 Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor& conv_bias,
              const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
              const OptTensor& running_var, bool training, double eps, bool swish) {
@@ -430,6 +443,10 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
   if (x.numel() == 0) return {y, training ? mean.fill_(NAN) : mean, training ? var.fill_(NAN) : var};
   const at::Tensor w = to_acc(conv_weight, acc), cb = to_acc(conv_bias, acc);
   const at::Tensor gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
+  if (present(conv_weight) && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K)) {
+    dwconv_bn_swish_fwd_cuda_tiled(x, w, cb, gamma, beta, y, mean, var, training, eps, swish);
+    return {y, mean, var};
+  }
   const Geo g = make_geo(s);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_swish_fwd_cuda", [&] {

@@ -1,65 +1,52 @@
-// Probe, not wired into the library: a shared-memory tiled training forward of depthwise conv + BatchNorm +
-// Swish (the op of csrc/dwconv_bn_swish, NVAE's cell middle). Built and checked by dwconv_tiled_probe.py;
-// dwconv_tiled_emulate.py re-runs its index math (tiles, loader, smem slots, window, partials) in NumPy.
+// Shared-memory tiled CUDA forward of dwconv_bn_swish (training and eval) for NCHW-contiguous x, K in {3, 5},
+// float32 / float16 / bfloat16: the path dwconv_bn_swish_fwd_cuda takes for those inputs (the other inputs, and
+// the backward, run the kernels of dwconv_bn_swish_cuda.cu; DIFFUSION_FAST_DWCONV_TILED=0 turns this path off).
+// Its kernels passed a float64-reference check on an H100 (2026-11-27) as a standalone probe: odd and NVAE
+// shapes, every dtype, K 3 and 5, y preset to NaN, determinism. tests/dwconv_tiled_emulate.py replays the
+// index math on the CPU.
 //
-// Shapes and dtypes
-//   x: (N, C, H, W) NCHW-contiguous, float32 / float16 / bfloat16 (channels-last is refused: TORCH_CHECK).
-//   conv_weight: (C, 1, K, K), K in {3, 5}; conv_bias, bn_weight, bn_bias: (C,) or None; any floating dtype,
-//   converted to fp32. All arithmetic is fp32 (the finalize merge is fp64); y has x's dtype.
-//   Returns (y, mean, var): mean, var (C,) fp32, the batch statistics of z (biased variance).
-//
-// Equations (R = K / 2, zero padding, stride 1)
-//   z'[n,c,h,w] = sum_{i,j < K} w[c,i,j] * x[n,c,h+i-R,w+j-R]         conv without its bias
-//   mean'[c], var[c] = mean and biased variance of z' over (N, H, W)   z = z' + cb: var(z) = var(z')
-//   sc = gamma * rsqrt(var + eps),  sh = beta - mean' * sc           =>  sc * z' + sh == BN(z' + cb)
-//   y = swish ? zn * sigmoid(zn) : zn,  zn = sc * z' + sh;            mean = mean' + cb is returned
-//   The conv bias cancels in BN, so no kernel adds it; the finalize adds it back to the reported mean.
+// Equations (R = K / 2, zero padding, stride 1; all arithmetic fp32, the finalize merge fp64)
+//   z'[n,c,h,w] = sum_{i,j < K} w[c,i,j] * x[n,c,h+i-R,w+j-R]          the conv without its bias cb
+//   training: mean'[c], var[c] = mean and biased variance of z' over (N, H, W); mean = mean' + cb
+//   eval:     mean, var = the running statistics;                        mean' = mean - cb
+//   sc = gamma * rsqrt(var + eps),  sh = beta - mean' * sc               =>  sc * z' + sh == BN(z' + cb)
+//   y = swish ? zn * sigmoid(zn) : zn,  zn = sc * z' + sh
 //
 // Tiling (a "tile" is a TH x TW block of outputs of one (n, c) plane; tiles are numbered in memory order,
 // tile = ((n*C + c) * tiles_y + ty) * tiles_x + tx; a block of PB * NT threads works PB consecutive tiles)
 //   smem per tile: SR = TH + 2R rows x P = TW + 4 cols of fp32; row r, col j <-> x[y0 - R + r][x0 - 2 + j],
-//     zero where outside the plane (so the inner loop has no bounds checks). The left halo is 2 columns for
-//     both K so that 2-element global loads stay aligned (x0 is even) and each thread's window starts on a
-//     16-byte boundary; K = 3 uses window columns 1..6 of 0..7.
-//   loader: the tile's NT threads read element pairs (4 B bf16/fp16, 8 B fp32) along rows, coalesced, all
-//     loads of a thread in flight before its smem stores; scalar loads when W is odd or x is misaligned.
+//     zero outside the plane (the inner loop has no bounds checks). The left halo is 2 columns for both K so
+//     that 2-element global loads stay aligned (x0 is even) and each thread's window starts on a 16-byte
+//     boundary; K = 3 uses window columns 1..6 of 0..7.
+//   loader: the tile's NT threads read element pairs along rows, coalesced, all loads of a thread in flight
+//     before its smem stores; scalar loads when W is odd or x is misaligned.
 //   compute: a thread owns RY rows x 4 adjacent columns of outputs; for each of its RY + 2R input rows it
-//     reads 8 floats (two float4 loads) of smem into registers and does the K x K FMAs for each output row
-//     that row touches, so one smem word feeds up to 4K FMAs. 32-bit index math inside a plane.
+//     reads 8 floats (two float4 loads) of smem and does the K x K FMAs of every output row that input row
+//     touches: one smem word feeds up to 4K FMAs. 32-bit index math inside a plane.
 //   configs (by W): L  W > 16:     TW 32, TH 32, RY 4, NT 64, PB 2  -> 128 threads, smem 10.1 KB (K=5)
 //                   M  8 < W <= 16: TW 16, TH 16, RY 4, NT 16, PB 8  -> 128 threads, smem 12.5 KB
 //                   S  W <= 8:      TW  8, TH  8, RY 2, NT  8, PB 16 -> 128 threads, smem  9.0 KB
-//   A plane that fits one tile (M, S, and L at 32x32) loads no redundant halo: it is all zero padding.
-// Passes
-//   1 stats (grid tiles / PB): each thread takes its valid outputs' exact mean and M2 (two passes over its
-//     registers), Chan-merges them across the tile (xor shuffles in fixed order, then warps in order through
-//     smem) and writes part[0|1|2][tile] = count, mean', M2.
-//   2 finalize (one warp per channel): merges the N * tiles_per_plane partials of channel c in fp64 (lanes
-//     in fixed strides, then a fixed xor tree) -> mean, var, sc, sh. Deterministic: no atomics anywhere.
-//   3 apply (grid tiles / PB): reloads the tile, recomputes the conv, y = act(sc z' + sh); 4-element
-//     vector stores when W % 4 == 0 and y is aligned, else scalar.
-//   x is read twice (passes 1 and 3) and y written once.
-//
-// Built as a plain op library (torch.ops.dwconv_tiled_probe.dwconv_bn_swish_tiled, TORCH_LIBRARY), with the
-// lightest headers that do: torch/extension.h alone costs over a minute of nvcc time.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
+// Passes (deterministic: fixed reduction orders, no atomics)
+//   1 stats (training; grid tiles / PB): per thread the exact mean and M2 of its valid outputs, Chan-merged
+//     across the tile -> part[0|1|2][tile] = count, mean', M2.
+//   2 finalize (training; one warp per channel): merges the channel's N * tiles_per_plane partials in fp64
+//     -> mean, var, coef = (sc, sh). Eval: eval_coef_kernel, one thread per channel.
+//   3 apply (grid tiles / PB): reloads the tile, recomputes the conv, y = act(sc z' + sh).
+//   HBM traffic: training x read twice, y written once; eval x read once, y written once.
+#include "dwconv_bn_swish/dwconv_bn_swish.h"
+
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/library.h>
 
 #include <climits>
 #include <cstdint>
-#include <limits>
-#include <optional>
 #include <type_traits>
-#include <vector>
 
-namespace dwtiled {
+namespace diffusion_fast {
+namespace dwconv_tiled {
+namespace {
 
 constexpr int kV = 4;  // adjacent outputs per thread along w
 
@@ -392,46 +379,51 @@ __global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict_
   }
 }
 
-// ---------------------------------------------------------------------------
-// Host side.
-// ---------------------------------------------------------------------------
-at::Tensor vec_or_undefined(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "dwconv_bn_swish_tiled: ", name, " must have shape (",
-              x.size(1), ",), got ", t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "dwconv_bn_swish_tiled: ", name, " is on ", t->device(), ", x on ",
-              x.device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "dwconv_bn_swish_tiled: ", name, " must be floating");
-  return t->to(at::kFloat).contiguous();
+// Eval, one thread per channel: coef = (sc, sh) from the running statistics. Optional vectors may be null.
+__global__ void eval_coef_kernel(const float* __restrict__ mean, const float* __restrict__ var,
+                                 const float* __restrict__ cb, const float* __restrict__ gamma,
+                                 const float* __restrict__ beta, float* __restrict__ coef, int C, double eps) {
+  const int c = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= C) return;
+  const double sc = (gamma ? double(gamma[c]) : 1.0) / sqrt(double(var[c]) + eps);
+  const double mean_conv = double(mean[c]) - (cb ? double(cb[c]) : 0.0);  // mean' of z' = z - cb
+  coef[c] = float(sc);
+  coef[C + c] = float((beta ? double(beta[c]) : 0.0) - mean_conv * sc);
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
 template <class CF, int K, typename T>
 void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
-         const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, double eps, bool swish) {
+         const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training, double eps, bool swish) {
   Geo g{};
   g.N = int(x.size(0)), g.C = int(x.size(1)), g.H = int(x.size(2)), g.W = int(x.size(3));
   g.tiles_x = (g.W + CF::TW - 1) / CF::TW;
   const int tiles_y = (g.H + CF::TH - 1) / CF::TH;
-  const int64_t tiles_plane = int64_t(g.tiles_x) * tiles_y, tiles = int64_t(g.N) * g.C * tiles_plane;
-  TORCH_CHECK(tiles <= int64_t(INT_MAX) - 1024, "dwconv_bn_swish_tiled: too many tiles (", tiles, ")");
-  g.tiles_plane = int(tiles_plane), g.tiles = int(tiles);
+  const int64_t tiles_plane = int64_t(g.tiles_x) * tiles_y;
+  g.tiles_plane = int(tiles_plane), g.tiles = int(int64_t(g.N) * g.C * tiles_plane);  // checked by supported()
   const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
   g.pair_load = g.W % 2 == 0 && addr(x.const_data_ptr()) % (2 * sizeof(T)) == 0;
   g.vec_store = g.W % 4 == 0 && addr(y.const_data_ptr()) % (4 * sizeof(T)) == 0;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();  // == at::cuda::getCurrentCUDAStream()
-  at::Tensor part = at::empty({3, tiles}, x.options().dtype(at::kFloat));
-  at::Tensor coef = at::empty({2, g.C}, x.options().dtype(at::kFloat));
-  const unsigned blocks = unsigned((tiles + CF::PB - 1) / CF::PB);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor coef = at::empty({2, g.C}, fopts);
+  const unsigned blocks = unsigned((int64_t(g.tiles) + CF::PB - 1) / CF::PB);
   const T* xp = x.const_data_ptr<T>();
-  stats_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, w.const_data_ptr<float>(),
-                                                             part.mutable_data_ptr<float>(), g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  constexpr int kFinThreads = 256;
-  finalize_kernel<<<unsigned((g.C + kFinThreads / 32 - 1) / (kFinThreads / 32)), kFinThreads, 0, stream>>>(
-      part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
-      mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(), g, eps);
+  constexpr int kCoefThreads = 256;
+  if (training) {
+    at::Tensor part = at::empty({3, int64_t(g.tiles)}, fopts);
+    stats_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, w.const_data_ptr<float>(),
+                                                               part.mutable_data_ptr<float>(), g);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    finalize_kernel<<<unsigned((g.C + kCoefThreads / 32 - 1) / (kCoefThreads / 32)), kCoefThreads, 0, stream>>>(
+        part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
+        mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(), g, eps);
+  } else {
+    eval_coef_kernel<<<unsigned((g.C + kCoefThreads - 1) / kCoefThreads), kCoefThreads, 0, stream>>>(
+        mean.const_data_ptr<float>(), var.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma),
+        ptr_or_null(beta), coef.mutable_data_ptr<float>(), g.C, eps);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
                                                              coef.const_data_ptr<float>(), g, swish);
@@ -439,80 +431,49 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
 }
 
 template <typename T>
-void run_k(int64_t K, int64_t W, const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb,
-           const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, double eps,
-           bool swish) {
+void run_k(int64_t K, const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb,
+           const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training,
+           double eps, bool swish) {
+  const int64_t W = x.size(3);
   const auto by_w = [&](auto k_c) {
     constexpr int KK = decltype(k_c)::value;
-    if (W > 16) return run<CfgL, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
-    if (W > 8) return run<CfgM, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
-    return run<CfgS, KK, T>(x, y, w, cb, gamma, beta, mean, var, eps, swish);
+    if (W > 16) return run<CfgL, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
+    if (W > 8) return run<CfgM, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
+    return run<CfgS, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
   };
   if (K == 5) return by_w(std::integral_constant<int, 5>{});
   return by_w(std::integral_constant<int, 3>{});
 }
 
-// Training forward of dwconv (K x K, stride 1, padding K / 2, groups C) + BatchNorm (batch statistics) + Swish.
-// out: optional preallocated y (x's shape and dtype, contiguous), e.g. NaN-filled to check coverage.
-std::vector<at::Tensor> dwconv_bn_swish_tiled(const at::Tensor& x, const at::Tensor& conv_weight,
-                                              const std::optional<at::Tensor>& conv_bias,
-                                              const std::optional<at::Tensor>& bn_weight,
-                                              const std::optional<at::Tensor>& bn_bias, double eps, bool swish,
-                                              const std::optional<at::Tensor>& out) {
-  TORCH_CHECK(x.is_cuda(), "dwconv_bn_swish_tiled: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "dwconv_bn_swish_tiled: x must be (N, C, H, W), got ", x.sizes());
+// Tiles of the largest config an input of this size can get (the S config: 8 x 8 outputs per tile).
+int64_t max_tiles(const at::Tensor& x) {
+  return x.size(0) * x.size(1) * ((x.size(2) + 7) / 8) * ((x.size(3) + 7) / 8);
+}
+
+}  // namespace
+}  // namespace dwconv_tiled
+
+bool dwconv_bn_swish_tiled_supports(const at::Tensor& x, int64_t K) {
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16,
-              "dwconv_bn_swish_tiled: x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(x.is_contiguous(), "dwconv_bn_swish_tiled: x must be NCHW-contiguous",
-              x.is_contiguous(at::MemoryFormat::ChannelsLast)
-                  ? " (channels-last is not supported by this probe: its tiles are (n, c) planes; pass x.contiguous())"
-                  : "");
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(conv_weight.dim() == 4 && conv_weight.size(0) == C && conv_weight.size(1) == 1 &&
-                  conv_weight.size(2) == conv_weight.size(3),
-              "dwconv_bn_swish_tiled: conv_weight must be (C, 1, K, K) with C = ", C, ", got ", conv_weight.sizes());
-  const int64_t K = conv_weight.size(2);
-  TORCH_CHECK(K == 3 || K == 5, "dwconv_bn_swish_tiled: K must be 3 or 5, got ", K);
-  TORCH_CHECK(conv_weight.device() == x.device() && at::isFloatingType(conv_weight.scalar_type()),
-              "dwconv_bn_swish_tiled: conv_weight must be a floating tensor on x's device");
-  TORCH_CHECK(eps > 0, "dwconv_bn_swish_tiled: eps must be > 0, got ", eps);
-  TORCH_CHECK(N * C <= INT_MAX && H * W <= INT_MAX, "dwconv_bn_swish_tiled: 32-bit indexing needs N*C and H*W < 2^31");
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y;
-  if (out.has_value() && out->defined()) {
-    y = *out;
-    TORCH_CHECK(y.sizes() == x.sizes() && y.scalar_type() == dt && y.device() == x.device() && y.is_contiguous(),
-                "dwconv_bn_swish_tiled: out must be a contiguous tensor of x's shape, dtype and device");
-  } else {
-    y = at::empty_like(x, at::MemoryFormat::Contiguous);
-  }
-  const auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({C}, fopts), var = at::empty({C}, fopts);
-  if (x.numel() == 0) {
-    const float nan = std::numeric_limits<float>::quiet_NaN();
-    return {y, mean.fill_(nan), var.fill_(nan)};
-  }
-  const at::Tensor w = conv_weight.reshape({C, K * K}).to(at::kFloat).contiguous();
-  const at::Tensor cb = vec_or_undefined(conv_bias, x, "conv_bias");
-  const at::Tensor gamma = vec_or_undefined(bn_weight, x, "bn_weight");
-  const at::Tensor beta = vec_or_undefined(bn_bias, x, "bn_bias");
-  if (dt == at::kFloat) {
-    run_k<float>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
-  } else if (dt == at::kHalf) {
-    run_k<c10::Half>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
-  } else {
-    run_k<c10::BFloat16>(K, W, x, y, w, cb, gamma, beta, mean, var, eps, swish);
-  }
-  return {y, mean, var};
+  return (K == 3 || K == 5) && (dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16) && x.dim() == 4 &&
+         x.is_contiguous() && x.numel() > 0 && x.size(2) * x.size(3) <= INT_MAX / 2 &&
+         dwconv_tiled::max_tiles(x) <= int64_t(INT_MAX) / 4;  // part[2 * tiles + tile] stays an int
 }
 
-}  // namespace dwtiled
-
-TORCH_LIBRARY(dwconv_tiled_probe, m) {
-  m.def(
-      "dwconv_bn_swish_tiled(Tensor x, Tensor conv_weight, Tensor? conv_bias, Tensor? bn_weight, Tensor? bn_bias, "
-      "float eps=1e-05, bool swish=True, Tensor? out=None) -> Tensor[]");
+void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb,
+                                    const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y, at::Tensor& mean,
+                                    at::Tensor& var, bool training, double eps, bool swish) {
+  using namespace dwconv_tiled;
+  const int64_t K = w.size(-1);
+  TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && y.is_contiguous() && w.scalar_type() == at::kFloat &&
+                  mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat,
+              "dwconv_bn_swish_fwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
+  const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
+  switch (x.scalar_type()) {
+    case at::kFloat: return run_k<float>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
+    case at::kHalf: return run_k<c10::Half>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
+    default: return run_k<c10::BFloat16>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
+  }
 }
 
-TORCH_LIBRARY_IMPL(dwconv_tiled_probe, CUDA, m) { m.impl("dwconv_bn_swish_tiled", &dwtiled::dwconv_bn_swish_tiled); }
+}  // namespace diffusion_fast

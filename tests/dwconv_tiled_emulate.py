@@ -1,6 +1,7 @@
-"""NumPy emulation of dwconv_tiled.cu's index math, checked against a direct depthwise conv (no GPU needed).
+"""NumPy emulation of the CUDA tiled forward's index math (csrc/dwconv_bn_swish/dwconv_bn_swish_cuda_tiled.cu),
+checked against a direct depthwise conv; no GPU needed (tests/ops/test_dwconv_bn_swish_tiled.py runs it).
 
-    python benchmarks/probes/dwconv_tiled_emulate.py
+    python tests/dwconv_tiled_emulate.py
 
 It replays, thread by thread, what the kernels address: the tile decode (tile -> plane, x0, y0), the loader
 (pair and scalar paths: which element goes to which smem slot, the zero halo, alignment of 2-element loads),
@@ -9,7 +10,8 @@ Chan merge (xor butterfly over warp segments, then warps in order), the partials
 (lanes striding over a channel's tiles, xor tree) and the apply pass's stores (vector and scalar). Values
 are float64, so the only differences from the direct reference are rounding; every smem slot that the
 window reads must have been written, each output written exactly once, each partial exactly once.
-The tile configurations are read from the .cu, so the two stay in step.
+The tile configurations are read from the .cu, so the two stay in step; the kernels' code itself is not
+(the GPU tests run it: tests/ops/test_dwconv_bn_swish.py, cuda backend).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-CU = Path(__file__).resolve().parent / "dwconv_tiled.cu"
+CU = Path(__file__).resolve().parents[1] / "csrc" / "dwconv_bn_swish" / "dwconv_bn_swish_cuda_tiled.cu"
 KV = 4  # outputs per thread along w (kV)
 
 
