@@ -22,6 +22,12 @@ Passes over memory:
             bwd kernel reads x, dy again, writes dx and the (n, c) grads.   4 reads + 1 write of x-size
             SPLIT == 1 and the group's channels in one block (FUSED): one launch, the sums stay in
             registers and the second read of x, dy mostly hits the cache.
+Channels-last forward over slabs: a program of the kernels above reads, per position, the CPG channels
+of one group, a run of CPG * itemsize bytes (16 B for 8 fp16 channels) out of each row of C channels.
+Where CPG is a power of two and smaller than a 128-byte row, the forward instead gives each program a
+slab of GB whole groups (SC = GB * CPG channels, rows of up to 128 contiguous bytes): grid
+(N * C / SC, SPLIT), tiles [BLOCK_S, SC], per-group sums taken by reshaping [SC] to [GB, CPG]; each
+channel's lane carries its group's running (mean, M2). Same passes and split merge as above.
 Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math in fp32.
 """
 
@@ -413,6 +419,132 @@ def _group_norm_silu_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------
+# Channels-last forward over slabs of GB whole groups (SC = GB * CPG contiguous channels per program).
+# Per-channel [SC] vectors carry their group's value in every lane of the group.
+# ---------------------------------------------------------------------------
+@triton.jit
+def _group_sum(v, SC: tl.constexpr, CPG: tl.constexpr):
+    """[SC] per-channel values -> [SC], each lane the sum over its group's CPG lanes."""
+    g = tl.sum(tl.reshape(v, (SC // CPG, CPG)), axis=1)
+    return tl.reshape(tl.broadcast_to(g[:, None], (SC // CPG, CPG)), (SC,))
+
+
+@triton.jit
+def _slab_pivot(x_ptr, pre_bias_ptr, n, c, C, CPG: tl.constexpr, HAS_PRE_BIAS: tl.constexpr):
+    """[SC] h = x + pre_bias at (n, c0, s=0), c0 the first channel of each lane's group (x_ptr: sample n)."""
+    c0 = (c // CPG) * CPG
+    h = tl.load(x_ptr + c0).to(tl.float32)
+    if HAS_PRE_BIAS:
+        h += tl.load(pre_bias_ptr + n * C + c0).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _slab_stats(x_ptr, c, pb, pivot, s_lo, s_hi, C, SC: tl.constexpr, CPG: tl.constexpr, BLOCK_S: tl.constexpr):
+    """[SC] (mean, M2) of each lane's group's h - pivot over positions [s_lo, s_hi), Chan-merged per tile."""
+    cnt = 0.0
+    mean = tl.zeros((SC,), tl.float32)
+    m2 = tl.zeros((SC,), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & (c < C)[None, :]
+        offs = s[:, None].to(tl.int64) * C + c[None, :]
+        h = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + pb[None, :]
+        t_cnt = (tl.minimum(s_hi - s0, BLOCK_S) * CPG).to(tl.float32)
+        dev = tl.where(mask, (h - pivot[None, :]) - mean[None, :], 0.0)
+        delta = _group_sum(tl.sum(dev, axis=0), SC, CPG) / t_cnt
+        d = tl.where(mask, dev - delta[None, :], 0.0)
+        new_cnt = cnt + t_cnt
+        mean += delta * (t_cnt / new_cnt)
+        m2 += _group_sum(tl.sum(d * d, axis=0), SC, CPG) + delta * delta * (cnt * t_cnt / new_cnt)
+        cnt = new_cnt
+    return mean, m2
+
+
+@triton.jit
+def _group_norm_silu_slab_stats_kernel(
+    x_ptr,          # (N, S, C) channels-last input, fp16/bf16/fp32
+    pre_bias_ptr,   # (N, C) any float dtype, or a dummy when not HAS_PRE_BIAS
+    part_mean_ptr,  # (N * G, SPLIT) fp32 out: mean of h - pivot over this split's elements
+    part_m2_ptr,    # (N * G, SPLIT) fp32 out: sum of squared deviations from that mean
+    C, S, G, S_PER, SPLIT,
+    CPG: tl.constexpr, SC: tl.constexpr, HAS_PRE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * (C // SC) + slab
+    split = tl.program_id(1)
+    n = pid // (C // SC)
+    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
+    x_ptr += n.to(tl.int64) * C * S
+    pb = _load_opt(pre_bias_ptr, n * C + c, c < C, HAS_PRE_BIAS, 0.0)
+    pivot = _slab_pivot(x_ptr, pre_bias_ptr, n, c, C, CPG, HAS_PRE_BIAS)
+    s_lo = split * S_PER
+    mean, m2 = _slab_stats(x_ptr, c, pb, pivot, s_lo, tl.minimum(s_lo + S_PER, S), C, SC, CPG, BLOCK_S)
+    g = n * G + c // CPG
+    first = c % CPG == 0  # one lane per group stores
+    tl.store(part_mean_ptr + g * SPLIT + split, mean, mask=first)
+    tl.store(part_m2_ptr + g * SPLIT + split, m2, mask=first)
+
+
+@triton.jit
+def _group_norm_silu_slab_fwd_kernel(
+    x_ptr, y_ptr,   # (N, S, C) channels-last, fp16/bf16/fp32; y in x's dtype
+    weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,  # as in _group_norm_silu_fwd_kernel
+    part_mean_ptr, part_m2_ptr,  # (N * G, SPLIT) fp32 from the slab stats kernel (unused when FUSED)
+    mean_ptr, rstd_ptr,          # (N, G) fp32 out (written by split 0)
+    C, S, G, S_PER, SPLIT, eps,
+    CPG: tl.constexpr, SC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, SPLIT_P2: tl.constexpr, FUSED: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * (C // SC) + slab
+    split = tl.program_id(1)
+    n = pid // (C // SC)
+    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
+    cm = c < C
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    y_ptr += base
+    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, n * C + c,
+                                        cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    pivot = _slab_pivot(x_ptr, pre_bias_ptr, n, c, C, CPG, HAS_PRE_BIAS)
+    g = n * G + c // CPG
+    if FUSED:  # the slab's second read below mostly hits the cache
+        mean, m2 = _slab_stats(x_ptr, c, pb, pivot, 0, S, C, SC, CPG, BLOCK_S)
+        var = m2 / (S * 1.0 * CPG)
+    else:  # merge the splits of each lane's group, as _group_norm_silu_fwd_kernel does
+        j = tl.arange(0, SPLIT_P2)
+        jm = j < SPLIT
+        j_cnt = tl.where(jm, tl.minimum(S - j * S_PER, S_PER).to(tl.float32) * CPG, 0.0)
+        j_offs = g[None, :] * SPLIT + j[:, None]
+        j_mean = tl.load(part_mean_ptr + j_offs, mask=jm[:, None] & cm[None, :], other=0.0)
+        j_m2 = tl.load(part_m2_ptr + j_offs, mask=jm[:, None] & cm[None, :], other=0.0)
+        total = tl.sum(j_cnt, axis=0)
+        mean = tl.sum(j_cnt[:, None] * j_mean, axis=0) / total
+        dm = j_mean - mean[None, :]
+        var = tl.sum(j_m2 + j_cnt[:, None] * dm * dm, axis=0) / total
+    rstd = 1.0 / tl.sqrt(var + eps)
+    mean += pivot
+    first = (c % CPG == 0) & (split == 0)
+    tl.store(mean_ptr + g, mean, mask=first)
+    tl.store(rstd_ptr + g, rstd, mask=first)
+
+    # z = (x + (pre_bias - mean)) * a + b2, with a = rstd * w * (1 + scale), b2 = b * (1 + scale) + shift
+    center = (pb - mean)[None, :]
+    a = (tl.where(CPG * S > 1, rstd, 0.0) * w * sc1)[None, :]  # rstd 0: a one-element group's xhat is 0
+    b2 = (b * sc1 + sh)[None, :]
+    s_lo = split * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & cm[None, :]
+        offs = s[:, None].to(tl.int64) * C + c[None, :]
+        z = (tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) + center) * a + b2
+        if SILU:
+            z = z * tl.sigmoid(z)
+        tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
 # Launchers: reshape, allocate, launch.
 # ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
@@ -444,6 +576,42 @@ def _config(x: torch.Tensor, G: int, channels_last: bool) -> dict:
                 CHANNELS_LAST=channels_last, num_warps=max(1, min(8, block_c * block_s // 256)))
 
 
+def _slab_config(x: torch.Tensor, G: int):
+    """Channels-last forward over slabs of GB groups (module docstring), or None where it does not apply:
+    CPG not a power of two, or one group's channels already fill a 128-byte row."""
+    N, C = x.shape[:2]
+    S, cpg = x.numel() // (N * C), C // G
+    if cpg & (cpg - 1):
+        return None
+    gb, target = 1, 128 // (x.element_size() * cpg)  # groups per slab for 128-byte rows
+    while 2 * gb <= target and G % (2 * gb) == 0:
+        gb *= 2
+    if gb == 1:
+        return None
+    sc = gb * cpg
+    split = max(1, min(triton.cdiv(_target_programs(x.device), N * (C // sc)), sc * S // _TILE))
+    block_s = min(triton.next_power_of_2(triton.cdiv(S, split)), max(1, _TILE // sc))
+    s_per = triton.cdiv(triton.cdiv(S, split), block_s) * block_s  # whole tiles per split
+    return dict(S=S, CPG=cpg, SC=sc, S_PER=s_per, SPLIT=triton.cdiv(S, s_per), BLOCK_S=block_s,
+                num_warps=max(1, min(8, sc * block_s // 256)))
+
+
+def _slab_fwd(x, y, mean, rstd, opt, has, G, eps, silu, cfg):
+    """The channels-last slab forward (launches into y, mean, rstd)."""
+    N, C = x.shape[:2]
+    fused = cfg["SPLIT"] == 1
+    part_mean = mean if fused else torch.empty((N * G, cfg["SPLIT"]), device=x.device, dtype=torch.float32)
+    part_m2 = rstd if fused else torch.empty_like(part_mean)
+    grid = (N * (C // cfg["SC"]), cfg["SPLIT"])
+    common = dict(C=C, G=G, **cfg)
+    if not fused:
+        _group_norm_silu_slab_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"],
+                                                 **common)
+    _group_norm_silu_slab_fwd_kernel[grid](x, y, *opt, part_mean, part_m2, mean, rstd, eps=eps, SILU=silu,
+                                           SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has,
+                                           **common)
+
+
 def _layout(x: torch.Tensor):
     """x as NC*-contiguous or channels-last, and whether to address it channels-last (S == 1: either)."""
     channels_last = is_channels_last(x)
@@ -461,14 +629,18 @@ def group_norm_silu_fwd(x, weight, bias, pre_bias, scale, shift, num_groups: int
     rstd = torch.empty_like(mean)
     if x.numel() == 0:
         return y, mean.fill_(math.nan), rstd.fill_(math.nan)
+    opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
+    has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
+               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
+    slab = _slab_config(x, G) if channels_last else None
+    if slab is not None:
+        _slab_fwd(x, y, mean, rstd, opt, has, G, eps, silu, slab)
+        return y, mean, rstd
     cfg = _config(x, G, channels_last)
     fused = cfg["SPLIT"] == 1  # one program per group: statistics and output in one launch
     part_mean = mean if fused else torch.empty((N * G, cfg["SPLIT"]), device=x.device, dtype=torch.float32)
     part_m2 = rstd if fused else torch.empty_like(part_mean)
     grid = (N * G, cfg["SPLIT"])
-    opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
-    has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
-               HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
     common = dict(C=C, G=G, **cfg)
     if not fused:
         _group_norm_silu_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"],

@@ -111,6 +111,11 @@ def group_norm_silu_cases() -> Dict[str, Callable]:
             x = _randn(*shape, dtype=torch.float16, grad=True)
             _backward(group_norm_silu(x, groups), x)
         cases[f"group_norm_silu {shape} groups={groups}"] = case
+
+    def slab_split_case():  # channels-last slabs, one program per sample: the split (two-launch) forward
+        x = _randn(1, 64, 16, 16, dtype=torch.bfloat16, grad=True, channels_last=True)
+        _backward(group_norm_silu(x, 32), x)
+    cases["group_norm_silu NHWC slabs, split"] = slab_split_case
     return cases
 
 

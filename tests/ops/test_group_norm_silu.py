@@ -116,6 +116,27 @@ def test_triton_schedules(backend, device, schedule, layout, case, monkeypatch):
     check_against_reference(backend, x, groups, kw, True, torch.float32)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] == "triton"])
+@pytest.mark.parametrize("schedule", ["fused", "split"])
+@pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 16), ((1, 48, 9), 12), ((3, 6, 8, 5), 6)],
+                         ids=["2 slabs of 8 groups", "groups of 4, 1-D", "slabs of 2 one-channel groups"])
+def test_triton_channels_last_slabs(backend, device, schedule, shape, groups, monkeypatch):
+    """The channels-last forward over slabs of several groups per program (one split or several),
+    checked to be the path taken."""
+    from diffusion_fast.kernels import group_norm_silu as kernels
+
+    if schedule == "split":
+        monkeypatch.setattr(kernels, "_TILE", 16)
+        monkeypatch.setattr(kernels, "_target_programs", lambda device: 64)
+    taken = []
+    monkeypatch.setattr(kernels, "_slab_fwd", lambda *a, f=kernels._slab_fwd: taken.append(a[-1]) or f(*a))
+    for dtype in dtypes_for(backend, device)[:2]:
+        x, kw = make_inputs(shape, dtype, device, "channels_last", True, True, True)
+        check_against_reference(backend, x, groups, kw, True, dtype)
+    assert taken and all(cfg["SC"] > cfg["CPG"] for cfg in taken)
+    assert all((cfg["SPLIT"] > 1) == (schedule == "split") for cfg in taken)
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "strided"])
 @pytest.mark.parametrize("case", ["odd spatial", "1-D spatial", "3-D spatial", "groups == channels"])
