@@ -5,6 +5,7 @@
 
 Variants, each against its own eager formula (G = 32 groups, as in DDPM):
     plain        silu(group_norm(x))
+    plain_cl     the same on channels_last x (as the UNet runs when its convolutions do)
     temb         silu(group_norm(x + temb))                  DDPM res block, second norm
     scale_shift  silu(group_norm(x) * (1 + scale) + shift)   ADM use_scale_shift_norm
 
@@ -78,6 +79,7 @@ def ours_scale_shift(x, w, b, scale, shift):
 # variant -> (eager formula, ours, number of (N, C) extra inputs)
 VARIANTS = {
     "plain": (gn_silu, ours_plain, 0),
+    "plain_cl": (gn_silu, ours_plain, 0),
     "temb": (gn_silu_temb, ours_temb, 1),
     "scale_shift": (gn_silu_scale_shift, ours_scale_shift, 2),
 }
@@ -93,20 +95,29 @@ def plan(device: str, quick: bool, dtypes) -> list:
     elif device == "cpu":
         points = [(s, d) for d in dtypes or [fp32] for s in CPU_SHAPES + CPU_SMALL_SHAPES]
         extras = [(VARIANT_SHAPE["cpu"], d) for d in dtypes or [fp32]]
-    else:  # every dtype on the subset, then the variants, then bf16 (or --dtypes) on the other shapes
-        points = [(s, d) for d in dtypes or [bf16, fp16, fp32] for s in GPU_SUBSET]
+    else:  # the subset in bf16, NCHW then channels_last; other dtypes; the variants; the other shapes
+        first = dtypes[:1] if dtypes else [bf16]
+        cl = [("plain_cl", s, d) for d in first for s in GPU_SUBSET]
+        points = [(s, d) for d in first for s in GPU_SUBSET]
+        points += [(s, d) for d in (dtypes[1:] if dtypes else [fp16, fp32]) for s in GPU_SUBSET]
         extras = [(VARIANT_SHAPE["cuda"], d) for d in dtypes or [bf16, fp32]]
         rest = [(s, d) for d in dtypes or [bf16] for s in GPU_SHAPES if s not in GPU_SUBSET]
+        plain = [("plain", s, d) for s, d in points]
+        variants = [(v, s, d) for v in ("temb", "scale_shift") for s, d in extras]
+        return plain[:len(GPU_SUBSET)] + cl + plain[len(GPU_SUBSET):] + variants + [("plain", s, d) for s, d in rest]
     variants = [(v, s, d) for v in ("temb", "scale_shift") for s, d in extras]
-    return [("plain", s, d) for s, d in points] + variants + [("plain", s, d) for s, d in rest]
+    cl = [("plain_cl", s, d) for s, d in points if len(s) == 4 and s[2] * s[3] > 1][:len(points) // 2]
+    return [("plain", s, d) for s, d in points] + variants + cl + [("plain", s, d) for s, d in rest]
 
 
-def make_args(shape, dtype, device, n_extra):
+def make_args(shape, dtype, device, n_extra, channels_last=False):
     """requires_grad -> (x, weight, bias, *extras) with DDPM-like statistics."""
 
     def make(requires_grad: bool) -> tuple:
         n, c = shape[:2]
         x = torch.randn(shape, device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         w = 1 + 0.1 * torch.randn(c, device=device, dtype=dtype)
         b = 0.1 * torch.randn(c, device=device, dtype=dtype)
         extras = [0.1 * torch.randn(n, c, device=device, dtype=dtype) for _ in range(n_extra)]
@@ -135,7 +146,7 @@ def main(argv=None) -> None:
         for mode in harness.MODES:
             print(f"{variant} {list(shape)} {dtype} {mode}", flush=True)
             case = harness.Case(
-                variant, shape, dtype, mode, make_args(shape, dtype, bench.device, n_extra),
+                variant, shape, dtype, mode, make_args(shape, dtype, bench.device, n_extra, variant.endswith("_cl")),
                 nbytes(shape, dtype, mode, n_extra), extra={"num_groups": GROUPS, "eps": EPS},
             )
             bench.run(case, eager, ours, _unsupported)
