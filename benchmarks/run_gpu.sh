@@ -16,14 +16,14 @@
 # each) picks steps, e.g. STEPS=benches on a machine that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
 # TESTS="tests/ops/test_sampler_steps.py -k philox". BENCHES (default: every bench_*.py) names benches in
 # the order to run, NAME, NAME:WEIGHT (a share of the bench time in proportion to WEIGHT, default 1) or
-# NAME:WEIGHT:ARGS (extra options, '+' for a space), e.g. BENCHES="group_norm_silu nvae_cell ddpm:3:--dtypes=bf16". A step out of time gets SIGINT first: pytest then still
+# NAME:WEIGHT:OPTION[:OPTION...] (extra options), e.g. BENCHES="group_norm_silu nvae_cell ddpm:3:--dtypes=bf16". A step out of time gets SIGINT first: pytest then still
 # prints its failures and writes pytest.xml.
 #
 # On a lent GPU with 15 minutes in all (about 1.5 of them to start the machine), two calls, the second
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
 # tests" BUDGET_S=345 TEST_CAP_S=230 (2026-11-27, H100: 359 s, the suite cut after 588 of 592 tests);
 # (2) STEPS=benches BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:2 nvae_cell
-# ddpm:3:--dtypes=bf16+--providers=eager,compile,cuda,eager+cl,ours+cl,cuda+graph". Each torch.compile
+# ddpm:3:--dtypes=bf16:--providers=eager,compile,cuda,eager+cl,ours+cl,cuda+graph". Each torch.compile
 # case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
 
@@ -102,7 +102,7 @@ probes=()
 want probes && probes=(benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py)
 reserve=$((${#probes[@]} * ${PROBE_CAP_S:-180}))  # seconds the benches leave to the probes
 weight_of() { local w=${1#*:}; if [[ $1 == *:* ]]; then echo "${w%%:*}"; else echo 1; fi; }
-args_of() { local a=${1#*:*:}; if [[ $1 == *:*:* ]]; then echo "${a//+/ }"; fi; }
+args_of() { local a=${1#*:*:}; if [[ $1 == *:*:* ]]; then echo "${a//:/ }"; fi; }
 weights=0
 for b in ${benches[@]+"${benches[@]}"}; do weights=$((weights + $(weight_of "$b"))); done
 for b in ${benches[@]+"${benches[@]}"}; do
