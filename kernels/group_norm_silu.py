@@ -22,12 +22,13 @@ Passes over memory:
             bwd kernel reads x, dy again, writes dx and the (n, c) grads.   4 reads + 1 write of x-size
             SPLIT == 1 and the group's channels in one block (FUSED): one launch, the sums stay in
             registers and the second read of x, dy mostly hits the cache.
-Channels-last forward over slabs: a program of the kernels above reads, per position, the CPG channels
+Channels-last slabs: a program of the kernels above reads, per position, the CPG channels
 of one group, a run of CPG * itemsize bytes (16 B for 8 fp16 channels) out of each row of C channels.
 Where CPG is a power of two and smaller than a 128-byte row, the forward instead gives each program a
 slab of GB whole groups (SC = GB * CPG channels, rows of up to 128 contiguous bytes): grid
 (N * C / SC, SPLIT), tiles [BLOCK_S, SC], per-group sums taken by reshaping [SC] to [GB, CPG]; each
-channel's lane carries its group's running (mean, M2). Same passes and split merge as above.
+channel's lane carries its group's running (mean, M2) (backward: its group's m1, m2). The forward and
+the backward do this, with the passes and split merges described above.
 Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math in fp32.
 """
 
@@ -233,11 +234,18 @@ def _group_norm_silu_fwd_kernel(
 
 
 @triton.jit
+def _per_channel(v, c):
+    """v (a scalar, or one value per channel of c) as a [len(c)] fp32 vector."""
+    return v + tl.zeros(c.shape, tl.float32)
+
+
+@triton.jit
 def _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, s_hi, C, S, mean, rstd, pb, k, b2, SILU: tl.constexpr,
                   NEED_X: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """[BLOCK_C] sums over positions [s_lo, s_hi) of channels c: A = sum dz, B = sum dz * xhat, X = sum xhat
-    (X only when NEED_X, else 0)."""
+    (X only when NEED_X, else 0). mean, rstd: the group's (scalars) or each channel's group's ([BLOCK_C])."""
     center = (pb - mean)[:, None]
+    rstd = _per_channel(rstd, c)[:, None]
     acc_dz = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_dzx = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
     acc_x = tl.zeros([BLOCK_C, BLOCK_S], tl.float32)
@@ -259,7 +267,9 @@ def _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_p
                    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PRE_BIAS: tl.constexpr,
                    HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
                    CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Channels c (nc = n * C + c): their (n, c) grads where ``first``, and dx over positions [s_lo, s_hi)."""
+    """Channels c (nc = n * C + c): their (n, c) grads where ``first``, and dx over positions [s_lo, s_hi).
+    mean, rstd, m1, m2: the group's (scalars) or each channel's group's ([len(c)])."""
+    rstd, m1, m2 = _per_channel(rstd, c), _per_channel(m1, c), _per_channel(m2, c)
     k = w * sc1
     if HAS_WEIGHT:
         tl.store(d_weight_ptr + nc, sc1 * B, mask=first)
@@ -275,6 +285,7 @@ def _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_p
     center = (pb - mean)[:, None]
     b2 = (b * sc1 + sh)[:, None]
     k = k[:, None]
+    rstd, m1, m2 = rstd[:, None], m1[:, None], m2[:, None]
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         mask = cm[:, None] & (s < s_hi)[None, :]
@@ -419,7 +430,7 @@ def _group_norm_silu_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------
-# Channels-last forward over slabs of GB whole groups (SC = GB * CPG contiguous channels per program).
+# Channels-last slabs of GB whole groups (SC = GB * CPG contiguous channels per program).
 # Per-channel [SC] vectors carry their group's value in every lane of the group.
 # ---------------------------------------------------------------------------
 @triton.jit
@@ -524,7 +535,7 @@ def _group_norm_silu_slab_fwd_kernel(
         var = tl.sum(j_m2 + j_cnt[:, None] * dm * dm, axis=0) / total
     rstd = 1.0 / tl.sqrt(var + eps)
     mean += pivot
-    first = (c % CPG == 0) & (split == 0)
+    first = (c % CPG == 0) & (c * 0 + split == 0)  # block-shaped (see _group_norm_silu_bwd_kernel)
     tl.store(mean_ptr + g, mean, mask=first)
     tl.store(rstd_ptr + g, rstd, mask=first)
 
@@ -542,6 +553,88 @@ def _group_norm_silu_slab_fwd_kernel(
         if SILU:
             z = z * tl.sigmoid(z)
         tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _slab_saved_stats(mean_ptr, rstd_ptr, g, CPG: tl.constexpr, S):
+    """[SC] (mean, rstd) of each lane's group g = n * G + c // CPG, as _saved_stats."""
+    return tl.load(mean_ptr + g), tl.where(CPG * S > 1, tl.load(rstd_ptr + g), 0.0)
+
+
+@triton.jit
+def _group_norm_silu_slab_bwd_reduce_kernel(
+    dy_ptr, x_ptr,  # (N, S, C) channels-last, x's dtype
+    weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # as _group_norm_silu_bwd_kernel
+    sum_dz_ptr, sum_dzx_ptr, sum_x_ptr,  # (SPLIT, N, C) fp32 out, as _group_norm_silu_bwd_reduce_kernel
+    N, C, S, G, S_PER,
+    CPG: tl.constexpr, SC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pid = tl.program_id(0)  # n * (C // SC) + slab
+    split = tl.program_id(1)
+    n = pid // (C // SC)
+    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
+    cm = c < C
+    nc = n * C + c
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    dy_ptr += base
+    mean, rstd = _slab_saved_stats(mean_ptr, rstd_ptr, n * G + c // CPG, CPG, S)
+    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
+                                        HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    s_lo = split * S_PER
+    A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, pb,
+                            w * sc1, b * sc1 + sh, SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
+    out = split * N * C + nc
+    tl.store(sum_dz_ptr + out, A, mask=cm)
+    tl.store(sum_dzx_ptr + out, B, mask=cm)
+    if HAS_PRE_BIAS:
+        tl.store(sum_x_ptr + out, X, mask=cm)
+
+
+@triton.jit
+def _group_norm_silu_slab_bwd_kernel(
+    dy_ptr, x_ptr, dx_ptr,  # (N, S, C) channels-last, x's dtype
+    weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    sum_dz_ptr, sum_dzx_ptr, sum_x_ptr,  # (N, C) fp32 sums over S (unused when FUSED)
+    d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,  # (N, C) out, as _group_norm_silu_bwd_kernel
+    C, S, G, S_PER, inv_m,  # inv_m = 1 / (CPG * S)
+    CPG: tl.constexpr, SC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_S: tl.constexpr, FUSED: tl.constexpr,  # SPLIT == 1: the sums are taken here and stay in registers
+):
+    pid = tl.program_id(0)  # n * (C // SC) + slab
+    split = tl.program_id(1)
+    n = pid // (C // SC)
+    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
+    cm = c < C
+    nc = n * C + c
+    base = n.to(tl.int64) * C * S
+    x_ptr += base
+    dy_ptr += base
+    dx_ptr += base
+    mean, rstd = _slab_saved_stats(mean_ptr, rstd_ptr, n * G + c // CPG, CPG, S)
+    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
+                                        HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    if FUSED:  # sums, then dx over a second (mostly cached) read
+        A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, 0, S, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
+                                SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
+    else:
+        A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
+        B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
+        if HAS_PRE_BIAS:
+            X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
+        else:
+            X = tl.zeros([SC], tl.float32)
+    # each lane's group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
+    m1 = _group_sum(w * sc1 * A, SC, CPG) * inv_m
+    m2 = _group_sum(w * sc1 * B, SC, CPG) * inv_m
+    s_lo = split * S_PER
+    first = cm & (c * 0 + split == 0)  # per-(n, c) grads written once, by split 0
+    _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,
+                   c, nc, cm, first, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, w, b, pb, sc1, sh,
+                   A, B, X, m1, m2, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT, SILU, True, BLOCK_S)
 
 
 # ---------------------------------------------------------------------------
@@ -612,6 +705,49 @@ def _slab_fwd(x, y, mean, rstd, opt, has, G, eps, silu, cfg):
                                            **common)
 
 
+def _group_bwd(grad_y, x, grad_x, opt, has, mean, rstd, nc_outs, G, silu, cfg):
+    """The per-group backward (module docstring), as _slab_bwd: -> per-sample (d_weight, d_bias) (2, N, C)."""
+    N, C = x.shape[:2]
+    grid = (N * G, cfg["SPLIT"])
+    common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
+    # one launch when one program holds a whole group in one channel block (its sums stay in registers);
+    # else per-split sums of dz, dz * xhat (and xhat with pre_bias), summed over splits, then dx
+    fused = cfg["SPLIT"] == 1 and cfg["CPG"] <= cfg["BLOCK_C"]
+    wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
+    if fused:
+        sums = wb[:1].expand(3, N, C)  # not read
+    else:
+        sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
+        _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N,
+                                                 **common)
+        sums = sums[:, 0] if cfg["SPLIT"] == 1 else sums.sum(1)  # a view, no launch, for one split
+    _group_norm_silu_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
+                                      wb[0], wb[1], *nc_outs,
+                                      inv_m=1.0 / (cfg["CPG"] * cfg["S"]), FUSED=fused, **common)
+    return wb
+
+
+def _slab_bwd(grad_y, x, grad_x, opt, has, mean, rstd, nc_outs, G, silu, cfg):
+    """The channels-last slab backward into grad_x and nc_outs (the (N, C) grads, x as a dummy for an absent
+    input); -> the per-sample (d_weight, d_bias) sums (2, N, C)."""
+    N, C = x.shape[:2]
+    grid = (N * (C // cfg["SC"]), cfg["SPLIT"])
+    common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
+    fused = cfg["SPLIT"] == 1
+    wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
+    if fused:
+        sums = wb[:1].expand(3, N, C)  # not read
+    else:
+        sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
+        _group_norm_silu_slab_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
+                                                      N=N, **common)
+        sums = sums.sum(1)
+    _group_norm_silu_slab_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
+                                           wb[0], wb[1], *nc_outs, inv_m=1.0 / (cfg["CPG"] * cfg["S"]),
+                                           FUSED=fused, **common)
+    return wb
+
+
 def _layout(x: torch.Tensor):
     """x as NC*-contiguous or channels-last, and whether to address it channels-last (S == 1: either)."""
     channels_last = is_channels_last(x)
@@ -663,26 +799,15 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, pre_bias, scale, shift, mean, r
     if x.numel() == 0:
         wb = [x.new_empty((0,)) if t is None else torch.zeros_like(t) for t in (weight, bias)]
         return (grad_x, *wb, *(g.zero_() for g in nc_grads))
-    cfg = _config(x, G, channels_last)
-    grid = (N * G, cfg["SPLIT"])
     opt = [x if t is None else t for t in (weight, bias, pre_bias, scale, shift)]
     has = dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_PRE_BIAS=pre_bias is not None,
                HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None)
-    common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
-    # one launch when one program holds a whole group in one channel block (its sums stay in registers);
-    # else per-split sums of dz, dz * xhat (and xhat with pre_bias), summed over splits, then dx
-    fused = cfg["SPLIT"] == 1 and cfg["CPG"] <= cfg["BLOCK_C"]
-    wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
-    if fused:
-        sums = wb[:1].expand(3, N, C)  # not read
+    nc_outs = [x if t is None else g for t, g in zip(opt_nc, nc_grads)]
+    slab = _slab_config(x, G) if channels_last else None
+    if slab is not None:
+        wb = _slab_bwd(grad_y, x, grad_x, opt, has, mean, rstd, nc_outs, G, silu, slab)
     else:
-        sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
-        _group_norm_silu_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1], N=N,
-                                                 **common)
-        sums = sums[:, 0] if cfg["SPLIT"] == 1 else sums.sum(1)  # a view, no launch, for one split
-    _group_norm_silu_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
-                                      wb[0], wb[1], *(x if t is None else g for t, g in zip(opt_nc, nc_grads)),
-                                      inv_m=1.0 / (cfg["CPG"] * cfg["S"]), FUSED=fused, **common)
+        wb = _group_bwd(grad_y, x, grad_x, opt, has, mean, rstd, nc_outs, G, silu, _config(x, G, channels_last))
     grad_weight = x.new_empty((0,)) if weight is None else wb[0].sum(0).to(weight.dtype)
     grad_bias = x.new_empty((0,)) if bias is None else wb[1].sum(0).to(bias.dtype)
     return (grad_x, grad_weight, grad_bias, *nc_grads)

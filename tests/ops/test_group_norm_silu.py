@@ -121,20 +121,25 @@ def test_triton_schedules(backend, device, schedule, layout, case, monkeypatch):
 @pytest.mark.parametrize("shape,groups", [((2, 64, 5, 7), 16), ((1, 48, 9), 12), ((3, 6, 8, 5), 6)],
                          ids=["2 slabs of 8 groups", "groups of 4, 1-D", "slabs of 2 one-channel groups"])
 def test_triton_channels_last_slabs(backend, device, schedule, shape, groups, monkeypatch):
-    """The channels-last forward over slabs of several groups per program (one split or several),
-    checked to be the path taken."""
+    """The channels-last forward and backward over slabs of several groups per program (one split or
+    several), checked to be the path taken."""
     from diffusion_fast.kernels import group_norm_silu as kernels
 
     if schedule == "split":
         monkeypatch.setattr(kernels, "_TILE", 16)
         monkeypatch.setattr(kernels, "_target_programs", lambda device: 64)
-    taken = []
-    monkeypatch.setattr(kernels, "_slab_fwd", lambda *a, f=kernels._slab_fwd: taken.append(a[-1]) or f(*a))
+    taken = {"fwd": [], "bwd": []}
+    for pass_, name in (("fwd", "_slab_fwd"), ("bwd", "_slab_bwd")):
+        def spy(*a, f=getattr(kernels, name), p=pass_):
+            taken[p].append(a[-1])  # the slab config
+            return f(*a)
+        monkeypatch.setattr(kernels, name, spy)
     for dtype in dtypes_for(backend, device)[:2]:
         x, kw = make_inputs(shape, dtype, device, "channels_last", True, True, True)
         check_against_reference(backend, x, groups, kw, True, dtype)
-    assert taken and all(cfg["SC"] > cfg["CPG"] for cfg in taken)
-    assert all((cfg["SPLIT"] > 1) == (schedule == "split") for cfg in taken)
+    cfgs = taken["fwd"] + taken["bwd"]
+    assert taken["fwd"] and taken["bwd"] and all(cfg["SC"] > cfg["CPG"] for cfg in cfgs)
+    assert all((cfg["SPLIT"] > 1) == (schedule == "split") for cfg in cfgs)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
