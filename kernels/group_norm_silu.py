@@ -7,7 +7,7 @@
     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
 
 x, y, dy, dx: (N, C, S) by canonical strides, NC*-contiguous (n*C*S + c*S + s) or channels-last
-(n*S*C + s*C + c). A group is a [C/G, S] slab walked in [BLOCK_C, BLOCK_S] tiles whose fast axis
+(n*S*C + s*C + c). A group is a [C/G, S] array walked in [BLOCK_C, BLOCK_S] tiles whose fast axis
 is the contiguous one. Each (n, g) is split over S into SPLIT programs of S_PER positions, so that
 few large groups still fill the GPU. Grid of every kernel: (N * G, SPLIT). Channels per group
 CPG = C / G is a constexpr so that the compiler sees channel alignment (vector loads when channels-last).
