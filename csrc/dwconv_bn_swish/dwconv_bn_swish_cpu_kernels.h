@@ -299,8 +299,60 @@ void conv_plane_w8(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
   for (; p < pairs; ++p) conv_pairs<K, 1>(buf, wm, bias, p, g.H, out);
 }
 
+// 8 < W <= 16, float: one output row per 16-lane vector. The plane sits in buf (64-byte aligned) with row
+// stride 32: x row h at buf + (h + R) * 32 + R, zeros elsewhere (R zero rows above and below, the lanes beside
+// each row), so output row h at tap (i, j) reads lanes j .. j + 15 of buffer row h + i: a window cut from that
+// row's two aligned vectors by a constant shuffle, as in conv_pairs (with unaligned loads from a plane of
+// rows W + 2R apart, GCC folded a mostly line-splitting load into each FMA: the loads were the bound).
+// RB output rows share each window; two partial sums per row (see conv_rows).
+template <int K, int RB, typename A>
+inline void conv_rows_w16(const A* buf, const Vec<A, 16>* wv, A bias, int64_t h0, int64_t W, A* out) {
+  using V = Vec<A, 16>;
+  V acc[RB][2];
+  for (int o = 0; o < RB; ++o) acc[o][0] = V{} + bias, acc[o][1] = V{};
+  const A* base = buf + h0 * 32;
+  static_for<K + RB - 1>([&](auto s_) {
+    constexpr int s = decltype(s_)::value;
+    const V z[2] = {loadu<16>(base + s * 32), loadu<16>(base + s * 32 + 16)};
+    static_for<K>([&](auto j_) {
+      constexpr int j = decltype(j_)::value;
+      const V v = window<j>(z);
+      static_for<RB>([&](auto o_) {
+        constexpr int o = decltype(o_)::value, i = s - o;
+        if constexpr (i >= 0 && i < K) acc[o][i & 1] += wv[i * K + j] * v;
+      });
+    });
+  });
+  for (int o = 0; o < RB; ++o) {
+    const V sum = acc[o][0] + acc[o][1];
+    A* dst = out + (h0 + o) * W;
+    if (W == 16)
+      storeu<16>(dst, sum);
+    else
+      std::memcpy(dst, &sum, sizeof(A) * W);
+  }
+}
+
+// Buffer size of conv_plane_w16 (fp32 elements): H + 2R rows of 32, and 15 to align the start to 64 bytes.
+inline int64_t w16_buffer(const Geo& g) { return 32 * (g.H + 2 * g.R) + 15; }
+
+// Elements of the zeroed buffer conv_fwd_plane takes, for any of its paths.
+inline int64_t fwd_buffer(const Geo& g) { return std::max({g.PS, w8_buffer(g), w16_buffer(g)}); }
+
+template <int K, typename A>
+void conv_plane_w16(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
+  using V = Vec<A, 16>;
+  constexpr int RB = 4;
+  V wv[K * K];
+  for (int t = 0; t < K * K; ++t) wv[t] = V{} + wt[t];
+  int64_t h = 0;
+  for (; h + RB <= g.H; h += RB) conv_rows_w16<K, RB>(buf, wv, bias, h, g.W, out);
+  for (; h < g.H; ++h) conv_rows_w16<K, 1>(buf, wv, bias, h, g.W, out);
+}
+
 // Forward conv of one NCHW plane src (H x W) into z (H x W): z = conv(src, wt) + bias. pad: a zeroed buffer of
-// max(PS, w8_buffer) elements, used by this call's geometry only.
+// fwd_buffer(g) elements, used by this call's geometry only (the paths below write only the lanes they read
+// as x, so its zeros stay zero from plane to plane).
 template <typename T, typename A>
 void conv_fwd_plane(const Geo& g, const T* src, const A* wt, A bias, A* pad, A* z) {
   if constexpr (sizeof(A) == 4) {
@@ -308,6 +360,12 @@ void conv_fwd_plane(const Geo& g, const T* src, const A* wt, A bias, A* pad, A* 
       A* buf = align64(pad);
       copy_plane(g.HW, src, buf + (g.R + 1) * 8);
       with_k(g, [&](auto K) { conv_plane_w8<decltype(K)::value>(g, buf, wt, bias, z); });
+      return;
+    }
+    if (g.W > 8 && g.W <= 16) {
+      A* buf = align64(pad);
+      for (int64_t h = 0; h < g.H; ++h) copy_plane(g.W, src + h * g.W, buf + (h + g.R) * 32 + g.R);
+      with_k(g, [&](auto K) { conv_plane_w16<decltype(K)::value>(g, buf, wt, bias, z); });
       return;
     }
   }
@@ -474,7 +532,7 @@ template <typename T, typename A>
 void fwd_tasks(const Args<T, A>& a, int64_t CB, int64_t t0, int64_t t1) {
   const Geo& g = a.g;
   const int64_t KK = g.K * g.K;
-  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), zs, wt(CB * KK), bias(CB);
+  std::vector<A> pad(fwd_buffer(g), A(0)), zs, wt(CB * KK), bias(CB);
   std::vector<double> mean(CB), m2(CB);
   std::vector<Coef<A>> k(CB);
   for (int64_t t = t0; t < t1; ++t) {
@@ -542,7 +600,7 @@ void fwd_eval_planes(const Args<T, A>& a, const A* wf, const A* bf, int64_t p0, 
   // With BatchNorm folded into the conv, act applies alike to every plane: it runs flat over runs of
   // planes (consecutive in y) of up to ~4096 elements, so a 2x2 map's 4-element planes pay no scalar tail.
   const int64_t run = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.HW));
-  std::vector<A> pad(std::max(g.PS, w8_buffer(g)), A(0)), z(std::min(run, p1 - p0) * g.HW);
+  std::vector<A> pad(fwd_buffer(g), A(0)), z(std::min(run, p1 - p0) * g.HW);
   for (int64_t r0 = p0; r0 < p1; r0 += run) {
     const int64_t r1 = std::min(p1, r0 + run);
     for (int64_t p = r0; p < r1; ++p) {

@@ -35,6 +35,8 @@ CASES = {
     "wide rows (two 16-blocks)": (2, 3, 3, 19),
     "8 wide, odd H (C++: two rows per vector)": (2, 3, 5, 8),
     "8 wide, 11 rows (C++: a block of 4 row pairs, then single pairs)": (1, 2, 11, 8),
+    "16 wide, 7 rows (C++: a block of 4 rows, then single rows)": (2, 3, 7, 16),
+    "13 wide (C++: one 16-lane row, 13 stored)": (1, 2, 6, 13),
     "1x1 spatial": (8, 3, 1, 1),
 }
 # Extras: which optional inputs are present, and swish.
