@@ -296,6 +296,15 @@ def _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_p
 
 
 @triton.jit
+def _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, out, cm, A, B, X, HAS_PRE_BIAS: tl.constexpr):
+    """A, B (and X with a pre_bias) of channels at offsets out of the (SPLIT, N, C) sum buffers."""
+    tl.store(sum_dz_ptr + out, A, mask=cm)
+    tl.store(sum_dzx_ptr + out, B, mask=cm)
+    if HAS_PRE_BIAS:
+        tl.store(sum_x_ptr + out, X, mask=cm)
+
+
+@triton.jit
 def _saved_stats(mean_ptr, rstd_ptr, pid, CPG: tl.constexpr, S):
     """The forward's (mean, rstd) of group pid, for xhat = (x - mean) * rstd; a one-element group's rstd is
     taken as 0, making its xhat exactly 0 (x - mean is ~0 only after rounding)."""
@@ -340,11 +349,7 @@ def _group_norm_silu_bwd_reduce_kernel(
                                             HAS_SCALE, HAS_SHIFT)
         A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, s_hi, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
                                 SILU, HAS_PRE_BIAS, CHANNELS_LAST, BLOCK_C, BLOCK_S)
-        out = split * N * C + nc
-        tl.store(sum_dz_ptr + out, A, mask=cm)
-        tl.store(sum_dzx_ptr + out, B, mask=cm)
-        if HAS_PRE_BIAS:
-            tl.store(sum_x_ptr + out, X, mask=cm)
+        _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, split * N * C + nc, cm, A, B, X, HAS_PRE_BIAS)
 
 
 @triton.jit
@@ -434,6 +439,13 @@ def _group_norm_silu_bwd_kernel(
 # Per-channel [SC] vectors carry their group's value in every lane of the group.
 # ---------------------------------------------------------------------------
 @triton.jit
+def _slab_of_program(C, SC: tl.constexpr):
+    """Sample n and slab channels c [SC] of this program (program_id(0) = n * (C // SC) + slab)."""
+    pid = tl.program_id(0)
+    return pid // (C // SC), (pid % (C // SC)) * SC + tl.arange(0, SC)
+
+
+@triton.jit
 def _group_sum(v, SC: tl.constexpr, CPG: tl.constexpr):
     """[SC] per-channel values -> [SC], each lane the sum over its group's CPG lanes."""
     g = tl.sum(tl.reshape(v, (SC // CPG, CPG)), axis=1)
@@ -481,10 +493,8 @@ def _group_norm_silu_slab_stats_kernel(
     C, S, G, S_PER, SPLIT,
     CPG: tl.constexpr, SC: tl.constexpr, HAS_PRE_BIAS: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # n * (C // SC) + slab
+    n, c = _slab_of_program(C, SC)
     split = tl.program_id(1)
-    n = pid // (C // SC)
-    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
     x_ptr += n.to(tl.int64) * C * S
     pb = _load_opt(pre_bias_ptr, n * C + c, c < C, HAS_PRE_BIAS, 0.0)
     pivot = _slab_pivot(x_ptr, pre_bias_ptr, n, c, C, CPG, HAS_PRE_BIAS)
@@ -507,10 +517,8 @@ def _group_norm_silu_slab_fwd_kernel(
     HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, SPLIT_P2: tl.constexpr, FUSED: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # n * (C // SC) + slab
+    n, c = _slab_of_program(C, SC)
     split = tl.program_id(1)
-    n = pid // (C // SC)
-    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
     cm = c < C
     base = n.to(tl.int64) * C * S
     x_ptr += base
@@ -556,9 +564,15 @@ def _group_norm_silu_slab_fwd_kernel(
 
 
 @triton.jit
-def _slab_saved_stats(mean_ptr, rstd_ptr, g, CPG: tl.constexpr, S):
-    """[SC] (mean, rstd) of each lane's group g = n * G + c // CPG, as _saved_stats."""
-    return tl.load(mean_ptr + g), tl.where(CPG * S > 1, tl.load(rstd_ptr + g), 0.0)
+def _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, n, c, cm, C, S, G,
+                    CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """[SC] per lane: its group's saved (mean, rstd) (as _saved_stats), then _channel_params."""
+    g = n * G + c // CPG
+    mean, rstd = tl.load(mean_ptr + g), tl.where(CPG * S > 1, tl.load(rstd_ptr + g), 0.0)
+    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, n * C + c, cm,
+                                        HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    return mean, rstd, w, b, pb, sc1, sh
 
 
 @triton.jit
@@ -571,26 +585,20 @@ def _group_norm_silu_slab_bwd_reduce_kernel(
     HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # n * (C // SC) + slab
+    n, c = _slab_of_program(C, SC)
     split = tl.program_id(1)
-    n = pid // (C // SC)
-    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
     cm = c < C
     nc = n * C + c
     base = n.to(tl.int64) * C * S
     x_ptr += base
     dy_ptr += base
-    mean, rstd = _slab_saved_stats(mean_ptr, rstd_ptr, n * G + c // CPG, CPG, S)
-    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
-                                        HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    mean, rstd, w, b, pb, sc1, sh = _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr,
+                                                    rstd_ptr, n, c, cm, C, S, G, CPG, HAS_WEIGHT, HAS_BIAS,
+                                                    HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
     s_lo = split * S_PER
     A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, pb,
                             w * sc1, b * sc1 + sh, SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
-    out = split * N * C + nc
-    tl.store(sum_dz_ptr + out, A, mask=cm)
-    tl.store(sum_dzx_ptr + out, B, mask=cm)
-    if HAS_PRE_BIAS:
-        tl.store(sum_x_ptr + out, X, mask=cm)
+    _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, split * N * C + nc, cm, A, B, X, HAS_PRE_BIAS)
 
 
 @triton.jit
@@ -604,19 +612,17 @@ def _group_norm_silu_slab_bwd_kernel(
     HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, FUSED: tl.constexpr,  # SPLIT == 1: the sums are taken here and stay in registers
 ):
-    pid = tl.program_id(0)  # n * (C // SC) + slab
+    n, c = _slab_of_program(C, SC)
     split = tl.program_id(1)
-    n = pid // (C // SC)
-    c = (pid % (C // SC)) * SC + tl.arange(0, SC)
     cm = c < C
     nc = n * C + c
     base = n.to(tl.int64) * C * S
     x_ptr += base
     dy_ptr += base
     dx_ptr += base
-    mean, rstd = _slab_saved_stats(mean_ptr, rstd_ptr, n * G + c // CPG, CPG, S)
-    w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, c, nc, cm,
-                                        HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
+    mean, rstd, w, b, pb, sc1, sh = _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr,
+                                                    rstd_ptr, n, c, cm, C, S, G, CPG, HAS_WEIGHT, HAS_BIAS,
+                                                    HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
     if FUSED:  # sums, then dx over a second (mostly cached) read
         A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, 0, S, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
                                 SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
