@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <utility>
 
@@ -531,6 +532,114 @@ __global__ void __launch_bounds__(kMaxThreads) gns_fwd_kernel(const FwdArgs<T, A
 }
 
 // ---------------------------------------------------------------------------
+// Channels-last forward over slabs, used where DIFFUSION_FAST_GNS_CL_SLABS=1 (off by default until it is timed
+// and tested on a GPU; the Triton kernels do the same, tested on the CPU). The kernel above gives a block one
+// group and so reads one group's cpg * sizeof(T) bytes (8-16 for DDPM's norms) out of every row of C channels.
+// Here a group's channels at one position are one vector (CPG * sizeof(T) of 4, 8 or 16 bytes) and a block
+// takes GB consecutive groups of one sample (GB * CPG * sizeof(T) <= 128 bytes: whole rows of the slab). Lane l
+// of a warp takes group l % GB at the warp's row slots l / GB, l / GB + 32 / GB, ...; a thread's Welford state is
+// its group's, merged over the lanes of its group (xor shuffles at offsets GB, 2 GB, ...), then over warps in
+// order. Grid (N * G / GB, splits); splits > 1: pass 1 stores per-(group, split) partials, pass 2 merges them
+// (as the kernel above). Pass 2 re-reads x (mostly from L2). Statistics shifted as above (K = x0 + pb0).
+// ---------------------------------------------------------------------------
+constexpr int kSlabThreads = 256;
+
+template <typename T, typename A>
+struct SlabArgs {
+  const T* x;        // (N, S, C) channels-last
+  T* y;              // same
+  Param w, b;        // (C,) or absent
+  Param pb, sc, sh;  // (N, C) or absent
+  A* mean;           // (N, G) out
+  A* rstd;           // (N, G) out
+  A* ws;             // splits > 1: (N*G, splits, 3) Welford partials; else null
+  int64_t C, G, S, gb, tile, splits;
+  A eps;
+  bool silu;
+  int mode;
+};
+
+template <typename A>
+__device__ __forceinline__ Welford<A> shfl_xor(const Welford<A>& w, int o) {
+  return {__shfl_xor_sync(0xffffffffu, w.n, o), __shfl_xor_sync(0xffffffffu, w.mean, o),
+          __shfl_xor_sync(0xffffffffu, w.m2, o)};
+}
+
+template <typename T, typename A, int CPG>
+__global__ void __launch_bounds__(kSlabThreads) gns_fwd_slab_kernel(const SlabArgs<T, A> a) {
+  using V = Pack<T, CPG>;
+  __shared__ Welford<A> red[kSlabThreads / 32][32];  // [warp][group of the slab]
+  __shared__ Welford<A> total[32];
+  const int gb = int(a.gb), lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int q = lane % gb;                              // this thread's group in the slab
+  const int slots = nwarps * (32 / gb);                 // row slots of the block
+  const int slot = warp * (32 / gb) + lane / gb;        // this thread's
+  const int64_t slabs = a.G / gb, n = blockIdx.x / slabs, grp0 = (blockIdx.x % slabs) * gb;
+  const int64_t grp = grp0 + q, c0 = grp * CPG, nc0 = n * a.C + c0;
+  const int64_t split = blockIdx.y, lo = split * a.tile, hi = lo + a.tile < a.S ? lo + a.tile : a.S;
+  const T* __restrict__ x = a.x + n * a.S * a.C + c0;  // the group's channels at position 0
+  T* __restrict__ y = a.y + n * a.S * a.C + c0;
+  const A x0 = static_cast<A>(x[0]), pb0 = a.pb.get(nc0, A(0));
+
+  Welford<A> st{A(0), A(0), A(0)};
+  if (a.mode != kPass2) {
+    A dp[CPG];
+#pragma unroll
+    for (int k = 0; k < CPG; ++k) dp[k] = a.pb.get(nc0 + k, A(0)) - pb0;
+    for (int64_t r = lo + slot; r < hi; r += slots) welford_add<true>(st, load_vec<V>(x + r * a.C), x0, dp);
+    for (int o = gb; o < 32; o <<= 1) st = welford_merge(st, shfl_xor(st, o));
+    if (lane < gb) red[warp][lane] = st;
+    __syncthreads();
+    if (threadIdx.x < gb) {  // one thread per group merges the warps in order
+      Welford<A> t = red[0][threadIdx.x];
+      for (int w = 1; w < nwarps; ++w) t = welford_merge(t, red[w][threadIdx.x]);
+      if (a.mode == kPass1) {
+        A* p = a.ws + ((n * a.G + grp0 + threadIdx.x) * a.splits + split) * 3;
+        p[0] = t.n;
+        p[1] = t.mean;
+        p[2] = t.m2;
+      }
+      total[threadIdx.x] = t;
+    }
+    if (a.mode == kPass1) return;
+  } else if (threadIdx.x < gb) {  // merge the group's tiles in a fixed order
+    const A* p = a.ws + (n * a.G + grp0 + threadIdx.x) * a.splits * 3;
+    Welford<A> t{A(0), A(0), A(0)};
+    for (int64_t j = 0; j < a.splits; ++j) t = welford_merge(t, Welford<A>{p[3 * j], p[3 * j + 1], p[3 * j + 2]});
+    total[threadIdx.x] = t;
+  }
+  __syncthreads();
+  st = total[q];
+  const A count = static_cast<A>(CPG * a.S);
+  const A var = st.m2 / count > A(0) ? st.m2 / count : A(0);  // biased
+  const A rstd = A(1) / sqrt(var + a.eps);  // as gns_fwd_kernel (a one-element group's h - mean is exactly 0)
+  if (split == 0 && threadIdx.x < gb) {
+    a.mean[n * a.G + grp] = (x0 + pb0) + st.mean;
+    a.rstd[n * a.G + grp] = rstd;
+  }
+
+  // Pass 2: y = act(ca * ((x - x0) - mx) + cb), mx = mean' - (pb - pb0), per channel of the group.
+  A mx[CPG], ca[CPG], cb[CPG];
+#pragma unroll
+  for (int k = 0; k < CPG; ++k) {
+    const A s1 = A(1) + a.sc.get(nc0 + k, A(0));
+    mx[k] = st.mean - (a.pb.get(nc0 + k, A(0)) - pb0);
+    ca[k] = rstd * a.w.get(c0 + k, A(1)) * s1;
+    cb[k] = a.b.get(c0 + k, A(0)) * s1 + a.sh.get(nc0 + k, A(0));
+  }
+  with_silu(a.silu, [&](auto silu_c) {
+    for (int64_t r = lo + slot; r < hi; r += slots) {
+      const V v = load_vec<V>(x + r * a.C);
+      V o;
+#pragma unroll
+      for (int k = 0; k < CPG; ++k)
+        o.v[k] = static_cast<T>(act<decltype(silu_c)::value>(ca[k] * ((static_cast<A>(v.v[k]) - x0) - mx[k]) + cb[k]));
+      store_vec(y + r * a.C, o);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
 // Backward. Grid (N*G, splits); block: see make_plan.
 // ---------------------------------------------------------------------------
 template <typename T, typename A>
@@ -949,6 +1058,68 @@ void with_layout(bool cl, const F& f) {
     f(std::false_type{});
 }
 
+// DIFFUSION_FAST_GNS_CL_SLABS=1 turns the channels-last slab forward on (read once).
+bool cl_slabs_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("DIFFUSION_FAST_GNS_CL_SLABS");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  return on;
+}
+
+// Runs the slab forward and returns true where it applies: channels-last x of float/half/bfloat16 whose group is
+// one vector of 4, 8 or 16 bytes, at least two groups per slab, x and y aligned to that vector.
+template <typename T, typename A>
+bool try_fwd_slabs(const GroupNormSiLUShape& s, bool cl, const at::Tensor& x, at::Tensor& y, const at::Tensor& w,
+                   const at::Tensor& b, const at::Tensor& pb, const at::Tensor& sc, const at::Tensor& sh,
+                   at::Tensor& mean, at::Tensor& rstd, double eps, bool silu, at::ScalarType acc,
+                   cudaStream_t stream) {
+  const int64_t cpg = s.C / s.G, vbytes = cpg * int64_t(sizeof(T));
+  if (!cl || !cl_slabs_enabled() || std::is_same_v<T, double> || (vbytes != 4 && vbytes != 8 && vbytes != 16))
+    return false;
+  int64_t gb = 1;
+  while (2 * gb * vbytes <= 128 && 2 * gb <= 32 && s.G % (2 * gb) == 0) gb *= 2;
+  const auto aligned = [&](const void* p) { return reinterpret_cast<uintptr_t>(p) % uintptr_t(vbytes) == 0; };
+  if (gb < 2 || !aligned(x.const_data_ptr()) || !aligned(y.const_data_ptr())) return false;
+  const int64_t blocks = s.N * s.G / gb, sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t slots = kSlabThreads / 32 * (32 / gb);  // rows a block reads per step
+  int64_t splits = blocks < 2 * sms ? std::min(ceil_div(4 * sms, blocks), std::max<int64_t>(1, s.S / (8 * slots))) : 1;
+  splits = std::min(splits, kMaxSplits);
+  const int64_t tile = ceil_div(s.S, splits);
+  splits = ceil_div(s.S, tile);
+  SlabArgs<T, A> args{x.const_data_ptr<T>(), y.mutable_data_ptr<T>(), param_of(w), param_of(b), param_of(pb),
+                      param_of(sc), param_of(sh), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), nullptr,
+                      s.C, s.G, s.S, gb, tile, splits, static_cast<A>(eps), silu, kFused};
+  at::Tensor ws;
+  if (splits > 1) {
+    ws = at::empty({s.N * s.G * splits * 3}, x.options().dtype(acc));
+    args.ws = ws.mutable_data_ptr<A>();
+  }
+  const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(splits));
+  // Launches for a group of CPG channels; false where its vector would exceed 16 bytes.
+  const auto launch = [&](auto cpg_c) {
+    constexpr int CPG = decltype(cpg_c)::value;
+    if constexpr (CPG * sizeof(T) > 16) {
+      return false;
+    } else {
+      const int modes[2] = {kPass1, kPass2};
+      for (int m = 0; m < (splits > 1 ? 2 : 1); ++m) {
+        args.mode = splits > 1 ? modes[m] : kFused;
+        gns_fwd_slab_kernel<T, A, CPG><<<grid, kSlabThreads, 0, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      return true;
+    }
+  };
+  switch (cpg) {
+    case 1: return launch(std::integral_constant<int, 1>{});
+    case 2: return launch(std::integral_constant<int, 2>{});
+    case 4: return launch(std::integral_constant<int, 4>{});
+    case 8: return launch(std::integral_constant<int, 8>{});
+    default: return false;
+  }
+}
+
 void check_grid(const GroupNormSiLUShape& s) {
   TORCH_CHECK(s.N * s.G <= int64_t(std::numeric_limits<int32_t>::max()),
               "group_norm_silu (CUDA): N * num_groups must be < 2^31, got ", s.N * s.G);
@@ -980,6 +1151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_fwd_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    if (try_fwd_slabs<scalar_t, A>(s, cl, x, y, w, b, pb, sc, sh, mean, rstd, eps, silu, acc, stream)) return;
     const int vec = pick_vec(s, cl, sizeof(scalar_t), {x.const_data_ptr(), y.const_data_ptr()});
     with_layout(cl, [&](auto cl_c) {
       constexpr bool CL = decltype(cl_c)::value;
