@@ -17,6 +17,7 @@ reference run) are cast to the model's dtype.
     diffusers+cl+patch  (CPU) the same after ``diffusion_fast.patch``: on the CPU the patch's
                      convolutions need channels_last for oneDNN's packed path, so it is measured so
     cuda+graph       (GPU) ours replayed from a CUDA graph (sampling: ``cuda_graph=True``, one replay per step)
+    cuda+cl+graph    (GPU, sampling) the same in channels_last, weights and x_T
     eager+cl/ours+cl (GPU, forward) eager and ours on channels_last inputs and weights
 
 Configs: ``cifar10`` (35.7M parameters, 32x32) on a GPU at batch 1 and 128 in fp32 and bf16;
@@ -177,16 +178,18 @@ def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) ->
             return x
         return torch.no_grad()(run)
 
-    def ours(graph: bool):
+    def ours(graph: bool, model=ours_model, memory_format=torch.contiguous_format):
         def run(x):
-            x = x.to(dtype)
-            return sample_ddim(ours_model, tuple(x.shape), alphas_cumprod=abar, timesteps=timesteps,
+            x = x.to(dtype).contiguous(memory_format=memory_format)
+            return sample_ddim(model, tuple(x.shape), alphas_cumprod=abar, timesteps=timesteps,
                                eta=0.0, device=x.device, dtype=x.dtype, x_init=x, cuda_graph=graph)
         return run
 
     others = {label: loop(lambda x, t, m=m: m(x, t).sample) for label, m in models.items()}
     if torch.device(device).type == "cuda":
         others["cuda+graph"] = ours(True)
+        cl = torch.channels_last  # the steps keep x_T's layout: channels_last from end to end
+        others["cuda+cl+graph"] = ours(True, copy.deepcopy(ours_model).to(memory_format=cl), cl)
     return loop(eager_model), ours(False), others
 
 

@@ -87,6 +87,26 @@ def test_cuda_sampling_matches_cpu_and_never_syncs(sampler):
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda"], ids=["torch", "ext"])  # "cuda": our C++ on the CPU
+def test_channels_last_sampling_stays_channels_last(backend):
+    """From a channels_last x_T every step feeds the model channels_last input, with the samples of NCHW."""
+    torch.manual_seed(0)
+    model = DDPMUNet.tiny(resolution=8, attn_resolutions=(4,)).eval()
+    x_t = initial_noise((2, 3, 8, 8), 5, 4, "cpu", torch.float32)
+    layouts = []
+
+    def spy(x, t):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return model(x, t)
+
+    with diffusion_fast.use_backend(backend):
+        want = sample_ddim(model, (2, 3, 8, 8), num_steps=4, eta=1.0, seed=5, x_init=x_t)
+        got = sample_ddim(spy, (2, 3, 8, 8), num_steps=4, eta=1.0, seed=5,
+                          x_init=x_t.contiguous(memory_format=torch.channels_last))
+    assert layouts == [True] * 4
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(3,), (2, 0, 4), [2, 3.0, 4], "2,3"])
 def test_bad_shape(shape):
     with pytest.raises(ValueError, match="shape"):

@@ -21,7 +21,9 @@ with z ~ N(0, I) generated inside the kernel from (seed, step, element index) by
 A table lives on the sampling device; each step slices its row by a Python int (a view: no
 ``.item()``, no host sync) and the kernel reads it. x_t, eps, noise: any shape (B, ...),
 float16/bfloat16/float32 (float64 on the CPU paths and the CUDA extension), math in float32
-(float64 for float64). Outputs are contiguous, in x_t's dtype. Sampling only: no autograd.
+(float64 for float64). Outputs are in x_t's dtype, contiguous, or channels_last where x_t is (the
+kernels run on contiguous copies, so the noise stays a function of the logical element index; a
+model sampled in channels_last then gets channels_last input at every step). Sampling only: no autograd.
 
 Backends: ``cuda`` (our extension: C++ on CPU tensors, CUDA on GPU tensors), ``triton``
 and ``torch`` (``ddpm_step_ref``/``ddim_step_ref``), chosen per call by ``diffusion_fast.backends``.
@@ -213,13 +215,16 @@ def _step(fn, x, eps, coefficients, index, seed, clip, noise, return_x0):
     backend = _BACKEND[fn](x)
     if backend == "torch":
         out, x0 = _step_ref(x, eps, coefficients[index], seed, index, clip, noise, True)
-        return (out, x0) if return_x0 else out
-    row = coefficients[index].to(kernel_dtype(x)).contiguous()
-    x = x.contiguous()
-    eps = like_x(eps, x)
-    noise = None if noise is None else like_x(noise, x)
-    out, x0 = _OVERLOADS[fn][backend](x, eps, row, noise, signed_seed(seed), index, clip, return_x0)
-    return (out, x0) if return_x0 else out
+    else:
+        row = coefficients[index].to(kernel_dtype(x)).contiguous()
+        xc = x.contiguous()
+        eps = like_x(eps, xc)
+        noise = None if noise is None else like_x(noise, xc)
+        out, x0 = _OVERLOADS[fn][backend](xc, eps, row, noise, signed_seed(seed), index, clip, return_x0)
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    out = out.contiguous(memory_format=fmt)
+    return (out, x0.contiguous(memory_format=fmt)) if return_x0 else out
 
 
 def ddpm_step(x_t: Tensor, eps: Tensor, coefficients: Tensor, t: int, *, seed: int = 0, clip_x0: bool = True,

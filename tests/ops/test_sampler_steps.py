@@ -256,6 +256,22 @@ def test_given_noise_and_layouts(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("op", ["ddpm_step", "ddim_step"])
+def test_channels_last_in_channels_last_out(backend, device, op):
+    """channels_last x_t gives channels_last x_prev and x0 with the values (and noise) of the contiguous call:
+    a model sampled in channels_last keeps that layout from step to step."""
+    fn, table = ((ddpm_step, ddpm_coefficients(BETAS.to(device), "fixedlarge")) if op == "ddpm_step" else
+                 (ddim_step, ddim_coefficients(ALPHAS_CUMPROD.to(device), DDIM_TIMESTEPS, 0.7)))
+    x, eps = image_inputs((2, 3, 5, 7), torch.float32, device)
+    cl = torch.channels_last
+    out, x0 = run_backend(backend, fn, x.contiguous(memory_format=cl), eps.contiguous(memory_format=cl), table, 4,
+                          seed=9, return_x0=True)
+    want, want_x0 = run_backend(backend, fn, x, eps, table, 4, seed=9, return_x0=True)
+    assert not out.is_contiguous() and out.is_contiguous(memory_format=cl) and x0.is_contiguous(memory_format=cl)
+    assert torch.equal(out, want) and torch.equal(x0, want_x0)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_empty_batch(backend, device):
     x = torch.empty(0, 3, 4, 4, device=device)
     out, x0 = run_backend(backend, ddim_step, x, x, ddim_coefficients(ALPHAS_CUMPROD.to(device), [500, 0], 1.0), 0,
