@@ -305,6 +305,18 @@ def _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, out, cm, A, B, X, HAS_PRE_BI
 
 
 @triton.jit
+def _load_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, nc, cm, HAS_PRE_BIAS: tl.constexpr):
+    """(A, B, X) of channels at offsets nc of the (N, C) sums; X is 0 without a pre_bias."""
+    A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
+    B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
+    if HAS_PRE_BIAS:
+        X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
+    else:
+        X = _per_channel(0.0, nc)
+    return A, B, X
+
+
+@triton.jit
 def _saved_stats(mean_ptr, rstd_ptr, pid, CPG: tl.constexpr, S):
     """The forward's (mean, rstd) of group pid, for xhat = (x - mean) * rstd; a one-element group's rstd is
     taken as 0, making its xhat exactly 0 (x - mean is ~0 only after rounding)."""
@@ -419,12 +431,7 @@ def _group_norm_silu_bwd_kernel(
             w, b, pb, sc1, sh = _channel_params(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr,
                                                 c, nc, cm, HAS_WEIGHT, HAS_BIAS, HAS_PRE_BIAS,
                                                 HAS_SCALE, HAS_SHIFT)
-            A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
-            B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
-            if HAS_PRE_BIAS:
-                X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
-            else:
-                X = tl.zeros([BLOCK_C], tl.float32)
+            A, B, X = _load_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, nc, cm, HAS_PRE_BIAS)
             # per-(n, c) gradients, written once by split 0 (the test is made block-shaped: Triton
             # 3.9's interpreter gives a non-boolean mask for block & scalar)
             first = cm & (c * 0 + split == 0)
@@ -576,41 +583,16 @@ def _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, me
 
 
 @triton.jit
-def _group_norm_silu_slab_bwd_reduce_kernel(
-    dy_ptr, x_ptr,  # (N, S, C) channels-last, x's dtype
-    weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,  # as _group_norm_silu_bwd_kernel
-    sum_dz_ptr, sum_dzx_ptr, sum_x_ptr,  # (SPLIT, N, C) fp32 out, as _group_norm_silu_bwd_reduce_kernel
-    N, C, S, G, S_PER,
-    CPG: tl.constexpr, SC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    n, c = _slab_of_program(C, SC)
-    split = tl.program_id(1)
-    cm = c < C
-    nc = n * C + c
-    base = n.to(tl.int64) * C * S
-    x_ptr += base
-    dy_ptr += base
-    mean, rstd, w, b, pb, sc1, sh = _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr,
-                                                    rstd_ptr, n, c, cm, C, S, G, CPG, HAS_WEIGHT, HAS_BIAS,
-                                                    HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
-    s_lo = split * S_PER
-    A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, pb,
-                            w * sc1, b * sc1 + sh, SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
-    _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, split * N * C + nc, cm, A, B, X, HAS_PRE_BIAS)
-
-
-@triton.jit
 def _group_norm_silu_slab_bwd_kernel(
     dy_ptr, x_ptr, dx_ptr,  # (N, S, C) channels-last, x's dtype
     weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
-    sum_dz_ptr, sum_dzx_ptr, sum_x_ptr,  # (N, C) fp32 sums over S (unused when FUSED)
+    sum_dz_ptr, sum_dzx_ptr, sum_x_ptr,  # REDUCE: (SPLIT, N, C) fp32 out, this split's sums; APPLY: (N, C) in
     d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,  # (N, C) out, as _group_norm_silu_bwd_kernel
-    C, S, G, S_PER, inv_m,  # inv_m = 1 / (CPG * S)
+    N, C, S, G, S_PER, inv_m,  # inv_m = 1 / (CPG * S)
     CPG: tl.constexpr, SC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_PRE_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_S: tl.constexpr, FUSED: tl.constexpr,  # SPLIT == 1: the sums are taken here and stay in registers
+    BLOCK_S: tl.constexpr,
+    MODE: tl.constexpr,  # 0 (SPLIT == 1): sums taken here, then dx; 1: the split's sums only; 2: dx from the sums
 ):
     n, c = _slab_of_program(C, SC)
     split = tl.program_id(1)
@@ -623,20 +605,20 @@ def _group_norm_silu_slab_bwd_kernel(
     mean, rstd, w, b, pb, sc1, sh = _slab_bwd_state(weight_ptr, bias_ptr, pre_bias_ptr, scale_ptr, shift_ptr, mean_ptr,
                                                     rstd_ptr, n, c, cm, C, S, G, CPG, HAS_WEIGHT, HAS_BIAS,
                                                     HAS_PRE_BIAS, HAS_SCALE, HAS_SHIFT)
-    if FUSED:  # sums, then dx over a second (mostly cached) read
+    s_lo = split * S_PER
+    if MODE == 1:
+        A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, pb,
+                                w * sc1, b * sc1 + sh, SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
+        _store_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, split * N * C + nc, cm, A, B, X, HAS_PRE_BIAS)
+        return
+    if MODE == 0:  # sums, then dx over a second (mostly cached) read
         A, B, X = _channel_sums(dy_ptr, x_ptr, c, cm, 0, S, C, S, mean, rstd, pb, w * sc1, b * sc1 + sh,
                                 SILU, HAS_PRE_BIAS, True, SC, BLOCK_S)
     else:
-        A = tl.load(sum_dz_ptr + nc, mask=cm, other=0.0)
-        B = tl.load(sum_dzx_ptr + nc, mask=cm, other=0.0)
-        if HAS_PRE_BIAS:
-            X = tl.load(sum_x_ptr + nc, mask=cm, other=0.0)
-        else:
-            X = tl.zeros([SC], tl.float32)
+        A, B, X = _load_sums(sum_dz_ptr, sum_dzx_ptr, sum_x_ptr, nc, cm, HAS_PRE_BIAS)
     # each lane's group means m1 = mean(dxhat) = sum_c k A / M and m2 = mean(dxhat * xhat) = sum_c k B / M
     m1 = _group_sum(w * sc1 * A, SC, CPG) * inv_m
     m2 = _group_sum(w * sc1 * B, SC, CPG) * inv_m
-    s_lo = split * S_PER
     first = cm & (c * 0 + split == 0)  # per-(n, c) grads written once, by split 0
     _channel_grads(dy_ptr, x_ptr, dx_ptr, d_weight_ptr, d_bias_ptr, d_pre_bias_ptr, d_scale_ptr, d_shift_ptr,
                    c, nc, cm, first, s_lo, tl.minimum(s_lo + S_PER, S), C, S, mean, rstd, w, b, pb, sc1, sh,
@@ -738,19 +720,19 @@ def _slab_bwd(grad_y, x, grad_x, opt, has, mean, rstd, nc_outs, G, silu, cfg):
     input); -> the per-sample (d_weight, d_bias) sums (2, N, C)."""
     N, C = x.shape[:2]
     grid = (N * (C // cfg["SC"]), cfg["SPLIT"])
-    common = dict(C=C, G=G, SILU=silu, **has, **{k: v for k, v in cfg.items() if k != "SPLIT"})
-    fused = cfg["SPLIT"] == 1
+    common = dict(N=N, C=C, G=G, SILU=silu, inv_m=1.0 / (cfg["CPG"] * cfg["S"]), **has,
+                  **{k: v for k, v in cfg.items() if k != "SPLIT"})
     wb = torch.empty((2, N, C), device=x.device, dtype=torch.float32)  # per-sample d_weight, d_bias
-    if fused:
+    args = (grad_y, x, grad_x, *opt, mean, rstd)
+    outs = (wb[0], wb[1], *nc_outs)
+    if cfg["SPLIT"] == 1:
         sums = wb[:1].expand(3, N, C)  # not read
-    else:
-        sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
-        _group_norm_silu_slab_bwd_reduce_kernel[grid](grad_y, x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
-                                                      N=N, **common)
-        sums = sums.sum(1)
-    _group_norm_silu_slab_bwd_kernel[grid](grad_y, x, grad_x, *opt, mean, rstd, sums[0], sums[1], sums[-1],
-                                           wb[0], wb[1], *nc_outs, inv_m=1.0 / (cfg["CPG"] * cfg["S"]),
-                                           FUSED=fused, **common)
+        _group_norm_silu_slab_bwd_kernel[grid](*args, sums[0], sums[1], sums[-1], *outs, MODE=0, **common)
+        return wb
+    sums = torch.empty((2 + has["HAS_PRE_BIAS"], cfg["SPLIT"], N, C), device=x.device, dtype=torch.float32)
+    _group_norm_silu_slab_bwd_kernel[grid](*args, sums[0], sums[1], sums[-1], *outs, MODE=1, **common)
+    sums = sums.sum(1)
+    _group_norm_silu_slab_bwd_kernel[grid](*args, sums[0], sums[1], sums[-1], *outs, MODE=2, **common)
     return wb
 
 
