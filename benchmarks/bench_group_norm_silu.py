@@ -88,26 +88,25 @@ VARIANTS = {
 def plan(device: str, quick: bool, dtypes) -> list:
     """(variant, shape, dtype) to run, the most telling first (a --budget-s may cut the tail)."""
     fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
-    rest = []
+
+    def rows(variant, shapes, dts):
+        return [(variant, s, d) for d in dts for s in shapes]
+
+    def variants(shape, dts):
+        return [(v, shape, d) for v in ("temb", "scale_shift") for d in dts]
+
     if quick:
-        points = [(s, d) for d in dtypes or [fp32] for s in QUICK_SHAPES]
-        extras = points[:1]
-    elif device == "cpu":
-        points = [(s, d) for d in dtypes or [fp32] for s in CPU_SHAPES + CPU_SMALL_SHAPES]
-        extras = [(VARIANT_SHAPE["cpu"], d) for d in dtypes or [fp32]]
-    else:  # the subset in bf16, NCHW then channels_last; other dtypes; the variants; the other shapes
-        first = dtypes[:1] if dtypes else [bf16]
-        cl = [("plain_cl", s, d) for d in first for s in GPU_SUBSET]
-        points = [(s, d) for d in first for s in GPU_SUBSET]
-        points += [(s, d) for d in (dtypes[1:] if dtypes else [fp16, fp32]) for s in GPU_SUBSET]
-        extras = [(VARIANT_SHAPE["cuda"], d) for d in dtypes or [bf16, fp32]]
-        rest = [(s, d) for d in dtypes or [bf16] for s in GPU_SHAPES if s not in GPU_SUBSET]
-        plain = [("plain", s, d) for s, d in points]
-        variants = [(v, s, d) for v in ("temb", "scale_shift") for s, d in extras]
-        return plain[:len(GPU_SUBSET)] + cl + plain[len(GPU_SUBSET):] + variants + [("plain", s, d) for s, d in rest]
-    variants = [(v, s, d) for v in ("temb", "scale_shift") for s, d in extras]
-    cl = [("plain_cl", s, d) for s, d in points if len(s) == 4 and s[2] * s[3] > 1][:len(points) // 2]
-    return [("plain", s, d) for s, d in points] + variants + cl + [("plain", s, d) for s, d in rest]
+        dts = dtypes or [fp32]
+        return rows("plain", QUICK_SHAPES, dts) + variants(QUICK_SHAPES[0], dts[:1])
+    if device == "cpu":
+        dts = dtypes or [fp32]
+        return (rows("plain", CPU_SHAPES + CPU_SMALL_SHAPES, dts) + variants(VARIANT_SHAPE["cpu"], dts)
+                + rows("plain_cl", CPU_SHAPES, dts))
+    # GPU: the subset in the lead dtype, NCHW then channels_last; the other dtypes; the variants; the other shapes
+    lead, others = (dtypes[:1], dtypes[1:]) if dtypes else ([bf16], [fp16, fp32])
+    return (rows("plain", GPU_SUBSET, lead) + rows("plain_cl", GPU_SUBSET, lead) + rows("plain", GPU_SUBSET, others)
+            + variants(VARIANT_SHAPE["cuda"], dtypes or [bf16, fp32])
+            + rows("plain", [s for s in GPU_SHAPES if s not in GPU_SUBSET], dtypes or [bf16]))
 
 
 def make_args(shape, dtype, device, n_extra, channels_last=False):

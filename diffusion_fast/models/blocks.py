@@ -67,6 +67,11 @@ def forward_in_layout(forward: Callable[..., Tensor], x: Tensor, *args) -> Tenso
     return y.contiguous() if layout is not None and not x.is_contiguous(memory_format=layout) else y
 
 
+def _channels_last_4d(x: Tensor) -> bool:
+    """x is a batched (N, C, H, W) tensor stored channels_last (and not also NCHW-contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and state-dict keys) that, on a channels_last input,
     convolves with a channels_last copy of its weight, kept between sampling calls by
@@ -77,14 +82,16 @@ class Conv2d(nn.Conv2d):
 
     def takes_onednn(self, x: Tensor) -> bool:
         """Whether this conv runs x through oneDNN with a packed weight (``onednn.unsupported``)."""
-        return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return _channels_last_4d(x) and self._onednn_fits(x)
+
+    def _onednn_fits(self, x: Tensor) -> bool:
+        return (self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and onednn.unsupported(x, self.weight, self.bias) is None)
 
     def forward(self, x: Tensor) -> Tensor:
         weight = self.weight
-        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            if self.takes_onednn(x):
+        if _channels_last_4d(x):
+            if self._onednn_fits(x):
                 y = onednn.guarded(lambda: onednn.conv2d(self, x, derived_params(
                     self, "_onednn_weight", (self.weight,), lambda w: onednn.pack_conv2d(self, x.shape),
                     extra=tuple(x.shape))))

@@ -21,7 +21,7 @@ with z ~ N(0, I) generated inside the kernel from (seed, step, element index) by
 A table lives on the sampling device; each step slices its row by a Python int (a view: no
 ``.item()``, no host sync) and the kernel reads it. x_t, eps, noise: any shape (B, ...),
 float16/bfloat16/float32 (float64 on the CPU paths and the CUDA extension), math in float32
-(float64 for float64). Outputs are in x_t's dtype, contiguous, or channels_last where x_t is (the
+(float64 for float64). Outputs are in x_t's dtype, contiguous, or channels-last where x_t is (the
 kernels run on contiguous copies, so the noise stays a function of the logical element index; a
 model sampled in channels_last then gets channels_last input at every step). Sampling only: no autograd.
 
@@ -41,6 +41,7 @@ from torch import Tensor
 from diffusion_fast import backends
 from diffusion_fast.ops._noise_step import (backend_selector, check_bool, check_float_tensor, check_int, define,
                                             kernel_dtype, like_x, overloads, signed_seed)
+from diffusion_fast.ops.group_norm_silu import _like_layout
 from diffusion_fast.ops.philox import philox_normal_ref
 
 __all__ = ["ddpm_step", "ddim_step", "ddpm_coefficients", "ddim_coefficients", "ddpm_step_ref", "ddim_step_ref"]
@@ -221,10 +222,8 @@ def _step(fn, x, eps, coefficients, index, seed, clip, noise, return_x0):
         eps = like_x(eps, xc)
         noise = None if noise is None else like_x(noise, xc)
         out, x0 = _OVERLOADS[fn][backend](xc, eps, row, noise, signed_seed(seed), index, clip, return_x0)
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    out = out.contiguous(memory_format=fmt)
-    return (out, x0.contiguous(memory_format=fmt)) if return_x0 else out
+    out = _like_layout(out, x)
+    return (out, _like_layout(x0, x)) if return_x0 else out
 
 
 def ddpm_step(x_t: Tensor, eps: Tensor, coefficients: Tensor, t: int, *, seed: int = 0, clip_x0: bool = True,
