@@ -403,8 +403,12 @@ for shape, groups in [((2, 64, 5, 7), 16), ((1, 32, 64, 64), 32), ((4, 256, 8, 8
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels-last (also for 3-D x)
         w, b = torch.randn(c, device="cuda") + 1, torch.randn(c, device="cuda")
         pb, sc, sh = (torch.randn(n, c, device="cuda") * 0.5 for _ in range(3))
-        with diffusion_fast.use_backend("cuda"):
+        with diffusion_fast.use_backend("cuda"), torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             y = diffusion_fast.group_norm_silu(x, groups, w, b, pre_bias=pb, scale=sc, shift=sh)
+            torch.cuda.synchronize()
+        slab = any("gns_fwd_slab_kernel" in e.name for e in prof.events())
+        assert slab == (shape[1] // groups * x.element_size() in (4, 8, 16)), (shape, dtype, "slab kernel ran", slab)
         assert y.stride() == x.stride()
         ref = group_norm_silu_ref(x.double(), groups, w.double(), b.double(), pre_bias=pb.double(),
                                   scale=sc.double(), shift=sh.double())
