@@ -1,6 +1,7 @@
 // CPU kernels of every op, attached to the schemas defined in diffusion_fast/ops/*.py.
 #include <torch/library.h>
 
+#include "attention/attention.h"
 #include "dpm2015_step/dpm2015_step.h"
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 #include "group_norm_silu/group_norm_silu.h"
@@ -8,6 +9,8 @@
 #include "sampler_steps/sampler_steps.h"
 
 TORCH_LIBRARY_IMPL(diffusion_fast, CPU, m) {
+  m.impl("attention_fwd", &diffusion_fast::attention_fwd_cpu);
+  m.impl("attention_bwd", &diffusion_fast::attention_bwd_cpu);
   m.impl("group_norm_silu_fwd", &diffusion_fast::group_norm_silu_fwd_cpu);
   m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cpu);
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cpu);  // one kernel, two names

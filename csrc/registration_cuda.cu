@@ -2,6 +2,7 @@
 // Compiled only when setup.py builds the CUDA part.
 #include <torch/library.h>
 
+#include "attention/attention.h"
 #include "dpm2015_step/dpm2015_step.h"
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 #include "group_norm_silu/group_norm_silu.h"
@@ -9,6 +10,8 @@
 #include "sampler_steps/sampler_steps.h"
 
 TORCH_LIBRARY_IMPL(diffusion_fast, CUDA, m) {
+  m.impl("attention_fwd", &diffusion_fast::attention_fwd_cuda);
+  m.impl("attention_bwd", &diffusion_fast::attention_bwd_cuda);
   m.impl("group_norm_silu_fwd", &diffusion_fast::group_norm_silu_fwd_cuda);
   m.impl("group_norm_silu_bwd", &diffusion_fast::group_norm_silu_bwd_cuda);
   m.impl("ddpm_step", &diffusion_fast::sampler_step_cuda);  // one kernel, two names

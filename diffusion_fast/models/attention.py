@@ -1,8 +1,8 @@
 """The one attention call every model in diffusion_fast goes through.
 
 Models call ``attention(q, k, v[, causal])`` and nothing else, so that the attention op
-(``diffusion_fast.ops.attention``: our Triton flash kernel or PyTorch's SDPA, chosen per shape
-by the backend) serves every model.
+(``diffusion_fast.ops.attention``: our C++/CUDA or Triton kernels or PyTorch's SDPA, chosen per
+shape by the backend) serves every model.
 """
 
 from __future__ import annotations

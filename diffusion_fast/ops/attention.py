@@ -5,22 +5,27 @@
     keys 0..i also when Sq != Sk (rows i >= Sk see every key). (FlashAttention's own kernels
     align bottom-right instead.)
 
-q: (B, H, Sq, D); k, v: (B, H, Sk, D), Sk >= 1, D <= 512; float16/bfloat16/float32 (float64
-runs on the torch backend); one dtype and device; any strides. Returns (B, H, Sq, D) in q's dtype.
+q: (B, H, Sq, D); k, v: (B, H, Sk, D), Sk >= 1, D <= 512; float16/bfloat16/float32/float64
+(float64: not on triton); one dtype and device; any strides. Returns (B, H, Sq, D) in q's dtype.
 Differentiable in q, k and v.
 
 Backends (``diffusion_fast.backends``):
+- ``cuda``: our C++ kernels, CPU and CUDA (csrc/attention/): the score matrix materialised per chunk
+  of batch * heads, S = q kᵀ and out = P v by cuBLAS (oneDNN on the CPU) with fp32 scores, softmax
+  and logsumexp in one row kernel; the backward likewise (five matmuls, one row kernel). Made for
+  the UNet's single head with D = 256-512, where the matmuls dominate and PyTorch's flash kernel
+  stops; float64 too; ops ``attention_fwd/_bwd``.
 - ``triton``: kernels/attention.py, FlashAttention-2 forward and backward (Dao 2023) with the
   head dim split into chunks so that D = 512 fits on chip; ops ``attention_triton_fwd/_bwd``.
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention``, which picks its own
   flash / memory-efficient / math kernel. ``attention_ref`` is the plain formula for tests.
-- ``cuda``: there is no C++/CUDA kernel; a ``cuda`` request (e.g. a whole model run with
-  ``use_backend("cuda")``) gets auto's choice, without a fallback warning.
-``auto``: torch on CPU tensors (and float64); on GPU tensors, the winner of triton vs torch for the call's
-(head-dim bucket, sequence bucket, causal, dtype, fwd or fwd+bwd) in the table that
+``auto``: cuda on CPU tensors (at or above SDPA at every shape of ``bench_attention --device cpu``:
+1.0-1.07x at the UNet's, 1.3-1.7x at CLIP's); on GPU tensors, the fastest of cuda, triton and torch for the
+call's (head-dim bucket, sequence bucket, causal, dtype, fwd or fwd+bwd) in the table that
 ``benchmarks/bench_attention.py`` wrote for this GPU (``benchmarks/results/*/bench_attention_table.json``,
-or the files in ``DIFFUSION_FAST_ATTENTION_TABLE``), else triton for D > 256 (PyTorch's flash
-kernel stops at 256) and torch otherwise. ``diffusion_fast.env_info()["auto_rules"]`` says which.
+or the files in ``DIFFUSION_FAST_ATTENTION_TABLE``), else cuda for D > 256 (PyTorch's flash
+kernel stops at 256; plain bf16 matmuls beat SDPA there 2.4x forward and 8x fwd+bwd on an H100)
+and torch otherwise. ``diffusion_fast.env_info()["auto_rules"]`` says which.
 """
 
 from __future__ import annotations
@@ -62,21 +67,24 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: 
 
 
 # ---------------------------------------------------------------------------
-# Op schemas, defined once, implemented by kernels/attention.py (no C++ kernel). lse: (B, H, Sq)
-# float32 natural-log logsumexp of each row of the scaled scores, kept for the backward.
+# Op schemas, defined once: ``attention_fwd``/``_bwd`` implemented in C++ (csrc/attention/, CPU and
+# CUDA dispatch keys), the ``_triton`` twins by kernels/attention.py. lse: (B, H, Sq) natural-log
+# logsumexp of each row of the scaled scores, float32 (float64 for float64 q), kept for the backward.
 # ---------------------------------------------------------------------------
 FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)"
 BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
               "float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)")
-OPS = {"triton": "attention_triton"}
-IMPLEMENTED = ("triton", "torch")  # backends this op has; a cuda request runs auto's choice
+OPS = {"cuda": "attention", "triton": "attention_triton"}
+IMPLEMENTED = ("cuda", "triton", "torch")
 
-backends.LIBRARY.define(OPS["triton"] + "_fwd" + FWD_SCHEMA)
-backends.LIBRARY.define(OPS["triton"] + "_bwd" + BWD_SCHEMA)
+for _name in OPS.values():
+    backends.LIBRARY.define(_name + "_fwd" + FWD_SCHEMA)
+    backends.LIBRARY.define(_name + "_bwd" + BWD_SCHEMA)
 
 
 def _fake_fwd(q, k, v, causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 def _fake_bwd(grad_out, q, k, v, out, lse, causal, scale):
@@ -91,17 +99,21 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    bwd = torch.ops.diffusion_fast.attention_triton_bwd
-    grad_q, grad_k, grad_v = bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
-    return grad_q, grad_k, grad_v, None, None
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v = bwd_op(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+        return grad_q, grad_k, grad_v, None, None
+
+    return backward
 
 
-_fwd_op = torch.ops.diffusion_fast.attention_triton_fwd.default
-torch.library.register_fake(_fwd_op, _fake_fwd)
-torch.library.register_fake(torch.ops.diffusion_fast.attention_triton_bwd.default, _fake_bwd)
-backends.register_autograd_fallback(_fwd_op, _backward, _setup_context)
+for _name in OPS.values():
+    _fwd = getattr(torch.ops.diffusion_fast, _name + "_fwd").default
+    _bwd = getattr(torch.ops.diffusion_fast, _name + "_bwd").default
+    torch.library.register_fake(_fwd, _fake_fwd)
+    torch.library.register_fake(_bwd, _fake_bwd)
+    backends.register_autograd_fallback(_fwd, _make_backward(_bwd), _setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -113,7 +125,8 @@ TABLE_ENV = "DIFFUSION_FAST_ATTENTION_TABLE"  # os.pathsep-separated files; repl
 # in a source checkout it sits beside the package.
 RESULTS = (Path(__file__).resolve().parents[1] / "benchmarks" / "results",
            Path(__file__).resolve().parents[2] / "benchmarks" / "results")
-DEFAULT_RULE = "triton if head_dim > 256 (beyond PyTorch's flash kernel) else torch (SDPA)"
+DEFAULT_RULE = "cuda if head_dim > 256 (beyond PyTorch's flash kernel) else torch (SDPA)"
+TABLE_BACKENDS = ("cuda", "triton", "torch")
 
 
 def _bucket(n, lowest: int) -> int:
@@ -139,7 +152,7 @@ def _load_tables() -> tuple:
         try:
             data = json.loads(path.read_text())
             winners = {(e["head_dim"], e["seq"], bool(e["causal"]), e["dtype"], e["mode"]): e["backend"]
-                       for e in data["entries"] if e["backend"] in ("triton", "torch")}
+                       for e in data["entries"] if e["backend"] in TABLE_BACKENDS}
             name, date = data["device_name"], str(data.get("date", ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
@@ -159,34 +172,33 @@ def _device_name(index: int) -> str:
 
 
 def auto_choice(device_name: str, key: tuple) -> str:
-    """"triton" or "torch" for a GPU call: the table's winner for ``key`` (``table_key``), else
-    the default rule (the key's head-dim bucket is > 256 exactly when the head dim is)."""
+    """"cuda", "triton" or "torch" for a GPU call: the table's winner for ``key`` (``table_key``),
+    else the default rule (the key's head-dim bucket is > 256 exactly when the head dim is)."""
     table = _TABLES.get(device_name)
     winner = table["winners"].get(key) if table is not None else None
-    return winner or ("triton" if key[0] > 256 else "torch")
+    return winner or ("cuda" if key[0] > 256 else "torch")
 
 
 def _auto_order(q: Tensor, k: Tensor, causal: bool, mode: str) -> tuple:
-    """Backends auto tries for this call, best first (triton only where it takes the input)."""
-    if q.device.type != "cuda" or q.dtype == torch.float64 or q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        return ("torch",)
+    """Backends auto tries for this call, best first; torch, which runs anything, last."""
+    if q.device.type != "cuda":
+        return ("cuda", "torch")
     key = table_key(q.shape[-1], q.shape[-2], k.shape[-2], causal, q.dtype, mode)
-    if auto_choice(_device_name(q.device.index or 0), key) == "triton":
-        return ("triton", "torch")
-    return ("torch",)
+    choice = auto_choice(_device_name(q.device.index or 0), key)
+    return tuple(dict.fromkeys((choice, "torch")))
 
 
 def _describe_auto() -> dict:
     """env_info()'s entry: the rule and where the current GPU's choices come from."""
-    source = "CPU tensors: always torch"
+    source = "CPU tensors: always cuda (our C++ CPU kernels)"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         table = _TABLES.get(name)
         source = (f"{table['path']} ({len(table['winners'])} keys; other keys: {DEFAULT_RULE})" if table
                   else f"no benchmark table for {name}: {DEFAULT_RULE}")
-    return dict(rule="CPU: torch. GPU: the winner of triton vs torch per (head_dim bucket, seq bucket, causal, "
-                     f"dtype, fwd|fwd+bwd) from bench_attention's table for this GPU model, else {DEFAULT_RULE}. "
-                     "No cuda (C++) kernel: a cuda request gets this same choice",
+    return dict(rule="CPU: cuda (C++). GPU: the fastest of cuda, triton and torch per (head_dim bucket, seq "
+                     "bucket, causal, dtype, fwd|fwd+bwd) from bench_attention's table for this GPU model, else "
+                     f"{DEFAULT_RULE}; torch where the choice cannot run the call",
                 source=source, tables={n: t["path"] for n, t in _TABLES.items()}, table_errors=_TABLE_ERRORS)
 
 
@@ -232,8 +244,6 @@ def _check_inputs(q, k, v, causal, scale) -> None:
 
 def _unsupported(backend: str, q: Tensor) -> Optional[str]:
     """Why ``backend`` cannot run attention on q (None when it can)."""
-    if backend not in IMPLEMENTED:
-        return "no C++/CUDA kernel for attention (it runs on triton or PyTorch's SDPA)"
     if backend == "triton" and q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
         return f"Triton attention takes batch * heads <= {MAX_BATCH_HEADS}, got {q.shape[0] * q.shape[1]}"
     return backends.unsupported(backend, q)
@@ -252,7 +262,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     backend = backends.select("attention", q, _unsupported, auto=auto, implemented=IMPLEMENTED)
     if backend == "torch":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return torch.ops.diffusion_fast.attention_triton_fwd(q, k, v, causal, scale)[0]
+    return getattr(torch.ops.diffusion_fast, OPS[backend] + "_fwd")(q, k, v, causal, scale)[0]
 
 
 # The Triton ops run kernels/attention.py, imported on first use so that importing

@@ -1,4 +1,5 @@
-"""attention: triton (interpreter on the CPU) and torch (SDPA) against the float64 reference, fwd and bwd."""
+"""attention: C++ (CPU; CUDA on a GPU), triton (interpreter on the CPU) and torch (SDPA) against the
+float64 reference, fwd and bwd."""
 
 import importlib
 import json
@@ -19,8 +20,7 @@ attention_module = importlib.import_module("diffusion_fast.ops.attention")  # th
 def _small_ops_use_one_thread(one_thread):
     yield
 
-# our backends for this op: no C++ kernel, so no "cuda"/"ext" rows
-BACKENDS = [p for p in BACKEND_DEVICES if p.values[0] != "cuda"]
+BACKENDS = BACKEND_DEVICES
 
 # (B, H, Sq, Sk, D, causal), named by intent; interpreter-sized (seq <= 77, batch <= 2)
 CASES = {
@@ -88,7 +88,7 @@ def test_matches_reference(backend, device, case):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_matches_reference_gpu_shapes(backend, case):
     shape = GPU_CASES[case]
@@ -142,30 +142,41 @@ def test_small_blocks_many_tiles(monkeypatch, device, shape, dtype):
     check_against_reference("triton", q, k, v, shape[-1], dtype)
 
 
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gradcheck_torch_path(causal):
+def test_gradcheck(backend, causal):
     q, k, v = (torch.randn(1, 2, s, 6, dtype=torch.float64, requires_grad=True) for s in (5, 7, 7))
+    require_backend(backend, "attention", q, _unsupported)
 
     def f(q, k, v):
-        with diffusion_fast.use_backend("torch"):
+        with diffusion_fast.use_backend(backend):
             return attention(q, k, v, causal=causal)
 
     assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
 
 
+def test_cpp_chunks_of_batch_heads():
+    """Scores beyond the C++ workspace budget (64 MiB on the CPU) run in chunks of batch * heads:
+    5 heads of 2048 x 2048 fp32 scores (16 MiB each) make chunks of 4 + 1 forward, 2 + 2 + 1 backward."""
+    q, k, v = make_qkv((1, 5, 2048, 2048, 8, True), torch.float32, "cpu")
+    require_backend("cuda", "attention", q, _unsupported)
+    check_against_reference("cuda", q, k, v, True, torch.float32)
+
+
 # ---------------------------------------------------------------------------
 # torch.library integration
 # ---------------------------------------------------------------------------
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
 def test_opcheck(backend, device):
     q, k, v = make_qkv((2, 2, 9, 11, 40, False), torch.float32, device)
     require_backend(backend, "attention", q, _unsupported)
-    fwd = torch.ops.diffusion_fast.attention_triton_fwd.default
+    name = attention_module.OPS[backend]
+    fwd = getattr(torch.ops.diffusion_fast, name + "_fwd").default
     for causal in (False, True):
         torch.library.opcheck(fwd, (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal, 0.2))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), True, 0.2)
     grad_out = to_layout(torch.randn_like(out), "strided")
-    bwd = torch.ops.diffusion_fast.attention_triton_bwd.default
+    bwd = getattr(torch.ops.diffusion_fast, name + "_bwd").default
     torch.library.opcheck(bwd, (grad_out, q.detach(), k.detach(), v.detach(), out, lse, True, 0.2))
 
 
@@ -206,27 +217,50 @@ def _select(q, k, causal=False, mode="fwd"):
     return backends.select("attention", q, _unsupported, auto=auto, implemented=attention_module.IMPLEMENTED)
 
 
-def test_auto_is_sdpa_on_cpu(monkeypatch):
+def test_auto_is_the_cpp_op_on_cpu(monkeypatch):
     monkeypatch.setattr(backends, "_fallbacks", {})
     q, k, v = make_qkv((1, 1, 5, 5, 512, False), torch.float32, "cpu")
+    require_backend("cuda", "attention", q, _unsupported)
     with backends.warnings.catch_warnings():
-        backends.warnings.simplefilter("error")  # no fallback warning: torch is auto's only choice
-        assert _select(q, k) == "torch"
+        backends.warnings.simplefilter("error")  # no fallback warning
+        assert _select(q, k) == "cuda"
         torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v))
     assert backends.fallbacks() == []
 
 
-def test_cuda_request_gets_auto_choice(monkeypatch):
-    """No C++ kernel by design: use_backend("cuda") (a whole model on our C++ ops) runs auto's
-    choice for attention, without a fallback warning or record."""
+def test_cuda_request_runs_the_cpp_op(monkeypatch):
+    """use_backend("cuda") runs our C++ op (here its CPU kernels), without a fallback."""
     monkeypatch.setattr(backends, "_fallbacks", {})
     q, k, v = make_qkv((1, 1, 5, 5, 16, False), torch.float32, "cpu")
+    require_backend("cuda", "attention", q, _unsupported)
+    calls = []
+    real = torch.ops.diffusion_fast.attention_fwd
+    monkeypatch.setattr(torch.ops.diffusion_fast, "attention_fwd", lambda *a: calls.append(a) or real(*a))
     with diffusion_fast.use_backend("cuda"), backends.warnings.catch_warnings():
         backends.warnings.simplefilter("error")
-        assert _select(q, k) == "torch"
+        assert _select(q, k) == "cuda"
         out = attention(q, k, v)
-    torch.testing.assert_close(out, attention_ref(q, k, v))
-    assert backends.fallbacks() == [] and _unsupported("cuda", q)
+    assert len(calls) == 1
+    assert_close(out, attention_ref(q.double(), k.double(), v.double()), torch.float32, "cuda on the CPU")
+    assert backends.fallbacks() == []
+
+
+def test_cpp_op_rejects_bad_input():
+    """The C++ op checks its arguments itself (it is reachable without the Python wrapper)."""
+    q = torch.randn(1, 2, 5, 8)
+    fwd = torch.ops.diffusion_fast.attention_fwd
+    require_backend("cuda", "attention", q, _unsupported)
+    with pytest.raises(RuntimeError, match="k must have shape"):
+        fwd(q, torch.randn(1, 2, 5, 4), q, False, 1.0)
+    with pytest.raises(RuntimeError, match="v must have k's sequence length"):
+        fwd(q, q, q[:, :, :3], False, 1.0)
+    with pytest.raises(RuntimeError, match="v must have q's dtype"):
+        fwd(q, q, q.double(), False, 1.0)
+    with pytest.raises(RuntimeError, match="must be float16, bfloat16, float32 or float64"):
+        fwd(*(t.int() for t in (q, q, q)), False, 1.0)
+    out, lse = fwd(q, q, q, False, 1.0)
+    with pytest.raises(RuntimeError, match="lse must be"):
+        torch.ops.diffusion_fast.attention_bwd(out, q, q, q, out, lse.double(), False, 1.0)
 
 
 def test_triton_without_interpreter_falls_back(monkeypatch):
@@ -234,7 +268,7 @@ def test_triton_without_interpreter_falls_back(monkeypatch):
     monkeypatch.setattr(backends, "_INTERPRET", False)
     q, k, _ = make_qkv((1, 1, 5, 5, 16, False), torch.float32, "cpu")
     with diffusion_fast.use_backend("triton"), pytest.warns(RuntimeWarning, match="Triton needs a GPU"):
-        assert _select(q, k) == "torch"
+        assert _select(q, k) == "cuda"  # auto's order on the CPU
 
 
 def test_table_key_buckets():
@@ -262,7 +296,7 @@ def test_table_drives_auto(monkeypatch, tmp_path):
     choice = attention_module.auto_choice
     assert choice("Test GPU", (64, 128, True, "bf16", "fwd")) == "triton"  # measured
     assert choice("Test GPU", (64, 128, True, "bf16", "fwd+bwd")) == "torch"  # not measured: default
-    assert choice("Test GPU", (512, 1024, False, "bf16", "fwd")) == "triton"  # default: D > 256
+    assert choice("Test GPU", (512, 1024, False, "bf16", "fwd")) == "cuda"  # default: D > 256
     assert choice("Other GPU", (64, 128, True, "bf16", "fwd")) == "torch"
 
 
@@ -304,7 +338,7 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton", "auto"])
 @pytest.mark.parametrize("name,change,exc,arg", BAD, ids=[b[0] for b in BAD])
 def test_bad_input(backend, name, change, exc, arg):
     q, k, v = (torch.randn(2, 2, 5, 16) for _ in range(3))
