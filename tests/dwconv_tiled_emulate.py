@@ -61,7 +61,7 @@ def read_configs() -> dict:
         r"using Cfg(\w) = Cfg<(\d+), (\d+), (\d+), (\d+)>;", src)}
     assert set(cfgs) == {"L", "M", "S"}, cfgs
     # The host's choice by W, mirrored by pick() below.
-    assert "if (W > 16) return run<CfgL" in src and "if (W > 8) return run<CfgM" in src
+    assert "if (W > 16) return f(CfgL{}, k_c);" in src and "if (W > 8) return f(CfgM{}, k_c);" in src
     assert re.search(r"constexpr int kV = 4;", src)
     return cfgs
 
@@ -105,15 +105,13 @@ def tile_of(cf: Cfg, g: Geo, block: int, p: int):
     return dict(id=tid, on=on, plane=plane, c=plane % g.C, x0=x0, y0=y0)
 
 
-def load_tile(cf: Cfg, K: int, g: Geo, xp: np.ndarray, x0: int, y0: int):
-    """The tile's smem (flat, SR * P) as the NT threads fill it; also counts writes per slot."""
-    R = K // 2
-    SR = cf.TH + 2 * R
-    s = np.full(SR * cf.P, np.nan)
-    writes = np.zeros(SR * cf.P, dtype=int)
-    NT = cf.NT
+def load_region(NT: int, SR: int, P: int, g: Geo, xp: np.ndarray, gy0: int, gx0: int):
+    """load_region's smem (flat, SR * P) as its NT threads fill it: s[r*P + j] = x[gy0 + r][gx0 + j], 0 outside."""
+    s = np.full(SR * P, np.nan)
+    writes = np.zeros(SR * P, dtype=int)
+    assert P % 2 == 0 and (not g.pair_load or gx0 % 2 == 0)
     if g.pair_load:
-        PP = cf.P // 2
+        PP = P // 2
         TOT = SR * PP
         IT = (TOT + NT - 1) // NT
         for lt in range(NT):
@@ -121,7 +119,7 @@ def load_tile(cf: Cfg, K: int, g: Geo, xp: np.ndarray, x0: int, y0: int):
             for i in range(IT):
                 e = lt + i * NT
                 r, q = e // PP, e - (e // PP) * PP
-                gy, gx = y0 - R + r, x0 - 2 + 2 * q
+                gy, gx = gy0 + r, gx0 + 2 * q
                 v = (0.0, 0.0)
                 if e < TOT and 0 <= gy < g.H and 0 <= gx < g.W:
                     a = gy * g.W + gx
@@ -131,18 +129,18 @@ def load_tile(cf: Cfg, K: int, g: Geo, xp: np.ndarray, x0: int, y0: int):
             for i in range(IT):
                 e = lt + i * NT
                 if e < TOT:
-                    assert 2 * e == (e // PP) * cf.P + 2 * (e % PP)
+                    assert 2 * e == (e // PP) * P + 2 * (e % PP)
                     s[2 * e], s[2 * e + 1] = vals[i]
                     writes[2 * e] += 1
                     writes[2 * e + 1] += 1
     else:
-        TOT = SR * cf.P
+        TOT = SR * P
         IT = (TOT + NT - 1) // NT
         for lt in range(NT):
             for i in range(IT):
                 e = lt + i * NT
-                r, j = e // cf.P, e % cf.P
-                gy, gx = y0 - R + r, x0 - 2 + j
+                r, j = e // P, e % P
+                gy, gx = gy0 + r, gx0 + j
                 v = 0.0
                 if e < TOT and 0 <= gy < g.H and 0 <= gx < g.W:
                     v = xp[gy * g.W + gx]
@@ -150,13 +148,18 @@ def load_tile(cf: Cfg, K: int, g: Geo, xp: np.ndarray, x0: int, y0: int):
                     s[e] = v
                     writes[e] += 1
     assert (writes == 1).all(), "every smem slot is written exactly once"
-    # The slot <-> element map: s[r*P + j] == x[y0 - R + r][x0 - 2 + j] or 0 outside the plane.
-    for r in range(SR):
-        for j in range(cf.P):
-            gy, gx = y0 - R + r, x0 - 2 + j
+    for r in range(SR):  # the slot <-> element map
+        for j in range(P):
+            gy, gx = gy0 + r, gx0 + j
             want = xp[gy * g.W + gx] if (0 <= gy < g.H and 0 <= gx < g.W) else 0.0
-            assert s[r * cf.P + j] == want
+            assert s[r * P + j] == want
     return s
+
+
+def load_tile(cf: Cfg, K: int, g: Geo, xp: np.ndarray, x0: int, y0: int):
+    """The tile's conv input: s[r*P + j] = x[y0 - R + r][x0 - 2 + j]."""
+    R = K // 2
+    return load_region(cf.NT, cf.TH + 2 * R, cf.P, g, xp, y0 - R, x0 - 2)
 
 
 _window_cache: dict = {}
@@ -303,25 +306,140 @@ def emulate(x, w, cb, gamma, beta, eps, swish, pair_load=None, vec_store=None):
         base = t["plane"] * HW
         for lt, acc in accs.items():
             tx, ty = lt % cf.TX, lt // cf.TX
-            gy0, gx0 = t["y0"] + ty * cf.RY, t["x0"] + tx * KV
-            for i in range(cf.RY):
-                gy = gy0 + i
-                if gy >= H or gx0 >= W:
-                    break
-                zn = coef[0, c] * acc[i] + coef[1, c]
-                o = zn / (1.0 + np.exp(-zn)) if swish else zn
-                row = base + gy * W + gx0
-                if g.vec_store:
-                    assert row % 4 == 0 and gx0 + 3 < W, "vector store aligned and inside the row"
-                    y[row:row + 4] = o
-                    y_writes[row:row + 4] += 1
-                else:
-                    for v in range(KV):
-                        if gx0 + v < W:
-                            y[row + v] = o[v]
-                            y_writes[row + v] += 1
+            zn = coef[0, c] * acc + coef[1, c]
+            o = zn / (1.0 + np.exp(-zn)) if swish else zn
+            store_outputs(y, y_writes, o, g, cf, base, t["y0"] + ty * cf.RY, t["x0"] + tx * KV)
     assert (y_writes == 1).all(), "each output is written exactly once"
     return y.reshape(x.shape), mean, var, part, g, cf
+
+
+def act_grad(z, dy, swish):
+    if not swish:
+        return dy
+    sg = 1.0 / (1.0 + np.exp(-z))
+    return dy * sg * (1.0 + z * (1.0 - sg))
+
+
+def store_outputs(out, writes, acc, g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
+    """The apply / dx kernels' stores of one thread's RY x 4 outputs (vector or scalar), counting writes."""
+    for i in range(cf.RY):
+        gy = gy0 + i
+        if gy >= g.H or gx0 >= g.W:
+            break
+        row = base + gy * g.W + gx0
+        if g.vec_store:
+            assert row % 4 == 0 and gx0 + 3 < g.W, "vector store aligned and inside the row"
+            out[row:row + 4] = acc[i]
+            writes[row:row + 4] += 1
+        else:
+            for v in range(KV):
+                if gx0 + v < g.W:
+                    out[row + v] = acc[i][v]
+                    writes[row + v] += 1
+
+
+def emulate_bwd(x, dy, w, cb, gamma, beta, mean, var, eps, swish, training, pair_load=None, vec_store=None):
+    """The backward kernels (bwd_sums, bwd_dx) on x, dy (N, C, H, W) float64 with the statistics the forward
+    normalised with. Returns dx, sums (C, 2) = (sum dzn, sum dzn zhat), gw (C, K*K + 1) as run_bwd would."""
+    N, C, H, W = x.shape
+    K = w.shape[-1]
+    R, KK = K // 2, K * K
+    cf = pick(W)
+    g = make_geo(cf, N, C, H, W, W % 2 == 0 if pair_load is None else pair_load,
+                 W % 4 == 0 if vec_store is None else vec_store)
+    xf, dyf = x.reshape(-1), dy.reshape(-1)
+    HW = H * W
+    SR, P = cf.TH + 2 * R, cf.P
+    SRX, PX = cf.TH + 4 * R, cf.TW + 8
+    assert (SR * P) % 4 == 0 and (SRX * PX) % 4 == 0, "each tile's smem starts 16-byte aligned"
+    # coef_kernel
+    rstd = 1.0 / np.sqrt(var + eps)
+    sc = (np.ones(C) if gamma is None else gamma) * rstd
+    mean_conv = mean - (0.0 if cb is None else cb)
+    sh = (np.zeros(C) if beta is None else beta) - mean_conv * sc
+    blocks = (g.tiles + cf.PB - 1) // cf.PB
+    # ---- bwd_sums ----
+    part = np.full((g.tiles, 2), np.nan)
+    for b in range(blocks):
+        for p in range(cf.PB):
+            t = tile_of(cf, g, b, p)
+            if not t["on"]:
+                continue
+            c, base = t["c"], t["plane"] * HW
+            s = load_tile(cf, K, g, xf[base:base + HW], t["x0"], t["y0"])
+            tot = np.zeros(2)
+            for lt in range(cf.NT):
+                tx, ty = lt % cf.TX, lt // cf.TX
+                acc = (s[window_index(cf, K, tx, ty)] * w[c][None, None]).sum(axis=(2, 3))
+                gy0, gx0 = t["y0"] + ty * cf.RY, t["x0"] + tx * KV
+                for i in range(cf.RY):
+                    for v in range(KV):
+                        if gy0 + i < H and gx0 + v < W:
+                            dzn = act_grad(sc[c] * acc[i, v] + sh[c], dyf[base + (gy0 + i) * W + gx0 + v], swish)
+                            tot += (dzn, dzn * (acc[i, v] - mean_conv[c]) * rstd[c])
+            assert np.isnan(part[t["id"]]).all(), "each tile's partial is written once"
+            part[t["id"]] = tot
+    assert np.isfinite(part).all()
+    sums = part.reshape(N, C, g.tiles_plane, 2).sum(axis=(0, 2))
+    # ---- bwd_dx ----
+    inv_m = 1.0 / (N * H * W)
+    dx = np.full(N * C * HW, np.nan)
+    dx_writes = np.zeros(N * C * HW, dtype=int)
+    part_w = np.full((g.tiles, KK + 1), np.nan)
+    wf_all = w.reshape(C, KK)[:, ::-1].reshape(C, K, K)  # flipped: wf[i][j] = w[K-1-i][K-1-j]
+    for b in range(blocks):
+        for p in range(cf.PB):
+            t = tile_of(cf, g, b, p)
+            if not t["on"]:
+                continue
+            c, base, x0, y0 = t["c"], t["plane"] * HW, t["x0"], t["y0"]
+            X = load_region(cf.NT, SRX, PX, g, xf[base:base + HW], y0 - 2 * R, x0 - 4)
+            q = -sc[c] * sums[c, 1] * inv_m if training else 0.0
+            r0 = -sc[c] * sums[c, 0] * inv_m if training else 0.0
+            D = np.full(SR * P, np.nan)
+            for lt in range(cf.NT):
+                for e in range(lt, SR * P, cf.NT):
+                    rd, jd = divmod(e, P)
+                    gy, gx = y0 - R + rd, x0 - 2 + jd
+                    dz = 0.0
+                    if 0 <= gy < H and 0 <= gx < W:
+                        z = 0.0
+                        for i in range(K):
+                            for j in range(K):
+                                slot = (rd + i) * PX + jd + 2 - R + j
+                                assert 0 <= jd + 2 - R + j < PX and rd + i < SRX
+                                inside = 0 <= gy - R + i < H and 0 <= gx - R + j < W
+                                assert X[slot] == (xf[base + (gy - R + i) * W + gx - R + j] if inside else 0.0)
+                                z += w[c, i, j] * X[slot]
+                        dzn = act_grad(sc[c] * z + sh[c], dyf[base + gy * W + gx], swish)
+                        dz = sc[c] * dzn + q * (z - mean_conv[c]) * rstd[c] + r0
+                    assert np.isnan(D[e]), "each dz slot is computed once"
+                    D[e] = dz
+            tot = np.zeros(KK + 1)
+            for lt in range(cf.NT):
+                tx, ty = lt % cf.TX, lt // cf.TX
+                acc = (D[window_index(cf, K, tx, ty)] * wf_all[c][None, None]).sum(axis=(2, 3))
+                gy0, gx0 = y0 + ty * cf.RY, x0 + tx * KV
+                store_outputs(dx, dx_writes, acc, g, cf, base, gy0, gx0)
+                for i in range(cf.RY):
+                    gy = gy0 + i
+                    if gy >= H or gx0 >= W:
+                        break
+                    for v in range(KV):
+                        if gx0 + v >= W:
+                            continue
+                        d = D[(ty * cf.RY + i + R) * P + KV * tx + v + 2]
+                        tot[KK] += d
+                        for ii in range(K):
+                            for jj in range(K):
+                                col = KV * tx + v + 4 - R + jj
+                                assert 0 <= col < PX
+                                tot[ii * K + jj] += d * X[(ty * cf.RY + i + R + ii) * PX + col]
+            assert np.isnan(part_w[t["id"]]).all()
+            part_w[t["id"]] = tot
+    assert (dx_writes == 1).all(), "each dx element is written exactly once"
+    gw = part_w.reshape(N, C, g.tiles_plane, KK + 1).sum(axis=(0, 2))
+    return dx.reshape(x.shape), sums, gw
 
 
 def reference(x, w, cb, gamma, beta, eps, swish):
@@ -377,6 +495,12 @@ CASES = [  # (N, C, H, W, K)
 ]
 
 
+BWD_CASES = [  # (N, C, H, W, K): each config, K 3 and 5, odd sizes, one-pixel planes
+    (2, 3, 7, 5, 3), (1, 4, 8, 8, 5), (2, 2, 1, 1, 5), (2, 3, 10, 6, 5), (1, 2, 17, 16, 3), (2, 2, 33, 37, 5),
+    (1, 2, 20, 36, 3), (1, 17, 16, 16, 5),
+]
+
+
 def check(case, rng, pair_load=None, vec_store=None, params=True, swish=True, shift=3.0):
     N, C, H, W, K = case
     x = rng.standard_normal((N, C, H, W)) * 1.5 + shift
@@ -402,6 +526,45 @@ def check(case, rng, pair_load=None, vec_store=None, params=True, swish=True, sh
     return ok
 
 
+def check_bwd(case, rng, training=True, pair_load=None, vec_store=None, params=True, swish=True):
+    """emulate_bwd against PyTorch's autograd of conv2d -> batch_norm -> silu in float64."""
+    import torch
+    import torch.nn.functional as F
+
+    N, C, H, W, K = case
+    x = rng.standard_normal((N, C, H, W)) * 1.5 + 3.0
+    dy = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((C, K, K)) * 0.3
+    cb = rng.standard_normal(C) if params else None
+    gamma = 1.0 + 0.3 * rng.standard_normal(C) if params else None
+    beta = 0.3 * rng.standard_normal(C) if params else None
+    eps = 1e-5
+    t = {k: None if v is None else torch.tensor(v, requires_grad=True)
+         for k, v in dict(x=x, w=w, cb=cb, gamma=gamma, beta=beta).items()}
+    z = F.conv2d(t["x"], t["w"][:, None], t["cb"], padding=K // 2, groups=C)
+    if training:
+        mean, var = z.detach().mean(dim=(0, 2, 3)), z.detach().var(dim=(0, 2, 3), unbiased=False)
+    else:  # running statistics near the batch's
+        mean = z.detach().mean(dim=(0, 2, 3)) + 0.1 * torch.tensor(rng.standard_normal(C))
+        var = z.detach().var(dim=(0, 2, 3)) * (1.0 + 0.2 * torch.tensor(rng.random(C)))
+    zn = F.batch_norm(z, None if training else mean, None if training else var, t["gamma"], t["beta"], training,
+                      0.0, eps)
+    y = F.silu(zn) if swish else zn
+    y.backward(torch.tensor(dy))
+    dx, sums, gw = emulate_bwd(x, dy, w, cb, gamma, beta, mean.numpy(), var.numpy(), eps, swish, training,
+                               pair_load, vec_store)
+    want = dict(dx=t["x"].grad.numpy(), dw=t["w"].grad.numpy().reshape(C, K * K))
+    got = dict(dx=dx, dw=gw[:, :K * K])
+    if params:
+        want.update(dcb=t["cb"].grad.numpy(), dgamma=t["gamma"].grad.numpy(), dbeta=t["beta"].grad.numpy())
+        got.update(dcb=gw[:, K * K], dgamma=sums[:, 1], dbeta=sums[:, 0])
+    errs = {k: np.abs(got[k] - want[k]).max() / max(1.0, np.abs(want[k]).max()) for k in want}
+    ok = all(np.isfinite(v) and v < 1e-9 for v in errs.values())
+    print(f"{'ok  ' if ok else 'FAIL'} bwd {N}x{C}x{H}x{W} K={K} train={int(training)} params={int(params)} "
+          + " ".join(f"{k}={v:.1e}" for k, v in errs.items()))
+    return ok
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
     print("configs from", CU.name, {k: (v.TW, v.TH, v.RY, v.PB, v.NT, v.THREADS) for k, v in CFGS.items()})
@@ -413,6 +576,9 @@ def main() -> int:
             ok &= check(case, rng, pair_load=False, vec_store=False)  # misaligned x / y: scalar paths
     ok &= check((2, 3, 10, 12, 5), rng, params=False, swish=False)
     ok &= check((2, 3, 10, 12, 3), rng, shift=100.0)  # large mean: robust variance
+    for case in BWD_CASES:
+        ok &= check_bwd(case, rng) and check_bwd(case, rng, training=False)
+    ok &= check_bwd((2, 3, 10, 12, 5), rng, params=False, swish=False)
     print("all ok" if ok else "FAILED")
     return 0 if ok else 1
 

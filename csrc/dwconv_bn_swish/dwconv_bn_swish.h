@@ -64,14 +64,21 @@ Fwd dwconv_bn_swish_fwd_cuda(const at::Tensor& x, const at::Tensor& conv_weight,
 DWBwd dwconv_bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& conv_weight,
                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish);
-// The shared-memory tiled forward (dwconv_bn_swish_cuda_tiled.cu) that dwconv_bn_swish_fwd_cuda runs where it
-// supports the input: NCHW-contiguous non-empty x of float32/float16/bfloat16, K in {3, 5}, 32-bit tile indexing.
+// The shared-memory tiled forward (dwconv_bn_swish_cuda_tiled.cu) that dwconv_bn_swish_fwd_cuda runs, and the
+// backward below that dwconv_bn_swish_bwd_cuda runs, where they support the input: NCHW-contiguous non-empty x of
+// float32/float16/bfloat16, K in {3, 5}, 32-bit tile indexing.
 // w: (C, 1, K, K) and cb, gamma, beta: (C,) or undefined, all float32 contiguous; y: x's shape, contiguous;
 // mean, var: (C,) float32, written when training, read (the running statistics) when not.
 bool dwconv_bn_swish_tiled_supports(const at::Tensor& x, int64_t K);
 void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb,
                                     const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y, at::Tensor& mean,
                                     at::Tensor& var, bool training, double eps, bool swish);
+// Its backward (same inputs; grad_y and grad_x contiguous): writes grad_x, returns sums (C, 2) = (sum dzn,
+// sum dzn * zhat), the grads of bn_bias and bn_weight, and gw (C, K*K + 1) = (conv-weight grad, conv-bias grad).
+std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish,
+    at::Tensor& grad_x);
 Fwd bn_swish_fwd_cuda(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
                       bool swish, bool needs_grad);

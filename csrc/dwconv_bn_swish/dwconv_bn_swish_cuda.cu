@@ -15,8 +15,8 @@
 //                      dz (TILES x C blocks): dz = sc dzn + q zhat + r in an fp32 (fp64) scratch of x's layout;
 //                      dx (SPLIT x C blocks): dx = sum w[i][j] dz[h+R-i][w+R-j], per-split dw and dcb.
 // Statistics and sums are fp32 (fp64 for fp64 x).
-// The forward of NCHW x with K 3 or 5 in fp32/fp16/bf16 runs the shared-memory tiled kernels of
-// dwconv_bn_swish_cuda_tiled.cu instead (x read once per tile, not once per tap).
+// The forward and backward of NCHW x with K 3 or 5 in fp32/fp16/bf16 run the shared-memory tiled kernels of
+// dwconv_bn_swish_cuda_tiled.cu instead (x read once per tile, not once per tap; no fp32 dz scratch).
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
 #include <ATen/Dispatch.h>
@@ -420,7 +420,7 @@ void with_k(int64_t k, const F& f) {
   }
 }
 
-// DIFFUSION_FAST_DWCONV_TILED=0 turns the tiled forward off (A/B timing against the kernels below); read once.
+// DIFFUSION_FAST_DWCONV_TILED=0 turns the tiled forward and backward off (A/B timing against the kernels below); read once.
 bool tiled_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("DIFFUSION_FAST_DWCONV_TILED");
@@ -498,6 +498,12 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
   const at::Tensor w = to_acc(conv_weight, acc), cb = to_acc(conv_bias, acc);
   const at::Tensor gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
   const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
+  if (conv && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K) && grad_y.is_contiguous()) {
+    const auto [sums, gw] = dwconv_bn_swish_bwd_cuda_tiled(grad_y, x, w, cb, gamma, beta, mean_c, var_c, training,
+                                                           eps, swish, grad_x);  // sums (C, 2), gw (C, KK + 1)
+    return {grad_x, grad_as(conv_weight, gw.narrow(1, 0, KK)), grad_as(conv_bias, gw.select(1, KK)),
+            grad_as(bn_weight, sums.select(1, 1)), grad_as(bn_bias, sums.select(1, 0))};
+  }
   const Geo g = make_geo(s);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor part = at::empty({2, g.split, s.C}, acc_opts);

@@ -1,9 +1,9 @@
-// Shared-memory tiled CUDA forward of dwconv_bn_swish (training and eval) for NCHW-contiguous x, K in {3, 5},
-// float32 / float16 / bfloat16: the path dwconv_bn_swish_fwd_cuda takes for those inputs (the other inputs, and
-// the backward, run the kernels of dwconv_bn_swish_cuda.cu; DIFFUSION_FAST_DWCONV_TILED=0 turns this path off).
-// Its kernels passed a float64-reference check on an H100 (2026-11-27) as a standalone probe: odd and NVAE
-// shapes, every dtype, K 3 and 5, y preset to NaN, determinism. tests/dwconv_tiled_emulate.py replays the
-// index math on the CPU.
+// Shared-memory tiled CUDA forward and backward of dwconv_bn_swish (training and eval) for NCHW-contiguous x,
+// K in {3, 5}, float32 / float16 / bfloat16: the path dwconv_bn_swish_fwd_cuda / _bwd_cuda take for those inputs
+// (other inputs run the kernels of dwconv_bn_swish_cuda.cu; DIFFUSION_FAST_DWCONV_TILED=0 turns this path off).
+// The forward's kernels passed a float64-reference check on an H100 (2026-11-27) as a standalone probe: odd and
+// NVAE shapes, every dtype, K 3 and 5, y preset to NaN, determinism; the backward has not run on a GPU yet.
+// tests/dwconv_tiled_emulate.py replays the index math of both on the CPU.
 //
 // Equations (R = K / 2, zero padding, stride 1; all arithmetic fp32, the finalize merge fp64)
 //   z'[n,c,h,w] = sum_{i,j < K} w[c,i,j] * x[n,c,h+i-R,w+j-R]          the conv without its bias cb
@@ -30,9 +30,21 @@
 //   1 stats (training; grid tiles / PB): per thread the exact mean and M2 of its valid outputs, Chan-merged
 //     across the tile -> part[0|1|2][tile] = count, mean', M2.
 //   2 finalize (training; one warp per channel): merges the channel's N * tiles_per_plane partials in fp64
-//     -> mean, var, coef = (sc, sh). Eval: eval_coef_kernel, one thread per channel.
+//     -> mean, var, coef = (sc, sh). Eval: coef_kernel, one thread per channel.
 //   3 apply (grid tiles / PB): reloads the tile, recomputes the conv, y = act(sc z' + sh).
 //   HBM traffic: training x read twice, y written once; eval x read once, y written once.
+// Backward (the statistics y was normalised with; dy NCHW-contiguous), zhat = (z' - mean') rstd, dzn = act'(zn) dy:
+//   A[c] = sum dzn, B[c] = sum dzn zhat (the grads of beta and gamma); dz = sc dzn + q zhat + r, training
+//   q = -sc B / M, r = -sc A / M (M = N H W), eval q = r = 0; dx = conv(dz, flipped w) with zero padding;
+//   dw[c][i][j] = sum dz[h][w] x[h+i-R][w+j-R], dcb = sum dz.
+//   coef (one thread per channel): sc, sh, mean', rstd.
+//   1 sums (grid tiles / PB): the stats pass's tile and conv, dy read per output -> part[tile] = (A, B) partials;
+//     ATen sums each channel's tiles (a fixed order) -> sums (C, 2).
+//   2 dx (grid tiles / PB): smem X = x over the tile + 2R halo (rows TH + 4R, pitch TW + 8, left halo 4 for both
+//     K); dz over the tile + R halo into smem D, laid out as the forward's conv input (so conv_tile with flipped
+//     weights gives dx), 0 outside the plane; per tile the dw and dcb partials -> ATen sums them per channel.
+//   HBM traffic: x read twice, dy read twice, dx written once (the untiled kernels also write and read an fp32
+//   dz, and read x and dz once per tap from L1/L2). Redundant work: dz over the halo, (TH+2R)(TW+4)/(TH TW) of it.
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -151,19 +163,20 @@ __device__ __forceinline__ Tile tile_of(const Geo& g, int p) {
   return t;
 }
 
-// Fills the tile's smem s[SR][P] (s[r*P + j] = x[y0 - R + r][x0 - 2 + j], 0 outside the plane); xp: the plane.
-// Thread lt of NT takes elements (or pairs) lt, lt + NT, ...; all of its loads are issued before its stores.
-template <class CF, int K, typename T>
-__device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __restrict__ s, int lt, int x0, int y0,
-                                          const Geo& g) {
-  constexpr int R = K / 2, SR = CF::TH + 2 * R, P = CF::P, NT = CF::NT;
+// Fills smem s[SR][P] with the plane's region whose top-left element is (gy0, gx0): s[r*P + j] = x[gy0 + r][gx0 + j],
+// 0 outside the plane. gx0 and P are even (pair loads: W even, so a pair is wholly in or out). xp: the plane. Thread
+// lt of NT takes elements (or pairs) lt, lt + NT, ...; all of its loads are issued before its stores.
+template <int SR, int P, int NT, typename T>
+__device__ __forceinline__ void load_region(const T* __restrict__ xp, float* __restrict__ s, int lt, int gy0, int gx0,
+                                            const Geo& g) {
+  static_assert(P % 2 == 0, "pair loads need an even pitch");
   if (g.pair_load) {
-    constexpr int PP = P / 2, TOT = SR * PP, IT = (TOT + NT - 1) / NT;  // pairs per row; pairs in the tile
+    constexpr int PP = P / 2, TOT = SR * PP, IT = (TOT + NT - 1) / NT;  // pairs per row; pairs in the region
     float2 v[IT];
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int e = lt + i * NT, r = e / PP, q = e - r * PP;
-      const int gy = y0 - R + r, gx = x0 - 2 + 2 * q;  // gx even, W even: gx, gx + 1 both in or both out
+      const int gy = gy0 + r, gx = gx0 + 2 * q;
       v[i] = make_float2(0.f, 0.f);
       if (e < TOT && unsigned(gy) < unsigned(g.H) && unsigned(gx) < unsigned(g.W))
         v[i] = Elem<T>::load2(xp + gy * g.W + gx);
@@ -179,7 +192,7 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __res
 #pragma unroll
     for (int i = 0; i < IT; ++i) {
       const int e = lt + i * NT, r = e / P, j = e - r * P;
-      const int gy = y0 - R + r, gx = x0 - 2 + j;
+      const int gy = gy0 + r, gx = gx0 + j;
       v[i] = 0.f;
       if (e < TOT && unsigned(gy) < unsigned(g.H) && unsigned(gx) < unsigned(g.W))
         v[i] = Elem<T>::load1(xp + gy * g.W + gx);
@@ -190,6 +203,13 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __res
       if (e < TOT) s[e] = v[i];
     }
   }
+}
+
+// The tile's conv input: s[SR][P], s[r*P + j] = x[y0 - R + r][x0 - 2 + j] (SR = TH + 2R, P = TW + 4).
+template <class CF, int K, typename T>
+__device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __restrict__ s, int lt, int x0, int y0,
+                                          const Geo& g) {
+  load_region<CF::TH + 2 * (K / 2), CF::P, CF::NT>(xp, s, lt, y0 - K / 2, x0 - 2, g);
 }
 
 template <int K>
@@ -235,6 +255,32 @@ __device__ __forceinline__ void chan_merge(A& n, A& m, A& m2, A nb, A mb, A m2b)
   m += d * f;
   m2 += m2b + d * d * n * f;
   n = nn;
+}
+
+// Sums v[0..NV) over the NT threads of each tile (xor butterfly within warp segments, then the tile's warps in
+// order: deterministic); the tile's thread lt == 0 gets the totals. red: NV * THREADS / 32 floats of smem. Every
+// thread of the block must call it (it may sync).
+template <class CF, int NV>
+__device__ __forceinline__ void tile_sum(float (&v)[NV], float* red, int lt) {
+  constexpr int SEG = CF::NT < 32 ? CF::NT : 32, WARPS = CF::THREADS / 32;
+#pragma unroll
+  for (int o = 1; o < SEG; o <<= 1)
+#pragma unroll
+    for (int q = 0; q < NV; ++q) v[q] += __shfl_xor_sync(0xffffffffu, v[q], o);
+  if constexpr (CF::NT > 32) {
+    const int warp = threadIdx.x / 32;
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int q = 0; q < NV; ++q) red[q * WARPS + warp] = v[q];
+    }
+    __syncthreads();
+    if (lt == 0) {  // warp == p * NT / 32: the tile's first
+#pragma unroll
+      for (int k = 1; k < CF::NT / 32; ++k)
+#pragma unroll
+        for (int q = 0; q < NV; ++q) v[q] += red[q * WARPS + warp + k];
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -379,23 +425,175 @@ __global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict_
   }
 }
 
-// Eval, one thread per channel: coef = (sc, sh) from the running statistics. Optional vectors may be null.
-__global__ void eval_coef_kernel(const float* __restrict__ mean, const float* __restrict__ var,
-                                 const float* __restrict__ cb, const float* __restrict__ gamma,
-                                 const float* __restrict__ beta, float* __restrict__ coef, int C, double eps) {
+// One thread per channel: coef[0..3][c] = sc, sh, mean', rstd from given statistics (eval: the running ones;
+// backward: those the forward normalised with). Optional vectors may be null.
+__global__ void coef_kernel(const float* __restrict__ mean, const float* __restrict__ var,
+                            const float* __restrict__ cb, const float* __restrict__ gamma,
+                            const float* __restrict__ beta, float* __restrict__ coef, int C, double eps) {
   const int c = int(blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= C) return;
-  const double sc = (gamma ? double(gamma[c]) : 1.0) / sqrt(double(var[c]) + eps);
+  const double rstd = 1.0 / sqrt(double(var[c]) + eps), sc = (gamma ? double(gamma[c]) : 1.0) * rstd;
   const double mean_conv = double(mean[c]) - (cb ? double(cb[c]) : 0.0);  // mean' of z' = z - cb
   coef[c] = float(sc);
   coef[C + c] = float((beta ? double(beta[c]) : 0.0) - mean_conv * sc);
+  coef[2 * C + c] = float(mean_conv);
+  coef[3 * C + c] = float(rstd);
+}
+
+// d act(z) / dz * dy = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for swish; dy otherwise.
+__device__ __forceinline__ float act_grad(float z, float dy, bool swish) {
+  if (!swish) return dy;
+  const float sg = 1.0f / (1.0f + __expf(-z));  // z < -88: e^-z = inf, sg = 0
+  return dy * sg * (1.0f + z * (1.0f - sg));
+}
+
+struct BwdCoef {
+  float sc, sh, mean, rstd;  // mean: mean' (of z' = z - cb)
+};
+
+__device__ __forceinline__ BwdCoef bwd_coef(const float* __restrict__ coef, int c, int C) {
+  return {__ldg(coef + c), __ldg(coef + C + c), __ldg(coef + 2 * C + c), __ldg(coef + 3 * C + c)};
+}
+
+// Backward pass 1, grid ceil(tiles / PB): part[tile][0|1] = sum dzn, sum dzn * zhat over the tile's valid outputs,
+// dzn = act'(sc z' + sh) dy, zhat = (z' - mean') rstd. dy: NCHW-contiguous like x.
+template <class CF, int K, typename T>
+__global__ void __launch_bounds__(CF::THREADS) bwd_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                                               const float* __restrict__ wt,
+                                                               const float* __restrict__ coef,
+                                                               float* __restrict__ part, Geo g, bool swish) {
+  constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;
+  __shared__ __align__(16) float sm[CF::PB * TS];
+  __shared__ float red[2 * CF::THREADS / 32];
+  const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
+  const Tile t = tile_of<CF>(g, p);
+  float* s = sm + p * TS;
+  const int64_t plane_off = int64_t(t.plane) * g.H * g.W;
+  if (t.on) load_tile<CF, K>(x + plane_off, s, lt, t.x0, t.y0, g);
+  __syncthreads();
+  float v[2] = {0.f, 0.f};
+  if (t.on) {
+    float w[K * K];
+    load_weights<K>(wt, t.c, w);
+    const BwdCoef k = bwd_coef(coef, t.c, g.C);
+    float acc[CF::RY][kV];
+    conv_tile<CF, K>(s, w, tx, ty, acc);
+    const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
+    const T* dyp = dy + plane_off;
+#pragma unroll
+    for (int i = 0; i < CF::RY; ++i)
+#pragma unroll
+      for (int c = 0; c < kV; ++c) {
+        if (gy0 + i >= g.H || gx0 + c >= g.W) continue;
+        const float dzn = act_grad(fmaf(k.sc, acc[i][c], k.sh), Elem<T>::load1(dyp + (gy0 + i) * g.W + gx0 + c), swish);
+        v[0] += dzn;
+        v[1] = fmaf(dzn, (acc[i][c] - k.mean) * k.rstd, v[1]);
+      }
+  }
+  tile_sum<CF, 2>(v, red, lt);
+  if (t.on && lt == 0) {
+    part[2 * t.id] = v[0];
+    part[2 * t.id + 1] = v[1];
+  }
+}
+
+// Backward pass 2, grid ceil(tiles / PB): dx, and per tile the conv-weight and conv-bias grad partials.
+//   X: x over the tile + 2R halo, X[r*PX + j] = x[y0 - 2R + r][x0 - 4 + j] (rows TH + 4R, PX = TW + 8);
+//   D: dz over the tile + R halo in the conv input layout, D[r*P + j] = dz[y0 - R + r][x0 - 2 + j], 0 outside the
+//      plane; dz = sc dzn + q zhat + r (training: q = -sc B / M, r = -sc A / M from sums (C, 2) = (A, B); eval 0);
+//   dx = conv_tile(D, flipped w); part_w[tile][i*K + j] = sum dz[h][w] x[h + i - R][w + j - R], [K*K] = sum dz,
+//   over the tile's valid outputs.
+template <class CF, int K, typename T>
+__global__ void __launch_bounds__(CF::THREADS) bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
+                                                             T* __restrict__ dx, const float* __restrict__ wt,
+                                                             const float* __restrict__ coef,
+                                                             const float* __restrict__ sums,
+                                                             float* __restrict__ part_w, Geo g, float inv_m,
+                                                             bool training, bool swish) {
+  constexpr int R = K / 2, KK = K * K, SR = CF::TH + 2 * R, P = CF::P, SRX = CF::TH + 4 * R, PX = CF::TW + 8;
+  constexpr int TS = SR * P, TSX = SRX * PX;
+  __shared__ __align__(16) float smx[CF::PB * TSX];
+  __shared__ __align__(16) float smd[CF::PB * TS];
+  __shared__ float red[(KK + 1) * CF::THREADS / 32];
+  const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
+  const Tile t = tile_of<CF>(g, p);
+  float* X = smx + p * TSX;
+  float* D = smd + p * TS;
+  const int64_t plane_off = int64_t(t.plane) * g.H * g.W;
+  if (t.on) load_region<SRX, PX, CF::NT>(x + plane_off, X, lt, t.y0 - 2 * R, t.x0 - 4, g);
+  __syncthreads();
+  float w[KK];
+  if (t.on) {
+    load_weights<K>(wt, t.c, w);
+    const BwdCoef k = bwd_coef(coef, t.c, g.C);
+    const float q = training ? -k.sc * __ldg(sums + 2 * t.c + 1) * inv_m : 0.f;
+    const float r0 = training ? -k.sc * __ldg(sums + 2 * t.c) * inv_m : 0.f;
+    const T* dyp = dy + plane_off;
+    for (int e = lt; e < TS; e += CF::NT) {  // dz at every slot of D
+      const int rd = e / P, jd = e - rd * P, gy = t.y0 - R + rd, gx = t.x0 - 2 + jd;
+      float dz = 0.f;
+      if (unsigned(gy) < unsigned(g.H) && unsigned(gx) < unsigned(g.W)) {
+        const float* xs = X + rd * PX + jd + 2 - R;  // x[gy - R][gx - R]
+        float z = 0.f;
+#pragma unroll
+        for (int i = 0; i < K; ++i)
+#pragma unroll
+          for (int j = 0; j < K; ++j) z = fmaf(w[i * K + j], xs[i * PX + j], z);
+        const float dzn = act_grad(fmaf(k.sc, z, k.sh), Elem<T>::load1(dyp + gy * g.W + gx), swish);
+        dz = fmaf(k.sc, dzn, fmaf(q, (z - k.mean) * k.rstd, r0));
+      }
+      D[e] = dz;
+    }
+  }
+  __syncthreads();
+  float part[KK + 1];
+#pragma unroll
+  for (int i = 0; i <= KK; ++i) part[i] = 0.f;
+  if (t.on) {
+    float wf[KK];  // flipped: wf[i][j] = w[K-1-i][K-1-j]
+#pragma unroll
+    for (int i = 0; i < KK; ++i) wf[i] = w[KK - 1 - i];
+    float acc[CF::RY][kV];
+    conv_tile<CF, K>(D, wf, tx, ty, acc);
+    T* dxp = dx + plane_off;
+    const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
+#pragma unroll
+    for (int i = 0; i < CF::RY; ++i) {
+      const int gy = gy0 + i;
+      if (gy >= g.H || gx0 >= g.W) break;
+      T* row = dxp + gy * g.W + gx0;
+      if (g.vec_store) {  // W % 4 == 0 and gx0 % 4 == 0: all 4 columns are inside the plane
+        Elem<T>::store4(row, acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < kV; ++c)
+          if (gx0 + c < g.W) Elem<T>::store1(row + c, acc[i][c]);
+      }
+#pragma unroll
+      for (int c = 0; c < kV; ++c) {
+        if (gx0 + c >= g.W) continue;
+        const float d = D[(ty * CF::RY + i + R) * P + kV * tx + c + 2];  // dz[gy][gx0 + c]
+        const float* xs = X + (ty * CF::RY + i + R) * PX + kV * tx + c + 4 - R;  // x[gy - R][gx0 + c - R]
+        part[KK] += d;
+#pragma unroll
+        for (int ii = 0; ii < K; ++ii)
+#pragma unroll
+          for (int jj = 0; jj < K; ++jj) part[ii * K + jj] = fmaf(d, xs[ii * PX + jj], part[ii * K + jj]);
+      }
+    }
+  }
+  tile_sum<CF, KK + 1>(part, red, lt);
+  if (t.on && lt == 0) {
+#pragma unroll
+    for (int i = 0; i <= KK; ++i) part_w[int64_t(t.id) * (KK + 1) + i] = part[i];
+  }
 }
 
 const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
 
-template <class CF, int K, typename T>
-void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
-         const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training, double eps, bool swish) {
+// The geometry of x for config CF; out: the tensor written (vector stores where its alignment allows).
+template <class CF, typename T>
+Geo geo_of(const at::Tensor& x, const at::Tensor& out) {
   Geo g{};
   g.N = int(x.size(0)), g.C = int(x.size(1)), g.H = int(x.size(2)), g.W = int(x.size(3));
   g.tiles_x = (g.W + CF::TW - 1) / CF::TW;
@@ -404,13 +602,34 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
   g.tiles_plane = int(tiles_plane), g.tiles = int(int64_t(g.N) * g.C * tiles_plane);  // checked by supported()
   const auto addr = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr); };
   g.pair_load = g.W % 2 == 0 && addr(x.const_data_ptr()) % (2 * sizeof(T)) == 0;
-  g.vec_store = g.W % 4 == 0 && addr(y.const_data_ptr()) % (4 * sizeof(T)) == 0;
+  g.vec_store = g.W % 4 == 0 && addr(out.const_data_ptr()) % (4 * sizeof(T)) == 0;
+  return g;
+}
+
+template <class CF>
+unsigned blocks_of(const Geo& g) {
+  return unsigned((int64_t(g.tiles) + CF::PB - 1) / CF::PB);
+}
+
+constexpr int kCoefThreads = 256;
+
+void launch_coef(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& cb, const at::Tensor& gamma,
+                 const at::Tensor& beta, at::Tensor& coef, int C, double eps, cudaStream_t stream) {
+  coef_kernel<<<unsigned((C + kCoefThreads - 1) / kCoefThreads), kCoefThreads, 0, stream>>>(
+      mean.const_data_ptr<float>(), var.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma),
+      ptr_or_null(beta), coef.mutable_data_ptr<float>(), C, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <class CF, int K, typename T>
+void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
+         const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training, double eps, bool swish) {
+  const Geo g = geo_of<CF, T>(x, y);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto fopts = x.options().dtype(at::kFloat);
-  at::Tensor coef = at::empty({2, g.C}, fopts);
-  const unsigned blocks = unsigned((int64_t(g.tiles) + CF::PB - 1) / CF::PB);
+  at::Tensor coef = at::empty({4, g.C}, fopts);  // rows 2, 3: for the backward only
+  const unsigned blocks = blocks_of<CF>(g);
   const T* xp = x.const_data_ptr<T>();
-  constexpr int kCoefThreads = 256;
   if (training) {
     at::Tensor part = at::empty({3, int64_t(g.tiles)}, fopts);
     stats_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, w.const_data_ptr<float>(),
@@ -419,30 +638,63 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
     finalize_kernel<<<unsigned((g.C + kCoefThreads / 32 - 1) / (kCoefThreads / 32)), kCoefThreads, 0, stream>>>(
         part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
         mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(), g, eps);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
-    eval_coef_kernel<<<unsigned((g.C + kCoefThreads - 1) / kCoefThreads), kCoefThreads, 0, stream>>>(
-        mean.const_data_ptr<float>(), var.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma),
-        ptr_or_null(beta), coef.mutable_data_ptr<float>(), g.C, eps);
+    launch_coef(mean, var, cb, gamma, beta, coef, g.C, eps, stream);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
                                                              coef.const_data_ptr<float>(), g, swish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void run_k(int64_t K, const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb,
-           const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training,
-           double eps, bool swish) {
-  const int64_t W = x.size(3);
+// Backward: dx, sums (C, 2) = (sum dzn, sum dzn zhat), gw (C, K*K + 1) = (conv-weight grad, conv-bias grad).
+template <class CF, int K, typename T>
+void run_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const at::Tensor& w, const at::Tensor& cb,
+             const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
+             bool training, double eps, bool swish, at::Tensor& sums, at::Tensor& gw) {
+  constexpr int KK = K * K;
+  const Geo g = geo_of<CF, T>(x, dx);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const auto fopts = x.options().dtype(at::kFloat);
+  at::Tensor coef = at::empty({4, g.C}, fopts);
+  launch_coef(mean, var, cb, gamma, beta, coef, g.C, eps, stream);
+  const unsigned blocks = blocks_of<CF>(g);
+  at::Tensor part = at::empty({int64_t(g.tiles), 2}, fopts);  // tile = (n * C + c) * tiles_plane + t
+  bwd_sums_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(x.const_data_ptr<T>(), dy.const_data_ptr<T>(),
+                                                                w.const_data_ptr<float>(), coef.const_data_ptr<float>(),
+                                                                part.mutable_data_ptr<float>(), g, swish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  sums = part.view({g.N, g.C, g.tiles_plane, 2}).sum(at::IntArrayRef{0, 2});  // (C, 2), a fixed order
+  at::Tensor part_w = at::empty({int64_t(g.tiles), KK + 1}, fopts);
+  const float inv_m = float(1.0 / (double(g.N) * g.H * g.W));
+  bwd_dx_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(
+      x.const_data_ptr<T>(), dy.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+      coef.const_data_ptr<float>(), sums.const_data_ptr<float>(), part_w.mutable_data_ptr<float>(), g, inv_m, training,
+      swish);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  gw = part_w.view({g.N, g.C, g.tiles_plane, KK + 1}).sum(at::IntArrayRef{0, 2});  // (C, KK + 1)
+}
+
+// Calls f(CF{}, integral_constant<int, K>{}) with the tile config for W: L for W > 16, M for 8 < W <= 16, S else.
+template <typename F>
+void with_cfg(int64_t K, int64_t W, const F& f) {
   const auto by_w = [&](auto k_c) {
-    constexpr int KK = decltype(k_c)::value;
-    if (W > 16) return run<CfgL, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
-    if (W > 8) return run<CfgM, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
-    return run<CfgS, KK, T>(x, y, w, cb, gamma, beta, mean, var, training, eps, swish);
+    if (W > 16) return f(CfgL{}, k_c);
+    if (W > 8) return f(CfgM{}, k_c);
+    return f(CfgS{}, k_c);
   };
   if (K == 5) return by_w(std::integral_constant<int, 5>{});
   return by_w(std::integral_constant<int, 3>{});
+}
+
+// Calls f(T{}) for x's dtype (float32, float16 or bfloat16).
+template <typename F>
+void with_dtype(const at::Tensor& x, const F& f) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    default: return f(c10::BFloat16{});
+  }
 }
 
 // Tiles of the largest config an input of this size can get (the S config: 8 x 8 outputs per tile).
@@ -469,11 +721,32 @@ void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, co
                   mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat,
               "dwconv_bn_swish_fwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
   const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
-  switch (x.scalar_type()) {
-    case at::kFloat: return run_k<float>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
-    case at::kHalf: return run_k<c10::Half>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
-    default: return run_k<c10::BFloat16>(K, x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
-  }
+  with_dtype(x, [&](auto t) {
+    with_cfg(K, x.size(3), [&](auto cf, auto k) {
+      run<decltype(cf), decltype(k)::value, decltype(t)>(x, y, wk, cb, gamma, beta, mean, var, training, eps, swish);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
+    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish,
+    at::Tensor& grad_x) {
+  using namespace dwconv_tiled;
+  const int64_t K = w.size(-1);
+  TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && grad_y.is_contiguous() && grad_x.is_contiguous() &&
+                  w.scalar_type() == at::kFloat && mean.scalar_type() == at::kFloat &&
+                  var.scalar_type() == at::kFloat && mean.is_contiguous() && var.is_contiguous(),
+              "dwconv_bn_swish_bwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
+  const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
+  at::Tensor sums, gw;
+  with_dtype(x, [&](auto t) {
+    with_cfg(K, x.size(3), [&](auto cf, auto k) {
+      run_bwd<decltype(cf), decltype(k)::value, decltype(t)>(grad_y, x, grad_x, wk, cb, gamma, beta, mean, var,
+                                                             training, eps, swish, sums, gw);
+    });
+  });
+  return {sums, gw};
 }
 
 }  // namespace diffusion_fast

@@ -28,10 +28,11 @@ Passes over activation-sized memory (R = one read, W = one write of an x-sized t
                            keeps only x and the (C,) statistics;
                       bwd: sums pass (x, dy -> sum dzn, sum dzn*zhat) 2R, then a pass that
                            rebuilds dz and writes dx and the weight grads 2R+1W         = 4R+1W
-                           (Triton and CUDA write dz to an fp32 scratch between two kernels, as dx
-                           needs dz at the k x k neighbours of a tile: 6R+2W).
-    ours, eval        fwd 1R+1W; bwd 2R+1W in C++ (no reduction is needed before dz; Triton and
-                      CUDA run their training passes, 6R+2W).
+                           (the CUDA shared-memory tiled kernels, NCHW x, k 3/5: so, each tile
+                           rebuilding dz over its k // 2 halo from x over a k - 1 halo; Triton and
+                           the other CUDA kernels write dz to an fp32 scratch in between: 6R+2W).
+    ours, eval        fwd 1R+1W; bwd 2R+1W in C++ (no reduction is needed before dz; CUDA and
+                      Triton run their training passes, 4R+1W tiled, else 6R+2W).
     The C++ CPU kernels fold BatchNorm into the conv in eval (one pass, 1R+1W). In training they work
     channel by channel and keep a channel's conv output (and dzn) in a scratch buffer when it fits
     (N*H*W*4 bytes per channel, 1 MiB per thread), so their second passes read cache: NCHW training

@@ -1,6 +1,7 @@
-"""The CUDA tiled forward of dwconv_bn_swish, checked without a GPU: its tile configurations (read from
-the .cu) and index math, replayed in NumPy by tests/dwconv_tiled_emulate.py against a direct conv + BN + Swish
-(every output written once, every shared-memory slot read written first, partials merged exactly)."""
+"""The CUDA tiled forward and backward of dwconv_bn_swish, checked without a GPU: their tile configurations
+(read from the .cu) and index math, replayed in NumPy by tests/dwconv_tiled_emulate.py against a direct conv + BN
++ Swish and against PyTorch's autograd of it (every output written once, every shared-memory slot read written
+first, partials merged exactly)."""
 
 import dwconv_tiled_emulate as emulate
 import numpy as np
@@ -30,23 +31,43 @@ def test_tiled_index_math_without_params_and_with_a_large_mean():
     assert emulate.check((2, 3, 10, 12, 3), rng, shift=100.0)  # robust variance
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("case", emulate.BWD_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f" K={c[4]}")
+def test_tiled_backward_index_math(case, training):
+    rng = np.random.default_rng(2)
+    assert emulate.check_bwd(case, rng, training=training)
+    if case[3] % 2 == 0:
+        assert emulate.check_bwd(case, rng, training=training, pair_load=False, vec_store=False)
+
+
+def test_tiled_backward_without_params():
+    assert emulate.check_bwd((2, 3, 10, 12, 5), np.random.default_rng(3), params=False, swish=False)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cuda_forward_takes_the_tiled_kernels_on_nchw(layout):
-    """The CUDA backend's forward of NCHW x with K = 5 runs the tiled kernels (profiled), channels-last x the
-    others; both match PyTorch (float64 checks: tests/ops/test_dwconv_bn_swish.py)."""
+def test_cuda_takes_the_tiled_kernels_on_nchw(layout):
+    """The CUDA backend's forward and backward of NCHW x with K = 5 run the tiled kernels (profiled), channels-last
+    x the others; both match PyTorch (float64 checks: tests/ops/test_dwconv_bn_swish.py)."""
     import os
 
     x = torch.randn(2, 8, 12, 20, device="cuda")
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w, cb, g, b = torch.randn(8, 1, 5, 5, device="cuda") * 0.2, *(torch.randn(8, device="cuda") for _ in range(3))
+    leaves = [t.requires_grad_() for t in (x, w, cb, g, b)]
+    dy = torch.randn_like(x)
     with diffusion_fast.use_backend("cuda"), torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y = diffusion_fast.dwconv_bn_swish(x, w, cb, g, b, None, None, training=True)
+        grads = torch.autograd.grad(y, leaves, dy)
         torch.cuda.synchronize()
-    tiled = any("dwconv_tiled" in e.name for e in prof.events())
-    assert tiled == (layout == "nchw" and os.environ.get("DIFFUSION_FAST_DWCONV_TILED") != "0")
+    tiled = [e.name for e in prof.events() if "dwconv_tiled" in e.name]
+    expected = layout == "nchw" and os.environ.get("DIFFUSION_FAST_DWCONV_TILED") != "0"
+    assert any("apply_kernel" in n for n in tiled) == expected  # the forward's last pass
+    assert any("bwd_dx_kernel" in n for n in tiled) == expected  # the backward's
     z = torch.nn.functional.conv2d(x, w, cb, padding=2, groups=8)
     want = torch.nn.functional.silu(torch.nn.functional.batch_norm(z, None, None, g, b, True, 0.1, 1e-5))
     torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+    for got, exp in zip(grads, torch.autograd.grad(want, leaves, dy)):
+        torch.testing.assert_close(got, exp, atol=1e-3, rtol=1e-3)
