@@ -19,8 +19,8 @@ Backends (``diffusion_fast.backends``):
   head dim split into chunks so that D = 512 fits on chip; ops ``attention_triton_fwd/_bwd``.
 - ``torch``: ``torch.nn.functional.scaled_dot_product_attention``, which picks its own
   flash / memory-efficient / math kernel. ``attention_ref`` is the plain formula for tests.
-``auto``: cuda on CPU tensors (at or above SDPA at every shape of ``bench_attention --device cpu``:
-1.0-1.07x at the UNet's, 1.3-1.7x at CLIP's); on GPU tensors, the fastest of cuda, triton and torch for the
+``auto``: cuda on CPU tensors (``bench_attention --device cpu``, two runs on a 2-core Zen 5: 0.94-1.07x
+SDPA at the UNet's shapes, 1.27-1.7x at CLIP's); on GPU tensors, the fastest of cuda, triton and torch for the
 call's (head-dim bucket, sequence bucket, causal, dtype, fwd or fwd+bwd) in the table that
 ``benchmarks/bench_attention.py`` wrote for this GPU (``benchmarks/results/*/bench_attention_table.json``,
 or the files in ``DIFFUSION_FAST_ATTENTION_TABLE``), else cuda for D > 256 (PyTorch's flash
