@@ -90,12 +90,18 @@ def extension_loaded() -> bool:
     return _state["extension"] is not None
 
 
-def register_autograd_fallback(fwd_op, backward: Callable, setup_context: Callable) -> None:
-    """A fused op's autograd in Python, registered only when our extension did not load: when it
-    did, csrc/<op>/<op>_autograd.cpp serves the same backward in C++, with no Python per call
+def register_fwd_bwd(name: str, fake_fwd: Callable, fake_bwd: Callable, make_backward: Callable,
+                     setup_context: Callable) -> None:
+    """The fake (shape) kernels of the op pair ``<name>_fwd``/``<name>_bwd``, and the forward's autograd
+    in Python, ``make_backward(bwd_op)``, registered only when our extension did not load: when it did,
+    csrc/<op>/<op>_autograd.cpp serves the same backward in C++, with no Python per call
     (diffusion_fast/__init__.py loads the extension before any op module defines its schemas)."""
+    fwd = getattr(torch.ops.diffusion_fast, name + "_fwd").default
+    bwd = getattr(torch.ops.diffusion_fast, name + "_bwd").default
+    torch.library.register_fake(fwd, fake_fwd)
+    torch.library.register_fake(bwd, fake_bwd)
     if not extension_loaded():
-        torch.library.register_autograd(fwd_op, backward, setup_context=setup_context)
+        torch.library.register_autograd(fwd, make_backward(bwd), setup_context=setup_context)
 
 
 def _triton_module():

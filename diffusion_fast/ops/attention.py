@@ -109,11 +109,7 @@ def _make_backward(bwd_op):
 
 
 for _name in OPS.values():
-    _fwd = getattr(torch.ops.diffusion_fast, _name + "_fwd").default
-    _bwd = getattr(torch.ops.diffusion_fast, _name + "_bwd").default
-    torch.library.register_fake(_fwd, _fake_fwd)
-    torch.library.register_fake(_bwd, _fake_bwd)
-    backends.register_autograd_fallback(_fwd, _make_backward(_bwd), _setup_context)
+    backends.register_fwd_bwd(_name, _fake_fwd, _fake_bwd, _make_backward, _setup_context)
 
 
 # ---------------------------------------------------------------------------
