@@ -283,6 +283,25 @@ __device__ __forceinline__ void tile_sum(float (&v)[NV], float* red, int lt) {
   }
 }
 
+// Stores a thread's RY x 4 outputs o at rows gy0.., columns gx0..gx0+3 of the plane out, those inside it only.
+template <class CF, typename T>
+__device__ __forceinline__ void store_rows(T* __restrict__ out, const float (&o)[CF::RY][kV], int gy0, int gx0,
+                                           const Geo& g) {
+#pragma unroll
+  for (int i = 0; i < CF::RY; ++i) {
+    const int gy = gy0 + i;
+    if (gy >= g.H || gx0 >= g.W) break;
+    T* row = out + gy * g.W + gx0;
+    if (g.vec_store) {  // W % 4 == 0 and gx0 % 4 == 0: all 4 columns are inside the plane
+      Elem<T>::store4(row, o[i][0], o[i][1], o[i][2], o[i][3]);
+    } else {
+#pragma unroll
+      for (int v = 0; v < kV; ++v)
+        if (gx0 + v < g.W) Elem<T>::store1(row + v, o[i][v]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
@@ -405,24 +424,11 @@ __global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict_
   const float sc = __ldg(coef + t.c), sh = __ldg(coef + g.C + t.c);
   float acc[CF::RY][kV];
   conv_tile<CF, K>(s, w, tx, ty, acc);
-  T* yp = y + plane_off;
-  const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
 #pragma unroll
-  for (int i = 0; i < CF::RY; ++i) {
-    const int gy = gy0 + i;
-    if (gy >= g.H || gx0 >= g.W) break;
-    float o[kV];
+  for (int i = 0; i < CF::RY; ++i)
 #pragma unroll
-    for (int v = 0; v < kV; ++v) o[v] = act(fmaf(sc, acc[i][v], sh), swish);
-    T* row = yp + gy * g.W + gx0;
-    if (g.vec_store) {  // W % 4 == 0 and gx0 % 4 == 0: all 4 columns are inside the plane
-      Elem<T>::store4(row, o[0], o[1], o[2], o[3]);
-    } else {
-#pragma unroll
-      for (int v = 0; v < kV; ++v)
-        if (gx0 + v < g.W) Elem<T>::store1(row + v, o[v]);
-    }
-  }
+    for (int v = 0; v < kV; ++v) acc[i][v] = act(fmaf(sc, acc[i][v], sh), swish);
+  store_rows<CF>(y + plane_off, acc, t.y0 + ty * CF::RY, t.x0 + tx * kV, g);
 }
 
 // One thread per channel: coef[0..3][c] = sc, sh, mean', rstd from given statistics (eval: the running ones;
@@ -555,25 +561,16 @@ __global__ void __launch_bounds__(CF::THREADS) bwd_dx_kernel(const T* __restrict
     for (int i = 0; i < KK; ++i) wf[i] = w[KK - 1 - i];
     float acc[CF::RY][kV];
     conv_tile<CF, K>(D, wf, tx, ty, acc);
-    T* dxp = dx + plane_off;
     const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
+    store_rows<CF>(dx + plane_off, acc, gy0, gx0, g);
 #pragma unroll
     for (int i = 0; i < CF::RY; ++i) {
-      const int gy = gy0 + i;
-      if (gy >= g.H || gx0 >= g.W) break;
-      T* row = dxp + gy * g.W + gx0;
-      if (g.vec_store) {  // W % 4 == 0 and gx0 % 4 == 0: all 4 columns are inside the plane
-        Elem<T>::store4(row, acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-      } else {
-#pragma unroll
-        for (int c = 0; c < kV; ++c)
-          if (gx0 + c < g.W) Elem<T>::store1(row + c, acc[i][c]);
-      }
+      if (gy0 + i >= g.H || gx0 >= g.W) break;
 #pragma unroll
       for (int c = 0; c < kV; ++c) {
         if (gx0 + c >= g.W) continue;
-        const float d = D[(ty * CF::RY + i + R) * P + kV * tx + c + 2];  // dz[gy][gx0 + c]
-        const float* xs = X + (ty * CF::RY + i + R) * PX + kV * tx + c + 4 - R;  // x[gy - R][gx0 + c - R]
+        const float d = D[(ty * CF::RY + i + R) * P + kV * tx + c + 2];  // dz[gy0 + i][gx0 + c]
+        const float* xs = X + (ty * CF::RY + i + R) * PX + kV * tx + c + 4 - R;  // x[gy0 + i - R][gx0 + c - R]
         part[KK] += d;
 #pragma unroll
         for (int ii = 0; ii < K; ++ii)
