@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import diffusion_fast
-from diffusion_fast.ops.attention import DTYPE_NAMES, TABLE_FILE, _unsupported, attention_ref, table_key
+from diffusion_fast.ops.attention import DTYPE_NAMES, OPS, TABLE_FILE, _unsupported, attention_ref, table_key
 
 # (variant, B, H, Sq, Sk, D, causal), the most telling first (a --budget-s may cut the tail)
 GPU_SHAPES = [
@@ -111,7 +111,7 @@ def make_args(shape, dtype, device):
     return make
 
 
-OURS = ("cuda", "triton")  # GPU providers that are backends of the op, as auto names them
+OURS = tuple(OPS)  # our backends of the op (cuda, triton): the bench names their providers alike
 
 
 def winner_table(rows: list) -> list:

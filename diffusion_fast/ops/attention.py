@@ -122,7 +122,6 @@ TABLE_ENV = "DIFFUSION_FAST_ATTENTION_TABLE"  # os.pathsep-separated files; repl
 RESULTS = (Path(__file__).resolve().parents[1] / "benchmarks" / "results",
            Path(__file__).resolve().parents[2] / "benchmarks" / "results")
 DEFAULT_RULE = "cuda if head_dim > 256 (beyond PyTorch's flash kernel) else torch (SDPA)"
-TABLE_BACKENDS = ("cuda", "triton", "torch")
 
 
 def _bucket(n, lowest: int) -> int:
@@ -148,7 +147,7 @@ def _load_tables() -> tuple:
         try:
             data = json.loads(path.read_text())
             winners = {(e["head_dim"], e["seq"], bool(e["causal"]), e["dtype"], e["mode"]): e["backend"]
-                       for e in data["entries"] if e["backend"] in TABLE_BACKENDS}
+                       for e in data["entries"] if e["backend"] in IMPLEMENTED}
             name, date = data["device_name"], str(data.get("date", ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
