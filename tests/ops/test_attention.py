@@ -157,10 +157,27 @@ def test_gradcheck(backend, causal):
 
 def test_cpp_chunks_of_batch_heads():
     """Scores beyond the C++ workspace budget (64 MiB on the CPU) run in chunks of batch * heads:
-    5 heads of 2048 x 2048 fp32 scores (16 MiB each) make chunks of 4 + 1 forward, 2 + 2 + 1 backward."""
+    5 heads of 2048 x 2048 fp32 scores (16 MiB each) make chunks of 4 + 1 forward, 2 + 2 + 1 backward
+    (2 and 5 batched matmuls per chunk), with the reference's values."""
     q, k, v = make_qkv((1, 5, 2048, 2048, 8, True), torch.float32, "cpu")
     require_backend("cuda", "attention", q, _unsupported)
-    check_against_reference("cuda", q, k, v, True, torch.float32)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+
+    def bmm_calls(fn):
+        with torch.profiler.profile() as prof:
+            fn()
+        return sum(e.name == "aten::bmm" for e in prof.events())
+
+    with diffusion_fast.use_backend("cuda"):
+        out = None
+
+        def forward():
+            nonlocal out
+            out = attention(*leaves, causal=True)
+
+        assert bmm_calls(forward) == 2 * 2
+        assert bmm_calls(lambda: out.backward(torch.randn_like(out))) == 3 * 5
+    check_against_reference("cuda", q.detach(), k.detach(), v.detach(), True, torch.float32)
 
 
 # ---------------------------------------------------------------------------
