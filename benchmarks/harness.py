@@ -25,6 +25,11 @@ divides that by the bandwidth of a large ``copy_`` (bytes = 2 * size) measured o
 many buffers as its inputs) over this median: the floor for that many bytes at that size, launch
 and tail effects included, where the large copy's bandwidth is out of reach for small tensors.
 TFLOP/s divides the FLOPs the bench counts (``Case.flops``; 0 = not counted) by the median time.
+
+On GPU, ``kernel_ms`` is the device time of the kernels one call runs, summed (torch.profiler over
+a few calls): the work without the host's launch overhead or the GPU's idle gaps, i.e. what a
+call costs once CUDA graphs (or a host that runs ahead) hide the launches. Where the median is
+well above it, the call is bound by the host, not by its kernels.
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ class Row:
     frac_copy_bw: Optional[float]  # gbps / measured copy_ bandwidth
     frac_same_bytes_copy: Optional[float]  # median of a copy_ of the case's bytes / this median
     max_abs_diff: Optional[float]  # max |output - eager in fp32| (fwd: y; fwd+bwd: every grad)
+    kernel_ms: Optional[float]  # GPU: summed device time of one call's kernels (kernel_ms()); CPU: None
+    kernel_ratio_to_eager: Optional[float]  # eager kernel_ms / this kernel_ms
     pool_sets: int  # input copies rotated through
     extra: dict
     device_name: str
@@ -205,6 +212,28 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> tupl
     m = timer.blocked_autorange(min_run_time=0.05 if quick else 0.5)
     times = torch.tensor(m.times, dtype=torch.float64) * 1e3
     return tuple(torch.quantile(times, torch.tensor(QUANTILES, dtype=torch.float64)).tolist())
+
+
+def kernel_ms(fn: Callable[[], object], device: torch.device, calls: int = 10) -> Optional[float]:
+    """GPU: the device time of the kernels one call of fn runs, summed over its kernels (and
+    memsets/copies), averaged over ``calls`` calls profiled with torch.profiler; None on CPU or
+    where the profiler cannot see the GPU (no CUPTI)."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize(device)
+    # the device's own events (kernels, memsets, copies), as the profiler's table totals them: the CPU
+    # events that launched them carry the same time again
+    total_us = sum(e.device_time_total for e in prof.events()
+                   if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    return total_us / 1e3 / calls if total_us > 0 else None
 
 
 def copy_bandwidth_gbps(device: torch.device, llc: int, quick: bool) -> tuple:
@@ -381,9 +410,18 @@ class Harness:
                         raise RuntimeError(f"fell back: {backends.fallbacks()[-1]['reason']}")
                     diff = max_abs_diff(out, ref)
                     del out
-                    timed[label] = (time_ms(rotating(step, pool), self.device, self.args.quick), diff)
+                    timed[label] = (time_ms(rotating(step, pool), self.device, self.args.quick), diff,
+                                    self._kernel_ms(label, case, rotating(step, pool)))
             except Exception as exc:  # a provider failing must not stop the run
                 self.skip(label, case, f"{type(exc).__name__}: {exc}")
+
+    def _kernel_ms(self, label: str, case: Case, fn: Callable[[], object]) -> Optional[float]:
+        """kernel_ms(fn), or None with a note where profiling fails (the timing above stands)."""
+        try:
+            return kernel_ms(fn, self.device)
+        except Exception as exc:  # e.g. a profiler without CUPTI
+            self.skip(f"{label} kernel_ms", case, f"{type(exc).__name__}: {exc}")
+            return None
 
     def _inputs(self, case: Case, eager: Callable) -> tuple:
         """The rotating pool of (args, grad_out), and eager's fp32 result on its first set."""
@@ -401,9 +439,10 @@ class Harness:
     def _add_rows(self, case: Case, timed: dict, pool_sets: int, copy_ms: Optional[float]) -> None:
         eager_ms = timed["eager"][0][0] if "eager" in timed else None
         compile_ms = timed["compile"][0][0] if "compile" in timed else None
+        eager_kernel_ms = timed["eager"][2] if "eager" in timed else None
         order = sorted(timed, key=lambda label: (label != "eager", label != "compile"))  # eager, compile, run order
         for label in order:
-            (median, p25, p75), diff = timed[label]
+            (median, p25, p75), diff, kms = timed[label]
             gbps = case.nbytes / (median * 1e-3) / 1e9 if case.nbytes else None  # no byte count: no GB/s
             self.rows.append(Row(
                 bench=self.bench, op=self.op, variant=case.variant, provider=label, device=self.device.type,
@@ -414,7 +453,9 @@ class Harness:
                 bytes=case.nbytes, gbps=gbps, tflops=case.flops / (median * 1e-3) / 1e12 if case.flops else None,
                 frac_copy_bw=gbps / self.copy_gbps if gbps is not None and self.copy_gbps else None,
                 frac_same_bytes_copy=None if copy_ms is None else copy_ms / median,
-                max_abs_diff=diff, pool_sets=pool_sets, extra=case.extra, **self.meta,
+                max_abs_diff=diff, kernel_ms=kms,
+                kernel_ratio_to_eager=eager_kernel_ms / kms if eager_kernel_ms and kms else None,
+                pool_sets=pool_sets, extra=case.extra, **self.meta,
             ))
 
     # -----------------------------------------------------------------------
@@ -435,12 +476,13 @@ class Harness:
             f"commit {(m['commit'] or 'unknown')[:12]}, {m['date']}. Timer: {self.env['timer']}, median "
             f"and p25-p75 ms. Copy bandwidth (copy_ of {self.env['copy_tensor_bytes'] >> 20} MiB): "
             f"{self.copy_gbps:.1f} GB/s; % same-bytes copy: the time of a copy_ moving the case's bytes over "
-            f"this row's. x eager / x compile: speed-up (> 1 is faster). "
+            f"this row's. x eager / x compile: speed-up (> 1 is faster). Kernel ms (GPU): the summed device "
+            f"time of one call's kernels (profiler), and x eager on it. "
             f"Load average at start: {self.env['loadavg']}.",
             "",
             "| variant | shape | dtype | mode | provider | median ms | p25-p75 ms | x eager | x compile "
-            "| GB/s | % copy BW | % same-bytes copy | TFLOP/s | max abs diff |",
-            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+            "| GB/s | % copy BW | % same-bytes copy | TFLOP/s | max abs diff | kernel ms | x eager (kernels) |",
+            "|---|---|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
         ]
         variants = list(dict.fromkeys(r.variant for r in self.rows))  # in run order
         rows = sorted(self.rows, key=lambda r: (variants.index(r.variant), r.dtype, r.shape, MODES.index(r.mode)))
@@ -451,7 +493,8 @@ class Harness:
                 f"| {_fmt(r.ratio_to_compile, '.2f')} | {_fmt(r.gbps, '.1f')} "
                 f"| {_fmt(r.frac_copy_bw and 100 * r.frac_copy_bw, '.0f')} "
                 f"| {_fmt(r.frac_same_bytes_copy and 100 * r.frac_same_bytes_copy, '.0f')} "
-                f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} |"
+                f"| {_fmt(r.tflops, '.3g')} | {_fmt(r.max_abs_diff, '.1e')} | {_fmt(r.kernel_ms, '.4f')} "
+                f"| {_fmt(r.kernel_ratio_to_eager, '.2f')} |"
             )
         lines += self.notes
         if self.skipped:

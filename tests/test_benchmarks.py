@@ -54,6 +54,7 @@ def test_group_norm_silu_bench_quick_cpu(tmp_path):
         assert_timed(row)
         assert row["gbps"] > 0 and row["ratio_to_eager"] > 0
         assert row["ratio_to_compile"] is None  # compile not run
+        assert row["kernel_ms"] is None and row["kernel_ratio_to_eager"] is None  # GPU only
     eager = [(r["variant"], r["mode"]) for r in rows if r["provider"] == "eager"]
     assert {m for _, m in eager} == set(harness.MODES) and {v for v, _ in eager} >= {"plain", "temb", "scale_shift"}
     assert all(row["max_abs_diff"] < 1e-3 for row in assert_cpu_ran_or_skipped(data))
@@ -260,3 +261,16 @@ def test_make_pool_shares_weights():
     pool = harness.make_pool((x, w), llc=1 << 16, keep=frozenset({1}))
     assert len(pool) == 32  # 2 x 64 KiB of 4 KiB x sets; w's 4 MiB not counted
     assert all(s[1] is w for s in pool) and all(s[0] is not x and torch.equal(s[0], x) for s in pool[1:])
+
+
+@pytest.mark.cuda
+def test_kernel_ms_counts_device_time_once():
+    """kernel_ms sums each kernel's device time once: two copies of 64 MiB take about twice one,
+    and both are within the range a GPU can copy at (not 0, not the launching CPU events again)."""
+    dev = torch.device("cuda")
+    src = torch.ones(16 << 20, device=dev)
+    dst = torch.empty_like(src)
+    one = harness.kernel_ms(lambda: dst.copy_(src), dev)
+    two = harness.kernel_ms(lambda: (dst.copy_(src), dst.copy_(src)), dev)
+    assert one is not None and 0.005 < one < 50
+    assert 1.6 < two / one < 2.4
