@@ -19,15 +19,21 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
                         const acc_t* __restrict__ beta_ptr, acc_t beta_value, int64_t numel, uint32_t key_lo,
                         uint32_t key_hi, uint32_t step) {
   const auto c = Dpm2015Coef<acc_t>::from_beta(beta_ptr != nullptr ? *beta_ptr : beta_value);
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise, [&](int64_t base, const acc_t(&z)[4]) {
-    acc_t xv[4], mv[4], sv[4], o[4];
-    philox::load4<kVectorized>(x, base, numel, xv);
-    philox::load4<kVectorized>(z_mu, base, numel, mv);
-    if (kNoise) philox::load4<kVectorized>(z_sigma, base, numel, sv);
+  const auto load = [&](int64_t base) {
+    philox::Loaded<scalar_t, 3> in;  // x, z_mu, z_sigma
+    philox::load4<kVectorized>(x, base, numel, in.v[0]);
+    philox::load4<kVectorized>(z_mu, base, numel, in.v[1]);
+    if (kNoise) philox::load4<kVectorized>(z_sigma, base, numel, in.v[2]);
+    return in;
+  };
+  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise, load, [&](int64_t base,
+                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+    acc_t o[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      o[q] = c.sqrt_keep * xv[q] + c.sqrt_beta * mv[q];
-      if (kNoise) o[q] += z[q] / sqrt(acc_t(1) + exp(-(sv[q] + c.logit_beta)));  // sqrt(sigmoid); 0 on overflow
+      o[q] = c.sqrt_keep * static_cast<acc_t>(in.v[0][q]) + c.sqrt_beta * static_cast<acc_t>(in.v[1][q]);
+      if (kNoise)  // sqrt(sigmoid(z_sigma + logit beta)); 0 on overflow
+        o[q] += z[q] / sqrt(acc_t(1) + exp(-(static_cast<acc_t>(in.v[2][q]) + c.logit_beta)));
     }
     philox::store4<kVectorized>(out, base, numel, o);
   });

@@ -22,16 +22,20 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
                          uint32_t key_hi, uint32_t step) {
   const acc_t alpha = alpha_ptr != nullptr ? *alpha_ptr : alpha_value;
   const acc_t noise_scale = sqrt(acc_t(2) * alpha);
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise == kPhilox, [&](int64_t base,
-                                                                                       const acc_t(&z)[4]) {
-    acc_t xv[4], sv[4], nv[4], o[4];
-    philox::load4<kVectorized>(x, base, numel, xv);
-    philox::load4<kVectorized>(score, base, numel, sv);
-    if (kNoise == kGiven) philox::load4<kVectorized>(noise, base, numel, nv);
+  const auto load = [&](int64_t base) {
+    philox::Loaded<scalar_t, 3> in;  // x, score, given noise
+    philox::load4<kVectorized>(x, base, numel, in.v[0]);
+    philox::load4<kVectorized>(score, base, numel, in.v[1]);
+    if (kNoise == kGiven) philox::load4<kVectorized>(noise, base, numel, in.v[2]);
+    return in;
+  };
+  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise == kPhilox, load, [&](int64_t base,
+                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+    acc_t o[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      o[q] = xv[q] + alpha * sv[q];
-      if (kNoise != kNone) o[q] += noise_scale * (kNoise == kGiven ? nv[q] : z[q]);
+      o[q] = static_cast<acc_t>(in.v[0][q]) + alpha * static_cast<acc_t>(in.v[1][q]);
+      if (kNoise != kNone) o[q] += noise_scale * (kNoise == kGiven ? static_cast<acc_t>(in.v[2][q]) : z[q]);
     }
     philox::store4<kVectorized>(out, base, numel, o);
   });

@@ -22,16 +22,22 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
                         acc_t clip) {
   const acc_t a = coef[0], b = coef[1], c1 = coef[2], c2 = coef[3], c3 = coef[4], sigma = coef[5];
   const bool make_noise = !kGivenNoise && sigma != acc_t(0);
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, [&](int64_t base, const acc_t(&z)[4]) {
-    acc_t xv[4], ev[4], nv[4], o[4], x0[4];
-    philox::load4<kVectorized>(x, base, numel, xv);
-    philox::load4<kVectorized>(eps, base, numel, ev);
-    if (kGivenNoise) philox::load4<kVectorized>(noise, base, numel, nv);
+  const auto load = [&](int64_t base) {
+    philox::Loaded<scalar_t, 3> in;  // x, eps, given noise
+    philox::load4<kVectorized>(x, base, numel, in.v[0]);
+    philox::load4<kVectorized>(eps, base, numel, in.v[1]);
+    if (kGivenNoise) philox::load4<kVectorized>(noise, base, numel, in.v[2]);
+    return in;
+  };
+  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, load, [&](int64_t base,
+                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+    acc_t o[4], x0[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const acc_t raw = a * xv[q] - b * ev[q];
+      const acc_t xv = static_cast<acc_t>(in.v[0][q]), ev = static_cast<acc_t>(in.v[1][q]);
+      const acc_t raw = a * xv - b * ev;
       x0[q] = raw < -clip ? -clip : (raw > clip ? clip : raw);  // NaN stays NaN, as in torch.clamp
-      o[q] = c1 * x0[q] + c2 * xv[q] + c3 * ev[q] + sigma * (kGivenNoise ? nv[q] : z[q]);
+      o[q] = c1 * x0[q] + c2 * xv + c3 * ev + sigma * (kGivenNoise ? static_cast<acc_t>(in.v[2][q]) : z[q]);
     }
     philox::store4<kVectorized>(out, base, numel, o);
     if (x0_out != nullptr) philox::store4<kVectorized>(x0_out, base, numel, x0);
