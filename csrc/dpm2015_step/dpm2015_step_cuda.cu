@@ -26,7 +26,7 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     if (kNoise) philox::load4<kVectorized>(z_sigma, base, numel, in.v[2]);
     return in;
   };
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise, load, [&](int64_t base,
+  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise, load, [&](int64_t base,
                                     const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
     acc_t o[4];
 #pragma unroll
