@@ -5,7 +5,9 @@
 
 Variants, each against its own eager formula (G = 32 groups, as in DDPM):
     plain        silu(group_norm(x))
-    plain_cl     the same on channels_last x (as the UNet runs when its convolutions do)
+    plain_cl     the same on channels_last x (as the UNet runs when its convolutions do); on a GPU
+                 also provider cuda+slabs, our CUDA forward over slabs of whole groups
+                 (DIFFUSION_FAST_GNS_CL_SLABS=1), beside the default one-group-per-block kernel
     temb         silu(group_norm(x + temb))                  DDPM res block, second norm
     scale_shift  silu(group_norm(x) * (1 + scale) + shift)   ADM use_scale_shift_norm
 
@@ -26,6 +28,7 @@ moving the case's bytes, timed the same way) says how far from that size's floor
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import harness  # first: puts the repo root on sys.path when diffusion_fast is not installed
@@ -148,9 +151,16 @@ def main(argv=None) -> None:
                 variant, shape, dtype, mode, make_args(shape, dtype, bench.device, n_extra, variant.endswith("_cl")),
                 nbytes(shape, dtype, mode, n_extra), extra={"num_groups": GROUPS, "eps": EPS},
             )
-            bench.run(case, eager, ours, _unsupported)
+            others = {"cuda+slabs": (ours, cl_slabs)} if variant.endswith("_cl") and args.device == "cuda" else None
+            bench.run(case, eager, ours, _unsupported, others=others)
     bench.finish()
 
+
+@contextlib.contextmanager
+def cl_slabs():
+    """Our CUDA backend with its channels-last slab forward (DIFFUSION_FAST_GNS_CL_SLABS=1, read per call)."""
+    with harness.env_var("DIFFUSION_FAST_GNS_CL_SLABS", "1"), diffusion_fast.use_backend("cuda"):
+        yield
 
 if __name__ == "__main__":
     main()

@@ -288,6 +288,21 @@ def as_step(f: Callable, mode: str) -> Callable:
     return step
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """Sets the environment variable ``name`` to ``value`` inside the block (for settings our
+    kernels read at each call, e.g. DIFFUSION_FAST_GNS_CL_SLABS), restoring it after."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def rotating(step: Callable, pool: list) -> Callable[[], object]:
     sets = itertools.cycle(pool)
     return lambda: step(*next(sets))

@@ -1058,13 +1058,11 @@ void with_layout(bool cl, const F& f) {
     f(std::false_type{});
 }
 
-// DIFFUSION_FAST_GNS_CL_SLABS=1 turns the channels-last slab forward on (read once).
+// DIFFUSION_FAST_GNS_CL_SLABS=1 turns the channels-last slab forward on. Read at each call (a getenv, far
+// below a launch), so that one process (bench_group_norm_silu's cuda+slabs) can time both forwards.
 bool cl_slabs_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("DIFFUSION_FAST_GNS_CL_SLABS");
-    return v != nullptr && std::string(v) == "1";
-  }();
-  return on;
+  const char* v = std::getenv("DIFFUSION_FAST_GNS_CL_SLABS");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
 // Runs the slab forward and returns true where it applies: channels-last x of float/half/bfloat16 whose group is

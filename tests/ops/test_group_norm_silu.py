@@ -391,46 +391,42 @@ def test_cuda_block_size_knob(vecs):
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
-_CL_SLABS_CHECK = """
-import torch, diffusion_fast
-from diffusion_fast.ops.group_norm_silu import group_norm_silu_ref
-# (shape, groups): 4-channel groups (fp32: 16-byte vectors), one-channel groups over a large map (split path),
-# 8-channel groups (fp16/bf16: 16 bytes; fp32 falls back to the per-group kernel)
-for shape, groups in [((2, 64, 5, 7), 16), ((1, 32, 64, 64), 32), ((4, 256, 8, 8), 32), ((3, 48, 9), 12)]:
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        n, c = shape[:2]
-        x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels-last (also for 3-D x)
-        w, b = torch.randn(c, device="cuda") + 1, torch.randn(c, device="cuda")
-        pb, sc, sh = (torch.randn(n, c, device="cuda") * 0.5 for _ in range(3))
-        with diffusion_fast.use_backend("cuda"), torch.profiler.profile(
-                activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            y = diffusion_fast.group_norm_silu(x, groups, w, b, pre_bias=pb, scale=sc, shift=sh)
-            torch.cuda.synchronize()
-        slab = any("gns_fwd_slab_kernel" in e.name for e in prof.events())
-        assert slab == (shape[1] // groups * x.element_size() in (4, 8, 16)), (shape, dtype, "slab kernel ran", slab)
-        assert y.stride() == x.stride()
-        ref = group_norm_silu_ref(x.double(), groups, w.double(), b.double(), pre_bias=pb.double(),
-                                  scale=sc.double(), shift=sh.double())
-        tol = 1e-4 if dtype == torch.float32 else 3e-2
-        err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
-        assert err < tol, (shape, dtype, err)
-print("ok")
-"""
-
-
 @pytest.mark.cuda
-def test_cuda_channels_last_slabs_knob():
+def test_cuda_channels_last_slabs_knob(monkeypatch):
     """DIFFUSION_FAST_GNS_CL_SLABS=1 (the CUDA channels-last forward over slabs of groups, off by default
-    until timed on a GPU) matches the float64 reference, fused and split."""
-    import os
-    import subprocess
-    import sys
+    until timed on a GPU; read at each call) runs the slab kernel where a group is one 4-16 byte vector,
+    and matches the float64 reference, fused and split; unset, the per-group kernel runs."""
+    def slab_ran(fn) -> bool:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = fn()
+            torch.cuda.synchronize()
+        return out, any("gns_fwd_slab_kernel" in e.name for e in prof.events())
 
-    env = {**os.environ, "DIFFUSION_FAST_GNS_CL_SLABS": "1"}
-    done = subprocess.run([sys.executable, "-c", _CL_SLABS_CHECK], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    # (shape, groups): 4-channel groups (fp32: 16-byte vectors), one-channel groups over a large map (split
+    # path), 8-channel groups (fp16/bf16: 16 bytes; fp32 falls back to the per-group kernel), 3-D x
+    for shape, groups in [((2, 64, 5, 7), 16), ((1, 32, 64, 64), 32), ((4, 256, 8, 8), 32), ((3, 48, 9), 12)]:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            n, c = shape[:2]
+            x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype)
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)  # channels-last (also for 3-D x)
+            w, b = torch.randn(c, device="cuda") + 1, torch.randn(c, device="cuda")
+            pb, sc, sh = (torch.randn(n, c, device="cuda") * 0.5 for _ in range(3))
+
+            def run():
+                with diffusion_fast.use_backend("cuda"):
+                    return diffusion_fast.group_norm_silu(x, groups, w, b, pre_bias=pb, scale=sc, shift=sh)
+
+            monkeypatch.delenv("DIFFUSION_FAST_GNS_CL_SLABS", raising=False)
+            assert not slab_ran(run)[1], (shape, dtype, "slab kernel ran with the knob unset")
+            monkeypatch.setenv("DIFFUSION_FAST_GNS_CL_SLABS", "1")
+            y, slab = slab_ran(run)
+            assert slab == (c // groups * x.element_size() in (4, 8, 16)), (shape, dtype, "slab kernel ran", slab)
+            assert y.stride() == x.stride()
+            ref = group_norm_silu_ref(x.double(), groups, w.double(), b.double(), pre_bias=pb.double(),
+                                      scale=sc.double(), shift=sh.double())
+            tol = 1e-4 if dtype == torch.float32 else 3e-2
+            err = (y.double() - ref).abs().max().item() / max(1.0, ref.abs().max().item())
+            assert err < tol, (shape, dtype, err)
 
 
 # ---------------------------------------------------------------------------
