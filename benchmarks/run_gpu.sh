@@ -12,8 +12,8 @@
 #
 # Environment: PYTHON (default python), BUDGET_S (total seconds, default 570),
 # BUILD_CAP_S (default 300) and TEST_CAP_S (default 240); the benches share what is left.
-# STEPS (default "machine build env_info tests benches"; also "probes": benchmarks/probes/, PROBE_CAP_S
-# each) picks steps, e.g. STEPS=benches on a machine that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
+# STEPS (default "machine build env_info tests benches"; also "probes": benchmarks/probes/, or the paths in
+# PROBES, PROBE_CAP_S each) picks steps, e.g. STEPS=benches on a machine that already built. TESTS (default "tests/ops tests") are pytest's paths and options, e.g.
 # TESTS="tests/ops/test_sampler_steps.py -k philox". BENCHES (default: every bench_*.py) names benches in
 # the order to run, NAME, NAME:WEIGHT (a share of the bench time in proportion to WEIGHT, default 1) or
 # NAME:WEIGHT:OPTION[:OPTION...] (extra options), e.g. BENCHES="group_norm_silu nvae_cell ddpm:3:--dtypes=bf16". A step out of time gets SIGINT first: pytest then still
@@ -22,8 +22,9 @@
 # On a lent GPU with 15 minutes in all (about 1.5 of them to start the machine), two calls, the second
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
 # tests" BUDGET_S=345 TEST_CAP_S=230 (2026-11-27, H100: 359 s, the suite cut after 588 of 592 tests);
-# (2) STEPS=benches BUDGET_S=<what is left minus a minute>, e.g. BENCHES="attention:1:--dtypes=bf16 nvae_cell
-# group_norm_silu:2 ddpm:3:--dtypes=bf16:--providers=eager,compile,cuda,eager+cl,ours+cl,ours+cl+slabs,cuda+graph,cuda+cl+graph".
+# (2) STEPS="benches probes" BUDGET_S=<what is left minus a minute> PROBES=benchmarks/probes/kernel_breakdown_probe.py
+# PROBE_CAP_S=90, e.g. BENCHES="attention:1:--dtypes=bf16 nvae_cell group_norm_silu:2
+# ddpm:3:--dtypes=bf16:--providers=eager,compile,cuda,eager+cl,ours+cl,ours+cl+slabs,cuda+graph,cuda+cl+graph".
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
 
@@ -99,7 +100,9 @@ if want benches; then
     fi
 fi
 probes=()
-want probes && probes=(benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py)
+if want probes; then
+    if [[ -n ${PROBES:-} ]]; then read -r -a probes <<<"$PROBES"; else probes=(benchmarks/probes/*_probe.py benchmarks/probes/*_sweep.py); fi
+fi
 reserve=$((${#probes[@]} * ${PROBE_CAP_S:-180}))  # seconds the benches leave to the probes
 weight_of() { local w=${1#*:}; if [[ $1 == *:* ]]; then echo "${w%%:*}"; else echo 1; fi; }
 args_of() { local a=${1#*:*:}; if [[ $1 == *:*:* ]]; then echo "${a//:/ }"; fi; }
