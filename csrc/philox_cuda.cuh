@@ -78,6 +78,17 @@ __device__ __forceinline__ void store4(scalar_t* __restrict__ p, int64_t base, i
   }
 }
 
+// The values of a, b and, where c is not null, c at elements base .. base + 3 (an op's load).
+template <bool kVectorized, typename T>
+__device__ __forceinline__ Loaded<T, 3> load3(const T* __restrict__ a, const T* __restrict__ b,
+                                              const T* __restrict__ c, int64_t base, int64_t numel) {
+  Loaded<T, 3> in;
+  load4<kVectorized>(a, base, numel, in.v[0]);
+  load4<kVectorized>(b, base, numel, in.v[1]);
+  if (c != nullptr) load4<kVectorized>(c, base, numel, in.v[2]);
+  return in;
+}
+
 template <typename acc_t, bool kLoadFirst, typename Load, typename Epilogue>
 __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_lo, uint32_t key_hi, uint32_t step,
                                                    bool make_noise, const Load& load, const Epilogue& epilogue) {

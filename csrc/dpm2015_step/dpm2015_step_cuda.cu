@@ -20,14 +20,9 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
                         uint32_t key_hi, uint32_t step) {
   const auto c = Dpm2015Coef<acc_t>::from_beta(beta_ptr != nullptr ? *beta_ptr : beta_value);
   const auto load = [&](int64_t base) {
-    philox::Loaded<scalar_t, 3> in;  // x, z_mu, z_sigma
-    philox::load4<kVectorized>(x, base, numel, in.v[0]);
-    philox::load4<kVectorized>(z_mu, base, numel, in.v[1]);
-    if (kNoise) philox::load4<kVectorized>(z_sigma, base, numel, in.v[2]);
-    return in;
+    return philox::load3<kVectorized>(x, z_mu, kNoise ? z_sigma : nullptr, base, numel);
   };
-  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise, load, [&](int64_t base,
-                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+  const auto epilogue = [&](int64_t base, const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
     acc_t o[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -36,7 +31,9 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
         o[q] += z[q] / sqrt(acc_t(1) + exp(-(static_cast<acc_t>(in.v[2][q]) + c.logit_beta)));
     }
     philox::store4<kVectorized>(out, base, numel, o);
-  });
+  };
+  // 16-bit inputs are loaded before the noise is made (see philox_cuda.cuh)
+  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise, load, epilogue);
 }
 
 }  // namespace

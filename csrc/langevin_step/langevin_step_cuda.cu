@@ -23,14 +23,9 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
   const acc_t alpha = alpha_ptr != nullptr ? *alpha_ptr : alpha_value;
   const acc_t noise_scale = sqrt(acc_t(2) * alpha);
   const auto load = [&](int64_t base) {
-    philox::Loaded<scalar_t, 3> in;  // x, score, given noise
-    philox::load4<kVectorized>(x, base, numel, in.v[0]);
-    philox::load4<kVectorized>(score, base, numel, in.v[1]);
-    if (kNoise == kGiven) philox::load4<kVectorized>(noise, base, numel, in.v[2]);
-    return in;
+    return philox::load3<kVectorized>(x, score, kNoise == kGiven ? noise : nullptr, base, numel);
   };
-  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise == kPhilox, load, [&](int64_t base,
-                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+  const auto epilogue = [&](int64_t base, const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
     acc_t o[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -38,7 +33,10 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
       if (kNoise != kNone) o[q] += noise_scale * (kNoise == kGiven ? static_cast<acc_t>(in.v[2][q]) : z[q]);
     }
     philox::store4<kVectorized>(out, base, numel, o);
-  });
+  };
+  // 16-bit inputs are loaded before the noise is made (see philox_cuda.cuh)
+  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise == kPhilox, load,
+                                                            epilogue);
 }
 
 }  // namespace

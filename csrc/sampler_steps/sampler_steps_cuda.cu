@@ -23,14 +23,9 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
   const acc_t a = coef[0], b = coef[1], c1 = coef[2], c2 = coef[3], c3 = coef[4], sigma = coef[5];
   const bool make_noise = !kGivenNoise && sigma != acc_t(0);
   const auto load = [&](int64_t base) {
-    philox::Loaded<scalar_t, 3> in;  // x, eps, given noise
-    philox::load4<kVectorized>(x, base, numel, in.v[0]);
-    philox::load4<kVectorized>(eps, base, numel, in.v[1]);
-    if (kGivenNoise) philox::load4<kVectorized>(noise, base, numel, in.v[2]);
-    return in;
+    return philox::load3<kVectorized>(x, eps, kGivenNoise ? noise : nullptr, base, numel);
   };
-  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, make_noise, load, [&](int64_t base,
-                                    const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
+  const auto epilogue = [&](int64_t base, const philox::Loaded<scalar_t, 3>& in, const acc_t(&z)[4]) {
     acc_t o[4], x0[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -41,7 +36,9 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     }
     philox::store4<kVectorized>(out, base, numel, o);
     if (x0_out != nullptr) philox::store4<kVectorized>(x0_out, base, numel, x0);
-  });
+  };
+  // 16-bit inputs are loaded before the noise is made (see philox_cuda.cuh)
+  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, make_noise, load, epilogue);
 }
 
 }  // namespace
