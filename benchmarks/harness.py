@@ -425,15 +425,16 @@ class Harness:
                         raise RuntimeError(f"fell back: {backends.fallbacks()[-1]['reason']}")
                     diff = max_abs_diff(out, ref)
                     del out
-                    timed[label] = (time_ms(rotating(step, pool), self.device, self.args.quick), diff,
-                                    self._kernel_ms(label, case, rotating(step, pool)))
+                    quantiles = time_ms(rotating(step, pool), self.device, self.args.quick)
+                    timed[label] = (quantiles, diff, self._kernel_ms(label, case, rotating(step, pool), quantiles[0]))
             except Exception as exc:  # a provider failing must not stop the run
                 self.skip(label, case, f"{type(exc).__name__}: {exc}")
 
-    def _kernel_ms(self, label: str, case: Case, fn: Callable[[], object]) -> Optional[float]:
-        """kernel_ms(fn), or None with a note where profiling fails (the timing above stands)."""
+    def _kernel_ms(self, label: str, case: Case, fn: Callable[[], object], median_ms: float) -> Optional[float]:
+        """kernel_ms(fn) over up to 10 calls, fewer for slow ones (~0.2 s of calls: a sampling loop takes
+        seconds), or None with a note where profiling fails (the timing above stands)."""
         try:
-            return kernel_ms(fn, self.device)
+            return kernel_ms(fn, self.device, calls=max(1, min(10, int(200 / max(median_ms, 1e-3)))))
         except Exception as exc:  # e.g. a profiler without CUPTI
             self.skip(f"{label} kernel_ms", case, f"{type(exc).__name__}: {exc}")
             return None
