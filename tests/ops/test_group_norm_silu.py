@@ -396,7 +396,8 @@ def test_cuda_channels_last_slabs_knob(monkeypatch):
     """DIFFUSION_FAST_GNS_CL_SLABS=1 (the CUDA channels-last forward over slabs of groups, off by default
     until timed on a GPU; read at each call) runs the slab kernel where a group is one 4-16 byte vector,
     and matches the float64 reference, fused and split; unset, the per-group kernel runs."""
-    def slab_ran(fn) -> bool:
+    def run_profiled(fn) -> tuple:
+        """(fn(), whether the slab kernel ran)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             out = fn()
             torch.cuda.synchronize()
@@ -417,9 +418,9 @@ def test_cuda_channels_last_slabs_knob(monkeypatch):
                     return diffusion_fast.group_norm_silu(x, groups, w, b, pre_bias=pb, scale=sc, shift=sh)
 
             monkeypatch.delenv("DIFFUSION_FAST_GNS_CL_SLABS", raising=False)
-            assert not slab_ran(run)[1], (shape, dtype, "slab kernel ran with the knob unset")
+            assert not run_profiled(run)[1], (shape, dtype, "slab kernel ran with the knob unset")
             monkeypatch.setenv("DIFFUSION_FAST_GNS_CL_SLABS", "1")
-            y, slab = slab_ran(run)
+            y, slab = run_profiled(run)
             assert slab == (c // groups * x.element_size() in (4, 8, 16)), (shape, dtype, "slab kernel ran", slab)
             assert y.stride() == x.stride()
             ref = group_norm_silu_ref(x.double(), groups, w.double(), b.double(), pre_bias=pb.double(),
