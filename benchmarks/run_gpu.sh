@@ -23,7 +23,7 @@
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
 # tests" BUDGET_S=345 TEST_CAP_S=230 (2026-11-27, H100: 359 s, the suite cut after 588 of 592 tests);
 # (2) STEPS="benches probes" BUDGET_S=<what is left minus a minute> PROBES=benchmarks/probes/kernel_breakdown_probe.py
-# PROBE_CAP_S=90, e.g. BENCHES="attention:1:--dtypes=bf16 nvae_cell group_norm_silu:2
+# PROBE_CAP_S=90, e.g. BENCHES="attention:1:--dtypes=bf16 nvae_cell group_norm_silu:2 sampler_step:1:--dtypes=bf16
 # ddpm:3:--dtypes=bf16:--providers=eager,compile,cuda,eager+cl,ours+cl,ours+cl+slabs,cuda+graph,cuda+cl+graph".
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
