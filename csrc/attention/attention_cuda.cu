@@ -161,6 +161,13 @@ void check_rows(const at::Tensor& t, const at::Tensor& s, at::ScalarType dtype, 
               s.device());
 }
 
+void check_lse(const at::Tensor& lse, const at::Tensor& s) {
+  TORCH_CHECK(lse.is_cuda() && lse.device() == s.device() && lse.is_contiguous() && lse.numel() == s.size(0) &&
+                  lse.scalar_type() == s.scalar_type(),
+              "attention (CUDA rows): lse must be a contiguous (", s.size(0), ",) ", s.scalar_type(), " tensor on ",
+              s.device());
+}
+
 // Calls f(integral_constant<int, V>) with V = 16 / sizeof(A) when every row pointer allows 16-byte loads
 // of A and V-element stores of P, else V = 1.
 template <typename A, typename P, typename F>
@@ -190,8 +197,7 @@ void softmax_rows_cuda(const at::Tensor& s, const at::Tensor& p, const at::Tenso
     using A = at::opmath_type<P>;
     check_rows(s, s, c10::CppTypeToScalarType<A>::value, "s");
     check_rows(p, s, p.scalar_type(), "p");
-    TORCH_CHECK(lse.is_contiguous() && lse.numel() == rows && lse.scalar_type() == s.scalar_type(),
-                "attention (CUDA rows): lse must be contiguous (", rows, ",) ", s.scalar_type());
+    check_lse(lse, s);
     const A* sp = s.data_ptr<A>();
     P* pp = p.data_ptr<P>();
     with_vector<A, P>(sk, {sp}, {pp}, [&](auto v) {
@@ -216,8 +222,7 @@ void grad_rows_cuda(const at::Tensor& s, const at::Tensor& dp, const at::Tensor&
     check_rows(dp, s, acc, "dp");
     check_rows(p, s, p.scalar_type(), "p");
     check_rows(ds, s, p.scalar_type(), "ds");
-    TORCH_CHECK(lse.is_contiguous() && lse.numel() == rows && lse.scalar_type() == acc,
-                "attention (CUDA rows): lse must be contiguous (", rows, ",) ", acc);
+    check_lse(lse, s);
     const A *sp = s.data_ptr<A>(), *dpp = dp.data_ptr<A>();
     P *pp = p.data_ptr<P>(), *dsp = ds.data_ptr<P>();
     with_vector<A, P>(sk, {sp, dpp}, {pp, dsp}, [&](auto v) {
