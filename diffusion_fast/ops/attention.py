@@ -110,6 +110,7 @@ def _make_backward(bwd_op):
 
 for _name in OPS.values():
     backends.register_fwd_bwd(_name, _fake_fwd, _fake_bwd, _make_backward, _setup_context)
+_FWD = {backend: getattr(torch.ops.diffusion_fast, name + "_fwd").default for backend, name in OPS.items()}
 
 
 # ---------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     backend = backends.select("attention", q, _unsupported, auto=auto, implemented=IMPLEMENTED)
     if backend == "torch":
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-    return getattr(torch.ops.diffusion_fast, OPS[backend] + "_fwd")(q, k, v, causal, scale)[0]
+    return _FWD[backend](q, k, v, causal, scale)[0]
 
 
 # The Triton ops run kernels/attention.py, imported on first use so that importing

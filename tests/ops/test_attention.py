@@ -251,8 +251,10 @@ def test_cuda_request_runs_the_cpp_op(monkeypatch):
     q, k, v = make_qkv((1, 1, 5, 5, 16, False), torch.float32, "cpu")
     require_backend("cuda", "attention", q, _unsupported)
     calls = []
-    real = torch.ops.diffusion_fast.attention_fwd
-    monkeypatch.setattr(torch.ops.diffusion_fast, "attention_fwd", lambda *a: calls.append(a) or real(*a))
+    fwd_ops = importlib.import_module("diffusion_fast.ops.attention")._FWD  # backend -> op the wrapper calls
+    real = fwd_ops["cuda"]
+    assert real is torch.ops.diffusion_fast.attention_fwd.default  # the C++ op, not the Triton twin
+    monkeypatch.setitem(fwd_ops, "cuda", lambda *a: calls.append(a) or real(*a))
     with diffusion_fast.use_backend("cuda"), backends.warnings.catch_warnings():
         backends.warnings.simplefilter("error")
         assert _select(q, k) == "cuda"
