@@ -235,7 +235,8 @@ inline void static_for(const F& f) {
   static_for_impl(f, std::make_integer_sequence<int, N>{});
 }
 
-template <int K, int PB, typename A>
+// Window rows s outside [kLo, kHi) are skipped: the caller knows they hold only zeros (see conv_plane_w8).
+template <int K, int PB, int kLo = 0, int kHi = 2 * (PB - 1) + K, typename A>
 inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, int64_t H, A* out) {
   using V = Vec<A, 16>;
   constexpr int R = K / 2, S = 2 * (PB - 1) + K;  // S windows rows per column shift
@@ -247,11 +248,13 @@ inline void conv_pairs(const A* buf, const Vec<A, 16>* wm, A bias, int64_t p0, i
   static_for<S>([&](auto s_) {
     static_for<K>([&](auto j_) {
       constexpr int s = decltype(s_)::value, j = decltype(j_)::value;
-      const V v = window<8 + 8 * s - R + j>(z);
-      static_for<PB>([&](auto q_) {
-        constexpr int q = decltype(q_)::value, i = s - 2 * q;
-        if constexpr (i >= 0 && i < K) acc[q][i & 1] += wm[i * K + j] * v;
-      });
+      if constexpr (s >= kLo && s < kHi) {
+        const V v = window<8 + 8 * s - R + j>(z);
+        static_for<PB>([&](auto q_) {
+          constexpr int q = decltype(q_)::value, i = s - 2 * q;
+          if constexpr (i >= 0 && i < K) acc[q][i & 1] += wm[i * K + j] * v;
+        });
+      }
     });
   });
   for (int q = 0; q < PB; ++q) {
@@ -293,6 +296,12 @@ void conv_plane_w8(const Geo& g, const A* buf, const A* wt, A bias, A* out) {
   V wm[K * K];
 #pragma GCC unroll 25
   for (int t = 0; t < K * K; ++t) wm[t] = loadu<16>(kColMask.m[t % K - R + 2]) * wt[t];
+  if (g.H == 2 * PB) {  // 8 x 8 (NVAE's smallest scale), one block: window row s holds x rows s - R and
+    // s - R + 1 (its other lanes have zero weights), so s < R - 1 and s >= 8 + R read zeros only (K = 5:
+    // 10 of 100 FMAs and 10 of 55 windows)
+    conv_pairs<K, PB, std::max(0, R - 1), 2 * PB + R>(buf, wm, bias, 0, g.H, out);
+    return;
+  }
   const int64_t pairs = (g.H + 1) / 2;
   int64_t p = 0;
   for (; p + PB <= pairs; p += PB) conv_pairs<K, PB>(buf, wm, bias, p, g.H, out);
@@ -786,7 +795,7 @@ LaneCoef<A> lane_coef_of(const Args<T, A>& a, int64_t c0, int64_t cbn) {
 // Channels-last forward. A unit is a band of output rows of one sample with all its channels, so x is read
 // and y written in memory order. Each input row enters a ring of K rows, laid out block-major
 // [channel block][Wq][LN] (LN = 64 bytes of A; zero columns either side of W, zero lanes past C), so one
-// block's K input rows are contiguous strips in L1; rows outside the image point at a zero row. The conv of
+// block's K input rows are contiguous strips in L1; rows outside the image are null, their taps skipped. The conv of
 // one block and row keeps WB positions in registers: per tap row, WB + K - 1 input vectors and K weight
 // vectors serve K * WB lane-wise FMAs.
 // ---------------------------------------------------------------------------
@@ -835,25 +844,30 @@ void cl_ring_load(const Geo& g, const T* __restrict src, A* __restrict dst) {
   }
 }
 
-// z[(w + o) * LN + l] = bias[l] + sum_{i,j} wt[(i * K + j) * LN + l] * rows[i][(w + o + j) * LN + l], o < WB.
-// Per tap row i, the K weight vectors are loaded once and the WB + K - 1 input vectors stream through, each
-// feeding the (up to K) outputs it touches: WB accumulators + K weights + 1 input stay in registers (holding
-// all of a row's inputs at once instead made GCC spill a third of the loop to the stack, ~1.6x slower).
-template <int K, int LN, int WB, typename A>
+// z[(w + o) * LN + l] = bias[l] + sum_{i,j} wt[(i * K + j) * LN + l] * rows[i][(w + o + j) * LN + l], o < WB;
+// a null rows[i] is a row of zeros (outside the image), skipped. Per tap row i, the K weight vectors are loaded
+// once and the WB + K - 1 input vectors stream through, each feeding the (up to K) outputs it touches: WB
+// accumulators + K weights + 1 input stay in registers (holding all of a row's inputs at once instead made GCC
+// spill a third of the loop to the stack, ~1.6x slower). kEdges: the block is a whole row (w = 0, W = WB), so
+// its first and last R inputs are the zero columns beside the image, skipped too (at 8 x 8 and K = 5 the
+// skipped rows and columns are 28% of the taps).
+template <int K, int LN, int WB, bool kEdges, typename A>
 inline void cl_conv_positions(const A* const* rows, const A* wt, const A* bias, int64_t w, A* z) {
   using V = Vec<A, LN>;
+  constexpr int R = K / 2, t0 = kEdges ? R : 0, t1 = WB + K - 1 - t0;
   V acc[WB];
   const V bv = loadu<LN>(bias);
 #pragma GCC unroll 16
   for (int o = 0; o < WB; ++o) acc[o] = bv;
 #pragma GCC unroll 5
   for (int i = 0; i < K; ++i) {
+    if (!rows[i]) continue;
     const A* r = rows[i] + w * LN;
     V wv[K];
 #pragma GCC unroll 5
     for (int j = 0; j < K; ++j) wv[j] = loadu<LN>(wt + (i * K + j) * LN);
 #pragma GCC unroll 20
-    for (int t = 0; t < WB + K - 1; ++t) {
+    for (int t = t0; t < t1; ++t) {
       const V in = loadu<LN>(r + t * LN);
 #pragma GCC unroll 5
       for (int j = 0; j < K; ++j)
@@ -868,14 +882,18 @@ inline void cl_conv_positions(const A* const* rows, const A* wt, const A* bias, 
 template <int K, int LN, typename A>
 void cl_conv_row(const Geo& g, const A* const* rows, const A* wt, const A* bias, A* z) {
   constexpr int WB = 8;
+  if (g.W == WB) {
+    cl_conv_positions<K, LN, WB, true>(rows, wt, bias, 0, z);
+    return;
+  }
   int64_t w = 0;
   for (; w + WB <= g.W; w += WB) {
     opaque(wt);  // the K * K weight vectors are reloaded per block: hoisted out of the loop, they spilled
-    cl_conv_positions<K, LN, WB>(rows, wt, bias, w, z);
+    cl_conv_positions<K, LN, WB, false>(rows, wt, bias, w, z);
   }
   for (; w < g.W; ++w) {
     opaque(wt);
-    cl_conv_positions<K, LN, 1>(rows, wt, bias, w, z);
+    cl_conv_positions<K, LN, 1, false>(rows, wt, bias, w, z);
   }
 }
 
@@ -907,7 +925,7 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
   constexpr int LN = 64 / sizeof(A);
   const Geo& g = a.g;
   const int64_t nblk = (g.C + LN - 1) / LN, strip = g.Wq * LN, row = nblk * strip, KK = g.K * g.K;
-  std::vector<A> ring(K * row, A(0)), zero(row, A(0)), z(g.W * LN);
+  std::vector<A> ring(K * row, A(0)), z(g.W * LN);
   // STATS: per channel (nblk * LN, lanes past C unused), the unit's shift (its first row's mean) and the sums
   // of z - shift and (z - shift)^2: rows add their float partials in double, with no per-row merge.
   std::vector<A> shift(STATS ? nblk * LN : 0);
@@ -926,7 +944,7 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
       for (int i = 0; i < K; ++i) {
         const int64_t r = h + i - g.R;
         if (r < 0 || r >= g.H) {
-          rows[i] = zero.data();
+          rows[i] = nullptr;  // zeros: skipped
           continue;
         }
         A* slot = ring.data() + (r % K) * row;
@@ -939,7 +957,7 @@ void cl_fwd_units_impl(const Args<T, A>& a, const Bands& bd, const A* wl, const 
       T* y = a.out + (n * g.H + h) * g.W * g.C;
       for (int64_t b = 0; b < nblk; ++b) {
         const A* brows[K];
-        for (int i = 0; i < K; ++i) brows[i] = rows[i] + b * strip;
+        for (int i = 0; i < K; ++i) brows[i] = rows[i] ? rows[i] + b * strip : nullptr;
         if (next < std::min(g.H, h1 + g.R)) prefetch(next_row + b * part, part);
         cl_conv_row<K, LN>(g, brows, wl + b * KK * LN, bl + b * LN, z.data());
         const int64_t c0 = b * LN, cbn = std::min<int64_t>(LN, g.C - c0);

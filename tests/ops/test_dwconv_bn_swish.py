@@ -35,6 +35,7 @@ CASES = {
     "wide rows (two 16-blocks)": (2, 3, 3, 19),
     "8 wide, odd H (C++: two rows per vector)": (2, 3, 5, 8),
     "8 wide, 11 rows (C++: a block of 4 row pairs, then single pairs)": (1, 2, 11, 8),
+    "8 x 8 (C++: 4 row pairs, all-zero windows skipped; channels-last: whole rows, zero columns skipped)": (2, 3, 8, 8),
     "16 wide, 7 rows (C++: a block of 4 rows, then single rows)": (2, 3, 7, 16),
     "13 wide (C++: one 16-lane row, 13 stored)": (1, 2, 6, 13),
     "1x1 spatial": (8, 3, 1, 1),
@@ -150,8 +151,10 @@ def test_every_dtype_and_extras(backend, device, extras, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 # 20 and 17 channels: more than a 64-byte line; W = 9: a block of 8 positions and a tail (C++). One test per
 # shape: on a GPU each compiles its own Triton kernels (one test of all three took 130 s of a worker).
-@pytest.mark.parametrize("k,shape", [(5, (2, 20, 5, 7)), (3, (3, 3, 4, 3)), (5, (1, 17, 3, 9))],
-                         ids=["k5 20ch", "k3 3ch", "k5 17ch W9"])
+# 8 x 8: channels-last C++ convolves whole rows, skipping the zero rows and columns around the image.
+@pytest.mark.parametrize("k,shape", [(5, (2, 20, 5, 7)), (3, (3, 3, 4, 3)), (5, (1, 17, 3, 9)),
+                                     (5, (2, 20, 8, 8)), (3, (1, 17, 8, 8))],
+                         ids=["k5 20ch", "k3 3ch", "k5 17ch W9", "k5 20ch 8x8", "k3 17ch 8x8"])
 def test_layouts(backend, device, layout, training, k, shape):
     for dtype in dtypes_fast(backend, device):
         x, p = make_inputs(shape, k, dtype, device, layout)
