@@ -57,7 +57,8 @@ inline double exp_neg(double z, ExpBounds) { return std::exp(-z); }
 // sigmoid(z) = 1 / (1 + e^-z), with a true division. On the AMD Zen 5 hosts these kernels are timed on, a
 // vector division beats a division-free reciprocal (a bit-trick guess and three Newton steps, 7 FMA-port
 // operations): 1.95 against 2.96 ns per 16 lanes of swish (AVX-512), 4.1 against 6.4 ns (AVX2), and it frees
-// the FMA ports that a fused conv or norm shares (some Intel cores divide 16 lanes at a quarter of that rate).
+// the FMA ports that a fused conv or norm shares. Not measured on Intel cores, some of which divide slowly
+// (Skylake: one 8-lane vdivps per 5 cycles); there the Newton form (in git history) may win again.
 template <typename A>
 inline A sigmoid(A z, ExpBounds eb) {
   return A(1) / (A(1) + exp_neg(z, eb));
