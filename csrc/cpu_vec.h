@@ -2,7 +2,7 @@
 //   * element math written branch-free so that GCC vectorises the loops that call it: e^-z from a
 //     polynomial fit of 2^f, swish/SiLU y = z * sigmoid(z) (Ramachandran et al. 2017; Elfwing et al.
 //     2018) and its derivative;
-//   * GCC vector types for hand-blocked register tiles, and a cache prefetch hint;
+//   * GCC vector types for hand-blocked register tiles, a cache prefetch hint and non-temporal line stores;
 //   * run-time instruction-set dispatch: a stage compiled for AVX-512, AVX2+FMA and baseline x86-64,
 //     picked once per process following ATen's choice (ATEN_CPU_CAPABILITY), so the build needs no -march
 //     (float64 stages: baseline only).
@@ -17,6 +17,10 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // GCC vector types are passed in registers only inside the flattened, target-specific stages.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -82,6 +86,27 @@ inline A act_grad(A z, A dy, ExpBounds eb) {
 inline void prefetch(uintptr_t addr, int64_t bytes) {
 #if defined(__GNUC__)
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const void*>(addr + b));
+#endif
+}
+
+// Writes the 64 bytes at src to the 64-byte aligned line dst around the caches (a non-temporal store: the line
+// is not read first, nor kept). Streamed lines are ordered with other stores only after stream_fence().
+template <typename A>
+inline void stream_line(A* dst, const A* src) {
+#if defined(__x86_64__)
+  for (int b = 0; b < 64; b += 16) {  // SSE2 (baseline x86-64): four 16-byte stores fill the line's write buffer
+    __m128i v;
+    std::memcpy(&v, reinterpret_cast<const char*>(src) + b, 16);
+    _mm_stream_si128(reinterpret_cast<__m128i*>(reinterpret_cast<char*>(dst) + b), v);
+  }
+#else
+  std::memcpy(dst, src, 64);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
 #endif
 }
 

@@ -200,6 +200,22 @@ def test_extension_large_planes_without_scratch(layout):
         torch.set_num_threads(1)
 
 
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (3, 48, 128, 128)), (torch.float64, (2, 40, 128, 128))],
+                         ids=["float32", "float64"])
+def test_extension_channels_last_streamed_output(dtype, shape):
+    """Past 16 MiB of x and y, the C++ channels-last forward (eval, and training's second pass) stores y
+    around the caches, line by line: y still matches the reference, in both passes' dtypes."""
+    torch.set_num_threads(2)
+    try:
+        for training in (True, False):
+            x, p = make_inputs(shape, 5, dtype, "cpu", "channels_last")
+            assert 2 * x.numel() * x.element_size() > 16 << 20
+            require_backend("cuda", "dwconv_bn_swish", x, _unsupported)
+            check_against_reference("cuda", x, p, dtype, training)
+    finally:
+        torch.set_num_threads(1)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_extension_training_forward_channel_blocks(threads):
     """The C++ NCHW training forward takes blocks of channels per task (9 at 1 thread, 4 at 2 for 37
