@@ -919,12 +919,12 @@ inline void merge_stats(double& mean, double& m2, int64_t na, double mb, double 
   m2 += m2b + delta * delta * fab;
 }
 
-// Whether the channels-last forward of y = act(z) stores y's lines around the caches (stream_line): for float32
-// and float64 y (one 64-byte line per channel block and position: C a multiple of LN, y 64-byte aligned) when x
-// and y together pass 16 MiB, half the L3 of one Zen 5 CCD. A normal store first reads each line of y in (y is
-// not cached at that size), a third of the traffic. Measured (Zen 5, 2 threads, eval, fp32): 32x192x32x32
-// (2 x 25 MB) 2.54 -> 2.03 ms, 64x192x16x16 (2 x 12.6 MB) 1.06 -> 0.74 ms; at 32x192x16x16 (2 x 6.3 MB) no
-// change, and at 32x384x8x8 (2 x 3.1 MB) 9% slower, y being still in cache.
+// Whether the channels-last forward stores y = act(z) around the caches (stream_line): float32 and float64 y
+// (C a multiple of LN, y 64-byte aligned: one line per channel block and position) when x and y together pass
+// 16 MiB, half the L3 of one Zen 5 CCD. A normal store first reads each line of y in (y is not cached at that
+// size). Measured (Zen 5, 2 threads, eval, fp32, same process): 32x192x32x32 (2 x 25 MB) 7-20% faster,
+// 64x192x16x16 (2 x 12.6 MB) 13-30%; 32x192x16x16 (2 x 6.3 MB) no change, 32x384x8x8 (2 x 3.1 MB) 9% slower,
+// y being still in cache. The NCHW eval forward (y written in runs of whole planes) gained nothing from it.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 
 template <typename T, typename A>
