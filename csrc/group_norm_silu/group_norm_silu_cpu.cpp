@@ -378,7 +378,8 @@ void fwd_combine(const Args<T, A>& a, int64_t begin, int64_t end) {
     const int64_t n = ng / p.G, c0 = (ng % p.G) * p.D;
     // f(count, partial index) over the group's partials, as sum over chunks k of (sum over the partials
     // of chunk k): the inner sums are independent, so the double adds do not form one chain of D * chunks
-    // (channels-last, 8x128x32x32: 64 partials a group, whose serial chain was ~10% of the call).
+    // (channels-last 8x128x32x32, 64 partials a group: 191 -> 145 us a call with x in cache, 2 threads; with x
+    // coming from memory the call is bandwidth-bound and did not change).
     const auto sum_pieces = [&](const auto& f) {
       double total = 0;
       if (p.cl) {
