@@ -137,9 +137,43 @@ inline Vec<A, N> loadu(const A* p) {
   return v;
 }
 
+// N elements of another type T converted to A (a plain load when T is A).
+template <int N, typename A, typename T>
+inline Vec<A, N> loadu_as(const T* p) {
+  if constexpr (std::is_same_v<T, A>) {
+    return loadu<N>(p);
+  } else {
+    Vec<A, N> v;
+    for (int j = 0; j < N; ++j) v[j] = A(p[j]);
+    return v;
+  }
+}
+
 template <int N, typename A>
 inline void storeu(A* p, const Vec<A, N>& v) {
   std::memcpy(p, &v, sizeof(v));
+}
+
+// Constant-index shuffle of two Vec<A, 8> a, b (indices 0-7 pick from a, 8-15 from b).
+#if defined(__clang__)
+#define DF_SHUFFLE8(A, a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DF_SHUFFLE8(A, a, b, ...) \
+  __builtin_shuffle(a, b, (::diffusion_fast::cpu_vec::Vec<std::conditional_t<sizeof(A) == 4, int32_t, int64_t>, 8>{__VA_ARGS__}))
+#endif
+
+// Lane r of the result = the sum of the 8 lanes of v[r], for 8 rows at once: a transposing tree of 7 adds
+// and 14 shuffles, where one horizontal tree per row would cost ~3 shuffles and 3 adds per row.
+template <typename A>
+inline Vec<A, 8> sum_rows8(const Vec<A, 8>* v) {
+  Vec<A, 8> t[4], u[2];
+  for (int k = 0; k < 4; ++k)  // lane 2i: row 2k, lane 2i + 1: row 2k + 1; lanes 2i, 2i + 1 of each added
+    t[k] = DF_SHUFFLE8(A, v[2 * k], v[2 * k + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+           DF_SHUFFLE8(A, v[2 * k], v[2 * k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int k = 0; k < 2; ++k)  // lanes 0-3: rows 4k..4k+3 over their lanes 0-3; lanes 4-7: over lanes 4-7
+    u[k] = DF_SHUFFLE8(A, t[2 * k], t[2 * k + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           DF_SHUFFLE8(A, t[2 * k], t[2 * k + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return DF_SHUFFLE8(A, u[0], u[1], 0, 1, 2, 3, 8, 9, 10, 11) + DF_SHUFFLE8(A, u[0], u[1], 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
 // ---------------------------------------------------------------------------

@@ -42,7 +42,11 @@ namespace {
 using cpu_vec::act;
 using cpu_vec::act_grad;
 using cpu_vec::ExpBounds;
+using cpu_vec::loadu;
+using cpu_vec::loadu_as;
 using cpu_vec::prefetch;
+using cpu_vec::sum_rows8;
+using cpu_vec::Vec;
 
 constexpr int kLanes = 32;            // accumulators per sum
 constexpr int64_t kBlock = 128;      // elements between prefetches in apply loops
@@ -248,7 +252,7 @@ struct Args {
   A *mx, *ca, *cb;        // (N, C)
   A *cp, *cq, *cr;        // (N, C) bwd: grad_x = cp * dz + cq * u + cr
   A *p0, *p1, *p2;        // partials (Plan::part): fwd mean, M2; bwd sum dz, sum dz * u, sum u
-  A* g;                   // bwd (5, N, C): grads of pre_bias, scale, shift; weight, bias per n
+  A* g[5];                // bwd (N, C) each: grads of pre_bias, scale, shift; weight, bias per n
 };
 
 // xhat = rstd * u; a one-element group has xhat == 0 exactly, which rstd = 0 keeps exact.
@@ -491,12 +495,11 @@ void bwd_stats(const Args<T, A>& a, int64_t begin, int64_t end, Seg<A> seg) {
 }
 
 // dh = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = k * dz, k = (1 + scale) * w,
-// xhat = rstd * u: grad_x = cp * dz + cq * u + cr. Writes the per-(n, c) grads into a.g.
+// xhat = rstd * u: grad_x = cp * dz + cq * u + cr. Writes the per-(n, c) grads into a.g[0..4].
 template <typename T, typename A>
 void bwd_combine(const Args<T, A>& a, int64_t begin, int64_t end) {
   const Plan& p = a.p;
-  const int64_t NC = p.N * p.C;
-  A *g_pre_bias = a.g, *g_scale = a.g + NC, *g_shift = a.g + 2 * NC, *g_weight = a.g + 3 * NC, *g_bias = a.g + 4 * NC;
+  A *g_pre_bias = a.g[0], *g_scale = a.g[1], *g_shift = a.g[2], *g_weight = a.g[3], *g_bias = a.g[4];
   for (int64_t ng = begin; ng < end; ++ng) {
     const int64_t n = ng / p.G, c0 = (ng % p.G) * p.D;
     const double rstd = effective_rstd(a, ng), total = double(p.D * p.S);
@@ -653,6 +656,43 @@ void fwd_groups(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
   a.silu ? fwd_groups_impl<true>(a, begin, end, buf) : fwd_groups_impl<false>(a, begin, end, buf);
 }
 
+// Sums of dz, dz * u and u over each of the rows [r0, r1) of bwd_groups (row nc: S positions of x and of
+// dz at offset (nc - r0) * S) into its partials p0, p1, p2[nc]. Rows of a multiple of 8 positions go 8 at a
+// time: each folded to 8 lanes, then the 8 rows' lanes summed together (sum_rows8), not row by row.
+template <typename T, typename A>
+void bwd_row_sums(const Args<T, A>& a, int64_t r0, int64_t r1, const T* __restrict x, const A* __restrict dz) {
+  const int64_t S = a.p.S;
+  if (S % 8 != 0) {
+    for (int64_t nc = r0; nc < r1; ++nc) {
+      const T* xr = x + (nc - r0) * S;
+      const A *dr = dz + (nc - r0) * S, mx = a.mx[nc];
+      const Sum3<A> t = row_sum3<A>(S, [&](int64_t i) {
+        const A xu = A(xr[i]) - mx;
+        return Sum3<A>{dr[i], dr[i] * xu, xu};
+      });
+      a.p0[nc] = t.s0, a.p1[nc] = t.s1, a.p2[nc] = t.s2;
+    }
+    return;
+  }
+  using V = Vec<A, 8>;
+  for (int64_t q0 = r0; q0 < r1; q0 += 8) {
+    const int64_t rows = std::min<int64_t>(8, r1 - q0);
+    V v0[8] = {}, v1[8] = {}, v2[8] = {};  // rows past r1 stay zero
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = (q0 + r - r0) * S;
+      const V mx = V{} + a.mx[q0 + r];
+      V s0 = {}, s1 = {}, s2 = {};
+      for (int64_t i = o; i < o + S; i += 8) {
+        const V d = loadu<8>(dz + i), u = loadu_as<8, A>(x + i) - mx;
+        s0 += d, s1 += d * u, s2 += u;
+      }
+      v0[r] = s0, v1[r] = s1, v2[r] = s2;
+    }
+    const V s0 = sum_rows8<A>(v0), s1 = sum_rows8<A>(v1), s2 = sum_rows8<A>(v2);
+    for (int64_t r = 0; r < rows; ++r) a.p0[q0 + r] = s0[r], a.p1[q0 + r] = s1[r], a.p2[q0 + r] = s2[r];
+  }
+}
+
 // Backward: coefficients and z per row into buf; dz = act'(z) * dy flat, in place; per-row sums of dz,
 // dz * u and u as bwd_combine's partials (one per channel: Plan::part with one chunk); grad_x per row.
 template <bool silu, typename T, typename A>
@@ -673,16 +713,7 @@ void bwd_groups_impl(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
         z_row(S, x + o, a.mx[nc], a.ca[nc], a.cb[nc], buf + o);
       }
     for (int64_t i = 0; i < len; ++i) buf[i] = act_grad<silu>(silu ? buf[i] : A(0), A(dy[i]), eb);
-    for (int64_t nc = b0 * D; nc < b1 * D; ++nc) {
-      const int64_t o = (nc - b0 * D) * S;
-      const T* xr = x + o;
-      const A *dz = buf + o, mx = a.mx[nc];
-      const Sum3<A> t = row_sum3<A>(S, [&](int64_t i) {
-        const A xu = A(xr[i]) - mx;
-        return Sum3<A>{dz[i], dz[i] * xu, xu};
-      });
-      a.p0[nc] = t.s0, a.p1[nc] = t.s1, a.p2[nc] = t.s2;
-    }
+    bwd_row_sums(a, b0 * D, b1 * D, x, buf);
     bwd_combine(a, b0, b1);
     for (int64_t nc = b0 * D; nc < b1 * D; ++nc) {
       const int64_t o = (nc - b0 * D) * S;
@@ -751,7 +782,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
                               ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(pb), ptr_or_null<A>(sc),
                               ptr_or_null<A>(sh), mean.data_ptr<A>(), rstd.data_ptr<A>(), part(coef, 0, nc),
                               part(coef, 1, nc), part(coef, 2, nc), nullptr, nullptr, nullptr, part(parts, 0, np),
-                              part(parts, 1, np), nullptr, nullptr};
+                              part(parts, 1, np), nullptr, {}};
     if (whole) {
       run_groups<A>(p, [&](int64_t b0, int64_t b1, A* buf) { fwd_groups_isa(a, b0, b1, buf); });
       return;
@@ -786,35 +817,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor w = to_acc(weight, acc), b = to_acc(bias, acc), pb = to_acc(pre_bias, acc);
   at::Tensor sc = to_acc(scale, acc), sh = to_acc(shift, acc);
-  at::Tensor coef = at::empty({6, p.N * p.C}, acc_opts);
-  at::Tensor parts = at::empty({3, p.N * p.C * p.chunks}, acc_opts);
-  at::Tensor g = at::empty({5, p.N, p.C}, acc_opts);
+  // One scratch (a few ATen calls cost as much as the kernel on small maps): coefficients (6, N, C),
+  // partials (3, N, C, chunks), per-n grads of weight and bias (2, N, C), and of any absent per-(n, c) input.
+  const int64_t nc = p.N * p.C, np = nc * p.chunks;
+  const bool has_nc[3] = {pb.defined(), sc.defined(), sh.defined()};
+  const int64_t absent = 3 - has_nc[0] - has_nc[1] - has_nc[2];
+  at::Tensor scratch = at::empty({(8 + absent) * nc + 3 * np}, acc_opts);
+  at::Tensor g_nc[3];  // grads of pre_bias, scale, shift, (N, C) in A, written by the kernel
+  for (int k = 0; k < 3; ++k)
+    if (has_nc[k]) g_nc[k] = at::empty({p.N, p.C}, acc_opts);
+  at::Tensor g_wb[2];  // grads of weight and bias, (C,) in A: the per-n grads summed over n
+  for (int k = 0; k < 2; ++k)
+    if (k == 0 ? w.defined() : b.defined()) g_wb[k] = at::empty({p.C}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_bwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
-    A *cf = coef.data_ptr<A>(), *pt = parts.data_ptr<A>();
-    const int64_t nc = p.N * p.C, np = nc * p.chunks;
+    A *cf = scratch.data_ptr<A>(), *pt = cf + 6 * nc, *gs = pt + 3 * np;
+    A* g[5] = {nullptr, nullptr, nullptr, gs, gs + nc};
+    for (int k = 0, j = 2; k < 3; ++k) g[k] = has_nc[k] ? g_nc[k].data_ptr<A>() : gs + j++ * nc;
     // mean/rstd are only read; Args shares one struct with the forward, which writes them.
     const Args<scalar_t, A> a{p, silu, {}, 0.0, x.const_data_ptr<scalar_t>(), grad_y.const_data_ptr<scalar_t>(),
                               grad_x.data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(pb),
                               ptr_or_null<A>(sc), ptr_or_null<A>(sh), const_cast<A*>(mean_c.const_data_ptr<A>()),
                               const_cast<A*>(rstd_c.const_data_ptr<A>()), cf, cf + nc, cf + 2 * nc, cf + 3 * nc,
-                              cf + 4 * nc, cf + 5 * nc, pt, pt + np, pt + 2 * np, g.data_ptr<A>()};
+                              cf + 4 * nc, cf + 5 * nc, pt, pt + np, pt + 2 * np, {g[0], g[1], g[2], g[3], g[4]}};
     if (whole_groups(p) && p.S < kBlock) {  // longer rows: the unit schedule measured ~8% faster
       run_groups<A>(p, [&](int64_t b0, int64_t b1, A* buf) { bwd_groups_isa(a, b0, b1, buf); });
-      return;
+    } else {
+      for (int64_t n = 0; n < p.N; ++n)
+        for (int64_t c = 0; c < p.C; ++c) set_coefficients(a, n, c, n * p.G + c / p.D);
+      schedule<A>(  // prefetching the backward's two input streams measured no faster
+          p, silu, false, [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_stats_isa(a, b0, b1, seg); },
+          [&](int64_t b0, int64_t b1) { bwd_combine(a, b0, b1); },
+          [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_apply_isa(a, b0, b1, seg); });
     }
-    for (int64_t n = 0; n < p.N; ++n)
-      for (int64_t c = 0; c < p.C; ++c) set_coefficients(a, n, c, n * p.G + c / p.D);
-    schedule<A>(  // prefetching the backward's two input streams measured no faster
-        p, silu, false, [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_stats_isa(a, b0, b1, seg); },
-        [&](int64_t b0, int64_t b1) { bwd_combine(a, b0, b1); },
-        [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_apply_isa(a, b0, b1, seg); });
+    for (int k = 0; k < 2; ++k) {
+      if (!g_wb[k].defined()) continue;
+      const A* per_n = g[3 + k];
+      A* out = g_wb[k].data_ptr<A>();
+      for (int64_t c = 0; c < p.C; ++c) {
+        double t = 0;
+        for (int64_t n = 0; n < p.N; ++n) t += per_n[n * p.C + c];
+        out[c] = A(t);
+      }
+    }
   });
+  // The grad of an optional input in its dtype (v in A), or an empty tensor when it is absent.
   const auto grad = [&](const OptTensor& t, const at::Tensor& v) {
-    return t.has_value() && t->defined() ? v.to(t->scalar_type(), false, /*copy=*/true) : at::empty({0}, x.options());
+    if (!t.has_value() || !t->defined()) return at::empty({0}, x.options());
+    return v.scalar_type() == t->scalar_type() ? v : v.to(t->scalar_type());
   };
-  return {grad_x, grad(weight, g[3].sum(0)), grad(bias, g[4].sum(0)), grad(pre_bias, g[0]), grad(scale, g[1]),
-          grad(shift, g[2])};
+  return {grad_x, grad(weight, g_wb[0]), grad(bias, g_wb[1]), grad(pre_bias, g_nc[0]), grad(scale, g_nc[1]),
+          grad(shift, g_nc[2])};
 }
 
 }  // namespace diffusion_fast

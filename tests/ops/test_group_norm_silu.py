@@ -176,8 +176,9 @@ def num_threads(n):
 # 6 groups: the C++ CPU kernel takes NCHW groups whole with one thread, splits them into units with two
 # (fewer than 4 groups per thread).
 @pytest.mark.parametrize("threads", [1, 2])
-def test_gradcheck_extension_cpu(threads):
-    x, kw = make_inputs((2, 6, 3, 4), torch.float64, "cpu", "contiguous", True, True, True)
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 6, 4, 4)])  # rows of 12 and of 16 positions (bwd_row_sums)
+def test_gradcheck_extension_cpu(threads, shape):
+    x, kw = make_inputs(shape, torch.float64, "cpu", "contiguous", True, True, True)
     require_backend("cuda", "group_norm_silu", x, _unsupported)
     names = list(kw)
 
@@ -208,6 +209,11 @@ CPU_NCHW_CASES = {
     # whole groups (<= 4096 elements), 136 per block: 17 blocks, the last partial; 2 threads split mid-sample
     "whole groups, 3x5 maps, many blocks": ((71, 64, 3, 5), 32),
     "whole groups, 2x2 maps": ((5, 64, 2, 2), 4),
+    # rows of a multiple of 8 positions: the backward sums 8 rows at once (bwd_row_sums), here over
+    # blocks of 64 rows (S = 8), 60 rows (S = 16: 7 full octets and 4 rows) and 63 + 57 rows (S = 64)
+    "whole groups, rows of 8 positions": ((4, 16, 2, 4), 4),
+    "whole groups, 4x4 maps, 5 channels per group": ((3, 20, 4, 4), 4),
+    "whole groups, 8x8 maps, 3 channels per group": ((5, 24, 8, 8), 8),
     "whole groups (forward; units backward), rows of >= 128 positions": ((4, 16, 12, 12), 8),
     "units: groups of 6400 elements": ((4, 8, 40, 40), 2),
 }
