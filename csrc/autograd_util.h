@@ -41,6 +41,16 @@ inline std::optional<at::Tensor> optional(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
+// Whether autograd records a call on these tensor inputs: grad mode on and one of them requiring grad.
+// When not (inference), the Autograd kernels call the fwd op below autograd directly: no graph node,
+// saved tensors or saved_data map to build (~1 us of a ~5 us call on small tensors).
+inline bool requires_grad(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool requires_grad(const std::optional<at::Tensor>& t) { return t.has_value() && requires_grad(*t); }
+template <typename... Ts>
+bool records_grad(const Ts&... inputs) {
+  return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
+}
+
 // The gradient of an optional input: none when it was absent (the _bwd ops return an empty tensor then).
 inline at::Tensor grad_if(const at::Tensor& input, const at::Tensor& grad) { return input.defined() ? grad : at::Tensor(); }
 

@@ -9,7 +9,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, OpPair
+using namespace autograd_util;  // NOLINT: find_ops, OpPair, records_grad
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -53,6 +53,10 @@ struct AttentionFunction : public torch::autograd::Function<AttentionFunction<TR
 template <bool TRITON>
 std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 bool causal, double scale) {
+  if (!records_grad(q, k, v)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops<TRITON>().fwd.call(q, k, v, causal, scale);
+  }
   const variable_list out = AttentionFunction<TRITON>::apply(q, k, v, causal, scale);
   return {out[0], out[1]};
 }

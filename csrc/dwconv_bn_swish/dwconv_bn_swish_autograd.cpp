@@ -11,7 +11,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, mean, var)
@@ -110,6 +110,11 @@ template <bool TRITON>
 Stats dw_autograd(const at::Tensor& x, const at::Tensor& conv_weight, const OptTensor& conv_bias,
                   const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
                   const OptTensor& running_var, bool training, double eps, bool swish, bool needs_grad) {
+  if (!records_grad(x, conv_weight, conv_bias, bn_weight, bn_bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return dw_ops<TRITON>().fwd.call(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                     training, eps, swish, needs_grad);
+  }
   const variable_list out = DWConvBNSwishFunction<TRITON>::apply(
       x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, swish, needs_grad);
   return {out[0], out[1], out[2]};
@@ -119,6 +124,11 @@ template <bool TRITON>
 Stats bn_autograd(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                   const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
                   bool swish, bool needs_grad) {
+  if (!records_grad(x, bn_weight, bn_bias)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish,
+                                     needs_grad);
+  }
   const variable_list out = BNSwishFunction<TRITON>::apply(x, bn_weight, bn_bias, running_mean, running_var, training,
                                                            eps, swish, needs_grad);
   return {out[0], out[1], out[2]};

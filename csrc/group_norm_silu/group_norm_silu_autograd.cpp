@@ -14,7 +14,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -69,6 +69,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x,
                                                             const OptTensor& bias, const OptTensor& pre_bias,
                                                             const OptTensor& scale, const OptTensor& shift,
                                                             int64_t num_groups, double eps, bool silu) {
+  if (!records_grad(x, weight, bias, pre_bias, scale, shift)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return ops<TRITON>().fwd.call(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
+  }
   const variable_list out =
       GroupNormSiLUFunction<TRITON>::apply(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
   return {out[0], out[1], out[2]};

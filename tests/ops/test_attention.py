@@ -116,6 +116,20 @@ def test_non_contiguous_inputs(backend, device, layout):
         check_against_reference(backend, q, k, v, causal, dtype)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "torch"])
+def test_no_grad_call_matches(backend, device):
+    """Under no_grad or without inputs that need gradients (the C++ Autograd kernel then calls the op
+    directly, without a graph node): the same values, and no graph."""
+    q, k, v = make_qkv((2, 2, 9, 11, 32, True), torch.float32, device)
+    graph = run_backend(backend, attention, *(t.clone().requires_grad_() for t in (q, k, v)), causal=True)
+    with torch.no_grad():
+        no_grad = run_backend(backend, attention, *(t.clone().requires_grad_() for t in (q, k, v)), causal=True)
+    plain = run_backend(backend, attention, q, k, v, causal=True)
+    assert graph.grad_fn is not None and no_grad.grad_fn is None and plain.grad_fn is None
+    torch.testing.assert_close(no_grad, graph.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(plain, graph.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_explicit_scale(backend, device):
     q, k, v = make_qkv((1, 2, 9, 12, 48, False), torch.float32, device)

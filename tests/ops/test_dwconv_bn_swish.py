@@ -1,6 +1,7 @@
 """dwconv_bn_swish and bn_swish: every backend against the float64 reference, forward and backward,
 training (batch statistics, running-stat updates) and eval (running statistics)."""
 
+import contextlib
 import importlib
 
 import pytest
@@ -169,6 +170,29 @@ def test_bn_swish_matches_reference(backend, device, case, layout, training):
     for dtype in dtypes_fast(backend, device):
         x, p = make_inputs(CASES[case], None, dtype, device, layout)
         check_against_reference(backend, x, p, dtype, training)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if p.values[0] != "torch"])
+@pytest.mark.parametrize("k", [5, None], ids=["dwconv_bn_swish", "bn_swish"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_no_grad_call_matches(backend, device, k, training):
+    """Under no_grad or without inputs that need gradients (the C++ Autograd kernels then call the ops
+    directly, without a graph node): the same y and running statistics, and no graph."""
+    x, p = make_inputs((2, 6, 5, 7), k, torch.float32, device)
+    results = []
+    for mode in ("graph", "no_grad", "plain"):
+        mine = {name: None if t is None else t.clone() for name, t in p.items()}
+        if mode != "plain":
+            for name in ("conv_weight", "bn_weight"):
+                if mine[name] is not None:
+                    mine[name].requires_grad_()
+        with torch.no_grad() if mode == "no_grad" else contextlib.nullcontext():
+            y = run_backend(backend, call, OURS, x, mine, training=training)
+        assert (y.grad_fn is not None) == (mode == "graph"), mode
+        results.append((y.detach(), mine["running_mean"], mine["running_var"]))
+    for other in results[1:]:
+        for got, exp in zip(other, results[0]):
+            torch.testing.assert_close(got, exp, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
