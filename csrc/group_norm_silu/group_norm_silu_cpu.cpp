@@ -850,15 +850,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           [&](int64_t b0, int64_t b1) { bwd_combine(a, b0, b1); },
           [&](int64_t b0, int64_t b1, Seg<A> seg) { bwd_apply_isa(a, b0, b1, seg); });
     }
+    std::vector<double> sum(g_wb[0].defined() || g_wb[1].defined() ? p.C : 0);
     for (int k = 0; k < 2; ++k) {
       if (!g_wb[k].defined()) continue;
-      const A* per_n = g[3 + k];
+      std::fill(sum.begin(), sum.end(), 0.0);
+      for (int64_t n = 0; n < p.N; ++n)  // rows of the per-n grads in order (vectorised over c)
+        for (int64_t c = 0; c < p.C; ++c) sum[c] += g[3 + k][n * p.C + c];
       A* out = g_wb[k].data_ptr<A>();
-      for (int64_t c = 0; c < p.C; ++c) {
-        double t = 0;
-        for (int64_t n = 0; n < p.N; ++n) t += per_n[n * p.C + c];
-        out[c] = A(t);
-      }
+      for (int64_t c = 0; c < p.C; ++c) out[c] = A(sum[c]);
     }
   });
   // The grad of an optional input in its dtype (v in A), or an empty tensor when it is absent.
