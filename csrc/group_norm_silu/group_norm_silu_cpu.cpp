@@ -51,6 +51,7 @@ using cpu_vec::Vec;
 constexpr int kLanes = 32;            // accumulators per sum
 constexpr int64_t kBlock = 128;      // elements between prefetches in apply loops
 constexpr int64_t kGrain = 32768;    // elements per task, as ATen's
+constexpr int64_t kUnitMax = 4096;   // NCHW elements per unit (make_plan), at most
 constexpr int64_t kGroupMax = 4096;  // NCHW groups up to this size are taken whole (16 KiB of fp32)
 
 // Adds the kLanes lanes as a shallow tree (GCC keeps the first levels in vector registers).
@@ -73,7 +74,7 @@ inline void lane_add(A* lanes, int64_t n, const F& f) {
 
 // f(0) + ... + f(n - 1) in L lanes, then in 8 lanes and a scalar for the tail, then a tree; every
 // index constant after unrolling, so the lanes live in vector registers. L = 32 for long runs (enough
-// independent adds to hide their latency), 8 for short rows. lane_sum3 does three sums at once.
+// independent adds to hide their latency), 8 for short rows.
 template <int L, typename A, typename F>
 inline A lane_sum(int64_t n, const F& f) {
   static_assert(L == 8 || L == 32, "lanes");
@@ -101,38 +102,27 @@ struct Sum3 {
   A s0, s1, s2;
 };
 
-template <int L, typename A, typename F>
-inline Sum3<A> lane_sum3(int64_t n, const F& f) {
-  static_assert(L == 8 || L == 32, "lanes");
-  A l0[L] = {}, l1[L] = {}, l2[L] = {};
-  Sum3<A> t{0, 0, 0};
-  const auto add = [&](int64_t i, int j) {
-    const Sum3<A> v = f(i);
-    l0[j] += v.s0, l1[j] += v.s1, l2[j] += v.s2;
-  };
+// Sums of dz, dz * u and u over n elements, u = x - mx (x of type T, dz of type A or T): 32 lanes per sum
+// in two vectors each, kept in registers (the array lanes of lane_add were spilled to the stack here).
+template <typename A, typename T, typename D>
+inline Sum3<A> dz_sums(int64_t n, const T* __restrict x, const D* __restrict dz, A mx) {
+  using V = Vec<A, 16>;
+  const V m = V{} + mx;
+  V s0[2] = {}, s1[2] = {}, s2[2] = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) add(i + j, j);
-  if (L > 8) {
-    for (int j = 0; j < 8; ++j) {
-      l0[j] = (l0[j] + l0[j + 8 % L]) + (l0[j + 16 % L] + l0[j + 24 % L]);
-      l1[j] = (l1[j] + l1[j + 8 % L]) + (l1[j + 16 % L] + l1[j + 24 % L]);
-      l2[j] = (l2[j] + l2[j + 8 % L]) + (l2[j + 16 % L] + l2[j + 24 % L]);
+  for (; i + 32 <= n; i += 32)
+    for (int h = 0; h < 2; ++h) {
+      const V d = loadu_as<16, A>(dz + i + 16 * h), u = loadu_as<16, A>(x + i + 16 * h) - m;
+      s0[h] += d, s1[h] += d * u, s2[h] += u;
     }
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) add(i + j, j);
-  }
+  const V t0 = s0[0] + s0[1], t1 = s1[0] + s1[1], t2 = s2[0] + s2[1];
+  Sum3<A> r{0, 0, 0};
   for (; i < n; ++i) {
-    const Sum3<A> v = f(i);
-    t.s0 += v.s0, t.s1 += v.s1, t.s2 += v.s2;
+    const A d = A(dz[i]), u = A(x[i]) - mx;
+    r.s0 += d, r.s1 += d * u, r.s2 += u;
   }
-  const auto tree = [](const A* l) { return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7])); };
-  return {tree(l0) + t.s0, tree(l1) + t.s1, tree(l2) + t.s2};
-}
-
-template <typename A, typename F>
-inline Sum3<A> row_sum3(int64_t n, const F& f) {
-  return n >= 64 ? lane_sum3<kLanes, A>(n, f) : lane_sum3<8, A>(n, f);
+  for (int j = 0; j < 16; ++j) r.s0 += t0[j], r.s1 += t1[j], r.s2 += t2[j];
+  return r;
 }
 
 // ---------------------------------------------------------------------------
@@ -164,7 +154,7 @@ struct Plan {
 Plan make_plan(const GroupNormSiLUShape& s, bool row_blocks) {
   Plan p{s.N, s.C, s.G, s.C / s.G, s.S, s.channels_last || s.S == 1, 1, 0, 0};
   // ~16 KiB of fp32 per NCHW unit; >= 64 positions per cl unit (bounds the partials to numel / 32).
-  const int64_t target = p.cl ? std::max<int64_t>(64, 4096 / std::max<int64_t>(p.C, 1)) : 4096;
+  const int64_t target = p.cl ? std::max<int64_t>(64, 4096 / std::max<int64_t>(p.C, 1)) : kUnitMax;
   if (!p.cl && row_blocks)
     for (int64_t r = std::min(p.D, target / std::max<int64_t>(p.S, 1)); r > 1; --r)
       if (p.D % r == 0) {
@@ -455,25 +445,24 @@ template <bool silu, bool keep, typename T, typename A>
 void bwd_stats_impl(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
   const Plan& p = a.p;
   const ExpBounds eb = a.eb;
+  alignas(64) A tmp[silu && !keep ? kUnitMax : 1];  // dz of one NCHW unit without a scratch buffer
   const int64_t off0 = p.offset(begin);
   for (int64_t u = begin; u < end; ++u) {
     const int64_t cnt = p.count(u % p.chunks), off = p.offset(u);
     const T *x = a.x + off, *dy = a.dy + off;
     A* dzs = keep ? buf + (off - off0) : nullptr;
-    if (!p.cl) {  // kLanes lanes per sum, as lane_add
+    if (!p.cl) {  // dz = act'(z) * dy into dzs (or tmp), then its sums; without the activation dz is dy
       const int64_t row = u / p.chunks;
       const A mx = a.mx[row], ca = a.ca[row], cb = a.cb[row];
-      A l0[kLanes] = {}, l1[kLanes] = {}, l2[kLanes] = {};
-      const auto add = [&](int64_t i, int j) {
-        const A xu = A(x[i]) - mx, dz = act_grad<silu>(ca * xu + cb, A(dy[i]), eb);
-        if (keep) dzs[i] = dz;
-        l0[j] += dz, l1[j] += dz * xu, l2[j] += xu;
-      };
-      int64_t i = 0;
-      for (; i + kLanes <= cnt; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) add(i + j, j);
-      for (int j = 0; i < cnt; ++i, ++j) add(i, j);
-      a.p0[u] = reduce_lanes(l0), a.p1[u] = reduce_lanes(l1), a.p2[u] = reduce_lanes(l2);
+      Sum3<A> t;
+      if (silu) {
+        A* dz = keep ? dzs : tmp;
+        for (int64_t i = 0; i < cnt; ++i) dz[i] = act_grad<silu>(ca * (A(x[i]) - mx) + cb, A(dy[i]), eb);
+        t = dz_sums(cnt, x, dz, mx);
+      } else {
+        t = dz_sums(cnt, x, dy, mx);
+      }
+      a.p0[u] = t.s0, a.p1[u] = t.s1, a.p2[u] = t.s2;
     } else {
       const int64_t C = p.C, nc = (u / p.chunks) * C;
       const A *mx = a.mx + nc, *ca = a.ca + nc, *cb = a.cb + nc;
@@ -664,12 +653,7 @@ void bwd_row_sums(const Args<T, A>& a, int64_t r0, int64_t r1, const T* __restri
   const int64_t S = a.p.S;
   if (S % 8 != 0) {
     for (int64_t nc = r0; nc < r1; ++nc) {
-      const T* xr = x + (nc - r0) * S;
-      const A *dr = dz + (nc - r0) * S, mx = a.mx[nc];
-      const Sum3<A> t = row_sum3<A>(S, [&](int64_t i) {
-        const A xu = A(xr[i]) - mx;
-        return Sum3<A>{dr[i], dr[i] * xu, xu};
-      });
+      const Sum3<A> t = dz_sums(S, x + (nc - r0) * S, dz + (nc - r0) * S, a.mx[nc]);
       a.p0[nc] = t.s0, a.p1[nc] = t.s1, a.p2[nc] = t.s2;
     }
     return;
