@@ -107,21 +107,23 @@ struct Sum3 {
 template <typename A, typename T, typename D>
 inline Sum3<A> dz_sums(int64_t n, const T* __restrict x, const D* __restrict dz, A mx) {
   using V = Vec<A, 16>;
-  const V m = V{} + mx;
-  V s0[2] = {}, s1[2] = {}, s2[2] = {};
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32)
-    for (int h = 0; h < 2; ++h) {
-      const V d = loadu_as<16, A>(dz + i + 16 * h), u = loadu_as<16, A>(x + i + 16 * h) - m;
-      s0[h] += d, s1[h] += d * u, s2[h] += u;
-    }
-  const V t0 = s0[0] + s0[1], t1 = s1[0] + s1[1], t2 = s2[0] + s2[1];
   Sum3<A> r{0, 0, 0};
+  int64_t i = 0;
+  if (n >= 32) {  // (short rows, e.g. the 4 positions of a 2x2 map, skip the lane sums)
+    const V m = V{} + mx;
+    V s0[2] = {}, s1[2] = {}, s2[2] = {};
+    for (; i + 32 <= n; i += 32)
+      for (int h = 0; h < 2; ++h) {
+        const V d = loadu_as<16, A>(dz + i + 16 * h), u = loadu_as<16, A>(x + i + 16 * h) - m;
+        s0[h] += d, s1[h] += d * u, s2[h] += u;
+      }
+    const V t0 = s0[0] + s0[1], t1 = s1[0] + s1[1], t2 = s2[0] + s2[1];
+    for (int j = 0; j < 16; ++j) r.s0 += t0[j], r.s1 += t1[j], r.s2 += t2[j];
+  }
   for (; i < n; ++i) {
     const A d = A(dz[i]), u = A(x[i]) - mx;
     r.s0 += d, r.s1 += d * u, r.s2 += u;
   }
-  for (int j = 0; j < 16; ++j) r.s0 += t0[j], r.s1 += t1[j], r.s2 += t2[j];
   return r;
 }
 
