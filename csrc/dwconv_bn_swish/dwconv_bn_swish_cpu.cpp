@@ -1,6 +1,7 @@
 // Entry points of the CPU dwconv_bn_swish and bn_swish ops: checks, outputs and dtype dispatch. The kernels
 // are in dwconv_bn_swish_cpu_kernels.h, instantiated per dtype in dwconv_bn_swish_cpu_<dtype>.cpp.
 #include "dwconv_bn_swish/dwconv_bn_swish_cpu_kernels.h"
+#include "cpu_params.h"
 
 #include <ATen/Dispatch.h>
 
@@ -14,25 +15,15 @@ namespace {
 using dwconv_cpu::Args;
 using dwconv_cpu::make_geo;
 using cpu_vec::ExpBounds;
-
-bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// Small optional tensors in the accumulation dtype, contiguous (undefined when absent).
-at::Tensor to_acc(const OptTensor& t, at::ScalarType acc) {
-  return present(t) ? t->to(acc).contiguous() : at::Tensor();
-}
-
-template <typename A>
-const A* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
-}
+using cpu_params::acc_type;
+using cpu_params::present;
+using cpu_params::ptr_or_null;
+using cpu_params::to_acc;
 
 template <typename A>
 A* mut_or_null(at::Tensor& t) {
   return t.defined() ? t.mutable_data_ptr<A>() : nullptr;
 }
-
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor& conv_bias,
              const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
@@ -44,7 +35,7 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
   at::Tensor mean = training ? at::empty({s.C}, x.options().dtype(acc)) : running_mean->to(acc, false, true);
   at::Tensor var = training ? at::empty({s.C}, x.options().dtype(acc)) : running_var->to(acc, false, true);
   if (x.numel() == 0) return {y, training ? mean.fill_(NAN) : mean, training ? var.fill_(NAN) : var};
-  const at::Tensor w = present(conv_weight) ? conv_weight->to(acc).contiguous() : at::Tensor();
+  const at::Tensor w = to_acc(conv_weight, acc);
   const at::Tensor cb = to_acc(conv_bias, acc), gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_swish_fwd_cpu", [&] {
     using A = at::opmath_type<scalar_t>;

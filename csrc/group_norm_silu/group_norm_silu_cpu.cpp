@@ -23,6 +23,7 @@
 // x86-64 and picked at run time (cpu_vec.h, shared with dwconv_bn_swish), so the build needs no -march flag.
 #include "group_norm_silu/group_norm_silu.h"
 
+#include "cpu_params.h"
 #include "cpu_vec.h"
 
 #include <ATen/Dispatch.h>
@@ -39,6 +40,9 @@
 namespace diffusion_fast {
 namespace {
 
+using cpu_params::acc_type;
+using cpu_params::ptr_or_null;
+using cpu_params::to_acc;
 using cpu_vec::act;
 using cpu_vec::act_grad;
 using cpu_vec::ExpBounds;
@@ -727,22 +731,11 @@ DF_MULTIVERSION(bwd_apply)
 DF_MULTIVERSION(fwd_groups)
 DF_MULTIVERSION(bwd_groups)
 
+}  // namespace
+
 // ---------------------------------------------------------------------------
 // Entry points.
 // ---------------------------------------------------------------------------
-template <typename A>
-const A* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
-}
-
-// Small optional tensors in the accumulation dtype (undefined when absent).
-at::Tensor to_acc(const OptTensor& t, at::ScalarType acc) {
-  return t.has_value() && t->defined() ? t->to(acc).contiguous() : at::Tensor();
-}
-
-at::ScalarType acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
     const at::Tensor& x, const OptTensor& weight, const OptTensor& bias, const OptTensor& pre_bias,
