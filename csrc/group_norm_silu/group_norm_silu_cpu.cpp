@@ -76,29 +76,59 @@ inline void lane_add(A* lanes, int64_t n, const F& f) {
   for (int j = 0; i < n; ++i, ++j) lanes[j] += f(i);
 }
 
-// f(0) + ... + f(n - 1) in L lanes, then in 8 lanes and a scalar for the tail, then a tree; every
-// index constant after unrolling, so the lanes live in vector registers. L = 32 for long runs (enough
-// independent adds to hide their latency), 8 for short rows.
-template <int L, typename A, typename F>
+// f(0) + ... + f(n - 1) in kLanes lanes (enough independent adds to hide their latency), then in 8 lanes
+// and a scalar for the tail, then a tree; every index constant after unrolling, so the lanes live in
+// vector registers.
+template <typename A, typename F>
 inline A lane_sum(int64_t n, const F& f) {
-  static_assert(L == 8 || L == 32, "lanes");
-  A l[L] = {}, t = 0;
+  static_assert(kLanes == 32, "the folds below take 32 lanes to 8");
+  A l[kLanes] = {}, t = 0;
   int64_t i = 0;
-  for (; i + L <= n; i += L)
-    for (int j = 0; j < L; ++j) l[j] += f(i + j);
-  if (L > 8) {
-    for (int j = 0; j < 8; ++j) l[j] = (l[j] + l[j + 8 % L]) + (l[j + 16 % L] + l[j + 24 % L]);
-    for (; i + 8 <= n; i += 8)
-      for (int j = 0; j < 8; ++j) l[j] += f(i + j);
-  }
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) l[j] += f(i + j);
+  for (int j = 0; j < 8; ++j) l[j] = (l[j] + l[j + 8]) + (l[j + 16] + l[j + 24]);
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) l[j] += f(i + j);
   for (; i < n; ++i) t += f(i);
   return (((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))) + t;
 }
 
-// A row's sum: few lanes for short rows (a 32-lane tree would cost more than their adds).
-template <typename A, typename F>
-inline A row_sum(int64_t n, const F& f) {
-  return n >= 64 ? lane_sum<kLanes, A>(n, f) : lane_sum<8, A>(n, f);
+// M2 of a group whose D rows of S positions (at x) each have their own mean: sum of (x - mx_r)^2,
+// mx_r = m - pb[r]. The squares gather in vector lanes across the rows (one horizontal sum per group,
+// not one per row); positions past the last 16 of a row in a scalar.
+template <typename A, typename T>
+inline A group_m2(int64_t D, int64_t S, const T* __restrict x, A m, const A* __restrict pb) {
+  if (S < 16) {  // short rows (a 2x2 map's 4 positions): one chain per position, across the rows
+    A t[16] = {};
+    for (int64_t r = 0; r < D; ++r)
+      for (int64_t i = 0; i < S; ++i) {
+        const A d = A(x[r * S + i]) - (m - pb[r]);
+        t[i] += d * d;
+      }
+    A sum = 0;
+    for (int64_t i = 0; i < S; ++i) sum += t[i];
+    return sum;
+  }
+  using V = Vec<A, 16>;
+  V acc[2] = {};  // alternate rows: two dependency chains
+  A tail = 0;
+  for (int64_t r = 0; r < D; ++r) {
+    const T* xr = x + r * S;
+    const A mx = m - pb[r];
+    const V mv = V{} + mx;
+    int64_t i = 0;
+    for (; i + 16 <= S; i += 16) {
+      const V d = loadu_as<16, A>(xr + i) - mv;
+      acc[r & 1] += d * d;
+    }
+    for (; i < S; ++i) {
+      const A d = A(xr[i]) - mx;
+      tail += d * d;
+    }
+  }
+  const V t = acc[0] + acc[1];
+  for (int j = 0; j < 16; ++j) tail += t[j];
+  return tail;
 }
 
 template <typename A>
@@ -577,7 +607,7 @@ inline void z_row(int64_t n, const T* __restrict x, A mx, A ca, A cb, A* __restr
   for (int64_t i = 0; i < n; ++i) z[i] = ca * (A(x[i]) - mx) + cb;
 }
 
-// Forward: mean = (sum x + S * sum pre_bias) / L and M2 about it (flat without pre_bias, else per row);
+// Forward: mean = (sum x + S * sum pre_bias) / L and M2 about it (flat; with pre_bias, group_m2);
 // z per row into buf with the coefficients of set_coefficients; y = act(z) flat over the block,
 // prefetching the next block meanwhile.
 template <bool silu, typename T, typename A>
@@ -594,20 +624,16 @@ void fwd_groups_impl(const Args<T, A>& a, int64_t begin, int64_t end, A* buf) {
       A pb_sum = 0;
       if (a.pb)
         for (int64_t nc = ng * D; nc < (ng + 1) * D; ++nc) pb_sum += a.pb[nc];
-      a.mean[ng] = (lane_sum<kLanes, A>(L, [&](int64_t i) { return A(x[i]); }) + A(S) * pb_sum) * inv_L;
+      a.mean[ng] = (lane_sum<A>(L, [&](int64_t i) { return A(x[i]); }) + A(S) * pb_sum) * inv_L;
     }
     for (int64_t ng = b0; ng < b1; ++ng) {
       const T* x = a.x + ng * L;
       const A m = a.mean[ng];
       A m2 = 0;
       if (a.pb) {
-        for (int64_t r = 0; r < D; ++r) {
-          const T* xr = x + r * S;
-          const A mx = m - a.pb[ng * D + r];
-          m2 += row_sum<A>(S, [&](int64_t i) { const A d = A(xr[i]) - mx; return d * d; });
-        }
+        m2 = group_m2(D, S, x, m, a.pb + ng * D);
       } else {
-        m2 = lane_sum<kLanes, A>(L, [&](int64_t i) { const A d = A(x[i]) - m; return d * d; });
+        m2 = lane_sum<A>(L, [&](int64_t i) { const A d = A(x[i]) - m; return d * d; });
       }
       a.rstd[ng] = A(1) / std::sqrt(m2 * inv_L + A(a.eps));  // as ATen's, in the accumulation type
     }

@@ -214,6 +214,8 @@ CPU_NCHW_CASES = {
     "whole groups, rows of 8 positions": ((4, 16, 2, 4), 4),
     "whole groups, 4x4 maps, 5 channels per group": ((3, 20, 4, 4), 4),
     "whole groups, 8x8 maps, 3 channels per group": ((5, 24, 8, 8), 8),
+    # 24 positions: the forward's M2 about per-row means (pre_bias, group_m2) takes 16 in lanes, 8 in its tail
+    "whole groups, 4x6 maps": ((6, 32, 4, 6), 8),
     "whole groups (forward; units backward), rows of >= 128 positions": ((4, 16, 12, 12), 8),
     "units: groups of 6400 elements": ((4, 8, 40, 40), 2),
 }
