@@ -165,8 +165,9 @@ def ddim_table(steps: int, device) -> tuple:
     return abar, timesteps
 
 
-def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) -> tuple:
-    """(eager loop, ours loop, others' loops) over DDIM eta = 0 from a given x_T."""
+def sampling_loops(models: dict, eager_model, ours_model, steps: int, device, graphs: bool = True) -> tuple:
+    """(eager loop, ours loop, others' loops) over DDIM eta = 0 from a given x_T. ``graphs``: on a GPU, also
+    ours replayed from CUDA graphs (``ours_model`` must then be a module, not a compiled function)."""
     abar, timesteps = ddim_table(steps, device)
     dtype = next(eager_model.parameters()).dtype
     pairs = [(float(abar[t]), float(abar[timesteps[i + 1]]) if i + 1 < steps else 1.0)
@@ -191,7 +192,7 @@ def sampling_loops(models: dict, eager_model, ours_model, steps: int, device) ->
         return run
 
     others = {label: loop(lambda x, t, m=m: m(x, t).sample) for label, m in models.items()}
-    if torch.device(device).type == "cuda":
+    if graphs and torch.device(device).type == "cuda":
         others["cuda+graph"] = ours(True)
         cl = torch.channels_last  # the steps keep x_T's layout: channels_last from end to end
         others["cuda+cl+graph"] = ours(True, copy.deepcopy(ours_model).to(memory_format=cl), cl)
@@ -243,7 +244,7 @@ def main(argv=None) -> None:
 
             eager, ours, others = sampling_loops(others_models, eager_model, base, steps, device)
             compiled = compiled_ours(base, args.compile_mode)
-            others["ours+compile"] = sampling_loops({}, eager_model, compiled, steps, device)[1]
+            others["ours+compile"] = sampling_loops({}, eager_model, compiled, steps, device, graphs=False)[1]
             nbytes, work = steps * (params * size + 2 * math.prod(shape) * size), steps * flops
         case = harness.Case(f"{config}-{task}", shape, dtype, "fwd", make, nbytes,
                             extra=dict(config=config, task=task, params=params, flops=work,

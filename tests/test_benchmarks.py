@@ -303,3 +303,18 @@ def test_keep_freed_memory_stops_page_faults_between_calls():
     assert done.returncode == 0, done.stderr[-3000:]
     setting, faults = done.stdout.split("\n")[-3:-1]
     assert setting.startswith("glibc heap kept") and int(faults) < 64, done.stdout
+
+
+def test_ddpm_bench_gpu_sampling_providers_build_on_any_module():
+    """bench_ddpm's GPU sampling providers are built (not run) for our model, and skipped for the compiled
+    function (no module to copy into channels_last or to graph): the bug that stopped the H100 run of
+    2026-11-27 (second run) at its first sampling case."""
+    import bench_ddpm
+    from diffusion_fast.models import DDPMUNet
+
+    model = DDPMUNet.tiny()
+    _, _, others = bench_ddpm.sampling_loops({}, model, model, 2, "cuda")
+    assert {"cuda+graph", "cuda+cl+graph"} <= set(others)
+    compiled = bench_ddpm.compiled_ours(model)
+    _, ours, others = bench_ddpm.sampling_loops({}, model, compiled, 2, "cuda", graphs=False)
+    assert callable(ours) and not others

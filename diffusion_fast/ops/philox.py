@@ -44,7 +44,10 @@ def philox4x32_10_ref(counter: Sequence, key: Sequence) -> Tuple[Tensor, Tensor,
     """Philox4x32-10: four counter words and two key words (ints or int64 tensors holding
     uint32 values, broadcast together) to four int64 tensors holding the uint32 outputs."""
     device = next((c.device for c in counter if isinstance(c, Tensor)), None)  # ints join the tensors' device
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) & MASK32 for c in counter)
+    # An int becomes a device fill, not a host-to-device copy (which would synchronise a GPU sampler).
+    c0, c1, c2, c3 = ((c.to(torch.int64) if isinstance(c, Tensor) else torch.full((), int(c), dtype=torch.int64,
+                                                                                  device=device)) & MASK32
+                      for c in counter)
     k0, k1 = (int(k) & MASK32 for k in key)
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     for _ in range(10):
