@@ -6,8 +6,8 @@
 Variants, each against its own eager formula (G = 32 groups, as in DDPM):
     plain        silu(group_norm(x))
     plain_cl     the same on channels_last x (as the UNet runs when its convolutions do); on a GPU
-                 also provider cuda+slabs, our CUDA forward over slabs of whole groups
-                 (DIFFUSION_FAST_GNS_CL_SLABS=1), beside the default one-group-per-block kernel
+                 also provider cuda+groupwise, our CUDA forward with one group per block
+                 (DIFFUSION_FAST_GNS_CL_SLABS=0), beside the default over slabs of whole groups
     temb         silu(group_norm(x + temb))                  DDPM res block, second norm
     scale_shift  silu(group_norm(x) * (1 + scale) + shift)   ADM use_scale_shift_norm
 
@@ -151,15 +151,16 @@ def main(argv=None) -> None:
                 variant, shape, dtype, mode, make_args(shape, dtype, bench.device, n_extra, variant.endswith("_cl")),
                 nbytes(shape, dtype, mode, n_extra), extra={"num_groups": GROUPS, "eps": EPS},
             )
-            others = {"cuda+slabs": (ours, cl_slabs)} if variant.endswith("_cl") and args.device == "cuda" else None
+            others = {"cuda+groupwise": (ours, cl_groupwise)} if variant.endswith("_cl") and args.device == "cuda" else None
             bench.run(case, eager, ours, _unsupported, others=others)
     bench.finish()
 
 
 @contextlib.contextmanager
-def cl_slabs():
-    """Our CUDA backend with its channels-last slab forward (DIFFUSION_FAST_GNS_CL_SLABS=1, read per call)."""
-    with harness.env_var("DIFFUSION_FAST_GNS_CL_SLABS", "1"), diffusion_fast.use_backend("cuda"):
+def cl_groupwise():
+    """Our CUDA backend with its channels-last one-group-per-block forward (DIFFUSION_FAST_GNS_CL_SLABS=0, read
+    per call), not the default over slabs of groups."""
+    with harness.env_var("DIFFUSION_FAST_GNS_CL_SLABS", "0"), diffusion_fast.use_backend("cuda"):
         yield
 
 if __name__ == "__main__":

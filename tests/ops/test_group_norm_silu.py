@@ -404,9 +404,9 @@ def test_cuda_block_size_knob(vecs):
 
 @pytest.mark.cuda
 def test_cuda_channels_last_slabs_knob(monkeypatch):
-    """DIFFUSION_FAST_GNS_CL_SLABS=1 (the CUDA channels-last forward over slabs of groups, off by default
-    until timed on a GPU; read at each call) runs the slab kernel where a group is one 4-16 byte vector,
-    and matches the float64 reference, fused and split; unset, the per-group kernel runs."""
+    """The CUDA channels-last forward over slabs of groups (the default; read at each call) runs where a group
+    is one 4-16 byte vector, and matches the float64 reference, fused and split; with
+    DIFFUSION_FAST_GNS_CL_SLABS=0 the per-group kernel runs."""
     def run_profiled(fn) -> tuple:
         """(fn(), whether the slab kernel ran)."""
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -428,9 +428,9 @@ def test_cuda_channels_last_slabs_knob(monkeypatch):
                 with diffusion_fast.use_backend("cuda"):
                     return diffusion_fast.group_norm_silu(x, groups, w, b, pre_bias=pb, scale=sc, shift=sh)
 
+            monkeypatch.setenv("DIFFUSION_FAST_GNS_CL_SLABS", "0")
+            assert not run_profiled(run)[1], (shape, dtype, "slab kernel ran with DIFFUSION_FAST_GNS_CL_SLABS=0")
             monkeypatch.delenv("DIFFUSION_FAST_GNS_CL_SLABS", raising=False)
-            assert not run_profiled(run)[1], (shape, dtype, "slab kernel ran with the knob unset")
-            monkeypatch.setenv("DIFFUSION_FAST_GNS_CL_SLABS", "1")
             y, slab = run_profiled(run)
             assert slab == (c // groups * x.element_size() in (4, 8, 16)), (shape, dtype, "slab kernel ran", slab)
             assert y.stride() == x.stride()
