@@ -18,8 +18,9 @@ reference run) are cast to the model's dtype.
                      convolutions need channels_last for oneDNN's packed path, so it is measured so
     cuda+graph       (GPU) ours replayed from a CUDA graph (sampling: ``cuda_graph=True``, one replay per step)
     cuda+cl+graph    (GPU, sampling) the same in channels_last, weights and x_T
-    eager+cl/ours+cl (GPU, forward) eager and ours on channels_last inputs and weights
-    ours+cl+slabs    (GPU, forward) ours+cl with the CUDA group norm's slab forward (DIFFUSION_FAST_GNS_CL_SLABS=1)
+    eager+cl/ours+cl (GPU, forward) eager and ours on channels_last inputs and weights (ours runs fp16/bf16
+                     channels_last anyway: ``blocks.run_channels_last``)
+    ours+nchw        (GPU, forward) ours kept in NCHW memory (DIFFUSION_FAST_CHANNELS_LAST=0)
 
 Configs: ``cifar10`` (35.7M parameters, 32x32) on a GPU at batch 1 and 128 in fp32 and bf16;
 ``small`` (ch 64, ch_mult 1,2,2, 32x32) and ``tiny`` (16x16) on a CPU in fp32 and bf16 (oneDNN
@@ -149,14 +150,18 @@ def gpu_forwards(eager_model: DDPMUNet, ours_model: DDPMUNet, dtype: torch.dtype
         return ours_model(x.to(dtype).contiguous(memory_format=cl), t)
 
     @torch.no_grad()
+    def ours_plain(x, t):
+        return ours_model(x.to(dtype), t)
+
+    @torch.no_grad()
     def ours_graphed(x, t):
         return graphed(x.to(dtype), t)
 
-    def slabs():  # our channels-last group norms over slabs of whole groups (bench_group_norm_silu's cuda+slabs)
-        return harness.env_var("DIFFUSION_FAST_GNS_CL_SLABS", "1")
+    def nchw():  # our model's forward kept in NCHW memory (the automatic rule runs 16-bit channels_last)
+        return harness.env_var("DIFFUSION_FAST_CHANNELS_LAST", "0")
 
-    return {"eager+cl": eager_channels_last, "ours+cl": ours_channels_last,
-            "ours+cl+slabs": (ours_channels_last, slabs), "cuda+graph": ours_graphed}
+    return {"eager+cl": eager_channels_last, "ours+cl": ours_channels_last, "ours+nchw": (ours_plain, nchw),
+            "cuda+graph": ours_graphed}
 
 
 def ddim_table(steps: int, device) -> tuple:

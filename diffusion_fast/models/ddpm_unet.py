@@ -149,7 +149,7 @@ class DDPMUNet(nn.Module):
         t = self._check_inputs(x, t)
         backend = check_optional_name(backend, "DDPMUNet: forward(backend=)") or self.backend
         with maybe_use_backend(backend):
-            return forward_in_layout(self._forward, x, t)
+            return forward_in_layout(self._forward, x, t, cuda_16bit=True)  # measured on an H100
 
     def _forward(self, x: Tensor, t: Tensor, layout: Optional[torch.memory_format] = None) -> Tensor:
         dense0, dense1 = self.temb.dense
