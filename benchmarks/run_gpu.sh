@@ -21,10 +21,11 @@
 #
 # On a lent GPU with 15 minutes in all (about 1.5 of them to start the machine), two calls, the second
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
-# tests" BUDGET_S=345 TEST_CAP_S=230 (2026-11-27, H100: 359 s, the suite cut after 588 of 592 tests);
-# (2) STEPS="benches probes" BUDGET_S=<what is left minus a minute> PROBES=benchmarks/probes/kernel_breakdown_probe.py
-# PROBE_CAP_S=90, e.g. BENCHES="attention:1:--dtypes=bf16 nvae_cell group_norm_silu:2 sampler_step:1:--dtypes=bf16
-# ddpm:3:--dtypes=bf16:--providers=eager,compile,cuda,eager+cl,ours+cl,ours+cl+slabs,cuda+graph,cuda+cl+graph".
+# tests" BUDGET_S=540 TEST_CAP_S=230 (the build took 99 s at 11623d6 but 275 s at 120f11d: the CPU
+# dwconv_bn_swish fp16/bf16 files; the suite needs ~230 s in 16 workers); (2) STEPS="benches" with
+# BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:1 ddpm:2:--dtypes=bf16:--providers=
+# eager,compile,cuda,ours+nchw,cuda+graph,cuda+cl+graph nvae_cell attention:1:--dtypes=bf16"; PROBES=
+# benchmarks/probes/kernel_breakdown_probe.py PROBE_CAP_S=90 with STEPS="benches probes" where time is left.
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
 
