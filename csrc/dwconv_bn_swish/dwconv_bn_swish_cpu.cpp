@@ -1,5 +1,5 @@
 // Entry points of the CPU dwconv_bn_swish and bn_swish ops: checks, outputs and dtype dispatch. The kernels
-// are in dwconv_bn_swish_cpu_kernels.h, instantiated per dtype in dwconv_bn_swish_cpu_<dtype>.cpp.
+// are in dwconv_bn_swish_cpu_kernels.h, instantiated per entry point and dtype in instances/.
 #include "dwconv_bn_swish/dwconv_bn_swish_cpu_kernels.h"
 #include "cpu_params.h"
 

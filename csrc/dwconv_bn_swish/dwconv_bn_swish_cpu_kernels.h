@@ -1,8 +1,8 @@
 // CPU kernels of dwconv_bn_swish and bn_swish (math, dtypes and layouts: dwconv_bn_swish.h).
 // forward<T> and backward<T> below run one call on x of dtype T after the entry points' checks
-// (dwconv_bn_swish_cpu.cpp); each dtype is instantiated in its own file (dwconv_bn_swish_cpu_<dtype>.cpp)
-// so that the build compiles them in parallel (in one file: 7.5 min, the build's longest step by far; now
-// 1.5-2.5 min per file on a 2-core x86-64 machine).
+// (dwconv_bn_swish_cpu.cpp); each entry point and dtype is instantiated in its own file (instances/, see the
+// end of this file) so that the build compiles them in parallel (in one file: 7.5 min, the build's longest step
+// by far).
 //
 // Forward, eval: BatchNorm is folded into the conv, y = swish(conv(x, sc * w) + sc * cb + sh) with
 // sc = gamma * rstd, sh = beta - mean * sc from the running statistics: one pass, x read once, y written once.
@@ -1187,24 +1187,38 @@ void forward(const Args<T, at::opmath_type<T>>& a) {
   }
 }
 
-// The backward of one call: grad_x and the parameter grads of a. Grain 1: a task is a whole channel
-// (block) over the batch.
+// The backward of one call: grad_x and the parameter grads of a, NCHW or channels-last. Grain 1: a task is a
+// whole channel (block) over the batch.
 template <typename T>
-void backward(const Args<T, at::opmath_type<T>>& a) {
-  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) {
-    a.g.cl ? bwd_tasks_cl_isa(a, b, e) : bwd_tasks_isa(a, b, e);
-  });
+void backward_nchw(const Args<T, at::opmath_type<T>>& a) {
+  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_isa(a, b, e); });
 }
 
-// forward<T> and backward<T> are instantiated in dwconv_bn_swish_cpu_<dtype>.cpp (DF_DWCONV_CPU_TEMPLATES(, T)),
-// nowhere else (DF_DWCONV_CPU_TEMPLATES(extern, T) here).
-#define DF_DWCONV_CPU_TEMPLATES(prefix, T)                                  \
-  prefix template void forward<T>(const Args<T, at::opmath_type<T>>& a); \
-  prefix template void backward<T>(const Args<T, at::opmath_type<T>>& a);
-DF_DWCONV_CPU_TEMPLATES(extern, float)
-DF_DWCONV_CPU_TEMPLATES(extern, double)
-DF_DWCONV_CPU_TEMPLATES(extern, at::Half)
-DF_DWCONV_CPU_TEMPLATES(extern, at::BFloat16)
+template <typename T>
+void backward_cl(const Args<T, at::opmath_type<T>>& a) {
+  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_cl_isa(a, b, e); });
+}
+
+template <typename T>
+void backward(const Args<T, at::opmath_type<T>>& a) {
+  a.g.cl ? backward_cl<T>(a) : backward_nchw<T>(a);
+}
+
+// forward<T>, backward_nchw<T> and backward_cl<T> are instantiated one per file, in
+// instances/dwconv_bn_swish_cpu_<entry>_<dtype>.cpp (DF_DWCONV_CPU_INSTANCE(, entry, T)), nowhere else (extern
+// here): compiled for three instruction sets, each takes 13-60 s on a 2-core x86-64 machine (the 16-bit
+// channels-last backwards ~115 s), and a build with more cores compiles the twelve in parallel (one file per
+// dtype took up to 190 s, the GPU machines' build's longest step).
+#define DF_DWCONV_CPU_INSTANCE(prefix, entry, T) prefix template void entry<T>(const Args<T, at::opmath_type<T>>& a);
+#define DF_DWCONV_CPU_EXTERN(T)                      \
+  DF_DWCONV_CPU_INSTANCE(extern, forward, T)       \
+  DF_DWCONV_CPU_INSTANCE(extern, backward_nchw, T) \
+  DF_DWCONV_CPU_INSTANCE(extern, backward_cl, T)
+DF_DWCONV_CPU_EXTERN(float)
+DF_DWCONV_CPU_EXTERN(double)
+DF_DWCONV_CPU_EXTERN(at::Half)
+DF_DWCONV_CPU_EXTERN(at::BFloat16)
+#undef DF_DWCONV_CPU_EXTERN
 
 }  // namespace dwconv_cpu
 }  // namespace diffusion_fast
