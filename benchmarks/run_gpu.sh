@@ -92,6 +92,10 @@ want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(jso
 want tests && step tests "${TEST_CAP_S:-240}" $PY -m pytest ${TESTS:-tests/ops tests} -m cuda -q -rs \
     -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} --durations=30 --junitxml="$OUT/pytest.xml"
 
+# What else runs before each timed step (the 2026-11-27b benches started at load average 22 after the tests,
+# and their wall-clock medians scattered 2x): the load and the busiest processes, in the summary.
+busy() { echo "load: $(cut -d' ' -f1-3 /proc/loadavg); busiest: $(ps -eo pcpu=,comm= --sort=-pcpu | head -3 | tr -s ' \n' ' ')" >>"$OUT/summary.txt"; }
+
 benches=()
 if want benches; then
     if [[ -n ${BENCHES:-} ]]; then
@@ -116,6 +120,7 @@ for b in ${benches[@]+"${benches[@]}"}; do
     weights=$((weights - weight))
     # --budget-s: stop starting cases with time to spare to write the results.
     read -r -a extra <<<"$(args_of "$b")"
+    busy
     step "$name" "$share" $PY "benchmarks/$name.py" --device cuda --out "$OUT" --budget-s $((share * 3 / 4)) \
         ${extra[@]+"${extra[@]}"}
 done
