@@ -151,7 +151,8 @@ def main(argv=None) -> None:
                 variant, shape, dtype, mode, make_args(shape, dtype, bench.device, n_extra, variant.endswith("_cl")),
                 nbytes(shape, dtype, mode, n_extra), extra={"num_groups": GROUPS, "eps": EPS},
             )
-            others = {"cuda+groupwise": (ours, cl_groupwise)} if variant.endswith("_cl") and args.device == "cuda" else None
+            gpu_cl = variant.endswith("_cl") and args.device == "cuda"
+            others = {"cuda+groupwise": (ours, cl_groupwise)} if gpu_cl else None
             bench.run(case, eager, ours, _unsupported, others=others)
     bench.finish()
 
