@@ -51,6 +51,14 @@ bool records_grad(const Ts&... inputs) {
   return at::GradMode::is_enabled() && (requires_grad(inputs) || ...);
 }
 
+// op(args...) called below autograd (the fwd op from its Autograd kernel: in Function::forward, and directly for
+// inference calls).
+template <typename Fn, typename... Args>
+auto call_below_autograd(const c10::TypedOperatorHandle<Fn>& op, const Args&... args) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(args...);
+}
+
 // The gradient of an optional input: none when it was absent (the _bwd ops return an empty tensor then).
 inline at::Tensor grad_if(const at::Tensor& input, const at::Tensor& grad) { return input.defined() ? grad : at::Tensor(); }
 

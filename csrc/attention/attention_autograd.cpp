@@ -9,7 +9,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, OpPair, records_grad
+using namespace autograd_util;  // NOLINT: find_ops, OpPair, records_grad, call_below_autograd
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -32,8 +32,7 @@ template <bool TRITON>
 struct AttentionFunction : public torch::autograd::Function<AttentionFunction<TRITON>> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                bool causal, double scale) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = ops<TRITON>().fwd.call(q, k, v, causal, scale);
+    auto [out, lse] = call_below_autograd(ops<TRITON>().fwd, q, k, v, causal, scale);
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale;
@@ -54,8 +53,7 @@ template <bool TRITON>
 std::tuple<at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                 bool causal, double scale) {
   if (!records_grad(q, k, v)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return ops<TRITON>().fwd.call(q, k, v, causal, scale);
+    return call_below_autograd(ops<TRITON>().fwd, q, k, v, causal, scale);
   }
   const variable_list out = AttentionFunction<TRITON>::apply(q, k, v, causal, scale);
   return {out[0], out[1]};

@@ -11,7 +11,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad, ...
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using Stats = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // (y, mean, var)
@@ -59,9 +59,8 @@ struct DWConvBNSwishFunction : public torch::autograd::Function<DWConvBNSwishFun
                                const OptTensor& conv_bias, const OptTensor& bn_weight, const OptTensor& bn_bias,
                                const OptTensor& running_mean, const OptTensor& running_var, bool training,
                                double eps, bool swish, bool needs_grad) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, var] = dw_ops<TRITON>().fwd.call(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
-                                                    running_var, training, eps, swish, needs_grad);
+    auto [y, mean, var] = call_below_autograd(dw_ops<TRITON>().fwd, x, conv_weight, conv_bias, bn_weight, bn_bias,
+                                              running_mean, running_var, training, eps, swish, needs_grad);
     ctx->save_for_backward({x, conv_weight, saved(conv_bias), saved(bn_weight), saved(bn_bias), mean, var});
     save_flags(ctx, training, eps, swish);
     ctx->mark_non_differentiable({mean, var});
@@ -86,9 +85,8 @@ struct BNSwishFunction : public torch::autograd::Function<BNSwishFunction<TRITON
                                const OptTensor& bn_bias, const OptTensor& running_mean,
                                const OptTensor& running_var, bool training, double eps, bool swish,
                                bool needs_grad) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, var] =
-        bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish, needs_grad);
+    auto [y, mean, var] = call_below_autograd(bn_ops<TRITON>().fwd, x, bn_weight, bn_bias, running_mean,
+                                              running_var, training, eps, swish, needs_grad);
     ctx->save_for_backward({x, saved(bn_weight), saved(bn_bias), mean, var});
     save_flags(ctx, training, eps, swish);
     ctx->mark_non_differentiable({mean, var});
@@ -111,9 +109,8 @@ Stats dw_autograd(const at::Tensor& x, const at::Tensor& conv_weight, const OptT
                   const OptTensor& bn_weight, const OptTensor& bn_bias, const OptTensor& running_mean,
                   const OptTensor& running_var, bool training, double eps, bool swish, bool needs_grad) {
   if (!records_grad(x, conv_weight, conv_bias, bn_weight, bn_bias)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return dw_ops<TRITON>().fwd.call(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
-                                     training, eps, swish, needs_grad);
+    return call_below_autograd(dw_ops<TRITON>().fwd, x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean,
+                               running_var, training, eps, swish, needs_grad);
   }
   const variable_list out = DWConvBNSwishFunction<TRITON>::apply(
       x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, training, eps, swish, needs_grad);
@@ -125,9 +122,8 @@ Stats bn_autograd(const at::Tensor& x, const OptTensor& bn_weight, const OptTens
                   const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
                   bool swish, bool needs_grad) {
   if (!records_grad(x, bn_weight, bn_bias)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return bn_ops<TRITON>().fwd.call(x, bn_weight, bn_bias, running_mean, running_var, training, eps, swish,
-                                     needs_grad);
+    return call_below_autograd(bn_ops<TRITON>().fwd, x, bn_weight, bn_bias, running_mean, running_var, training,
+                               eps, swish, needs_grad);
   }
   const variable_list out = BNSwishFunction<TRITON>::apply(x, bn_weight, bn_bias, running_mean, running_var, training,
                                                            eps, swish, needs_grad);

@@ -14,7 +14,7 @@
 namespace diffusion_fast {
 namespace {
 
-using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad
+using namespace autograd_util;  // NOLINT: find_ops, like_layout, saved, optional, grad_if, records_grad, ...
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -41,8 +41,8 @@ struct GroupNormSiLUFunction : public torch::autograd::Function<GroupNormSiLUFun
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& pre_bias, const OptTensor& scale,
                                const OptTensor& shift, int64_t num_groups, double eps, bool silu) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = ops<TRITON>().fwd.call(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
+    auto [y, mean, rstd] =
+        call_below_autograd(ops<TRITON>().fwd, x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
     ctx->save_for_backward({x, saved(weight), saved(bias), saved(pre_bias), saved(scale), saved(shift), mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["silu"] = silu;
@@ -70,8 +70,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd_autograd(const at::Tensor& x,
                                                             const OptTensor& scale, const OptTensor& shift,
                                                             int64_t num_groups, double eps, bool silu) {
   if (!records_grad(x, weight, bias, pre_bias, scale, shift)) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return ops<TRITON>().fwd.call(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
+    return call_below_autograd(ops<TRITON>().fwd, x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
   }
   const variable_list out =
       GroupNormSiLUFunction<TRITON>::apply(x, weight, bias, pre_bias, scale, shift, num_groups, eps, silu);
