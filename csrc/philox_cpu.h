@@ -92,7 +92,11 @@ void for_each_noise_run(int64_t numel, uint64_t seed, uint32_t step, const Epilo
   const uint32_t key_lo = static_cast<uint32_t>(seed), key_hi = static_cast<uint32_t>(seed >> 32);
   const TileFn philox_tile = philox_tile_fn();
   const CpuIsa isa = cpu_isa();
-  at::parallel_for(0, tiles, 16, [&](int64_t begin, int64_t end) {
+  // Threads from 16 tiles (16384 elements) with noise, whose Philox rounds dominate; without it the loop only
+  // streams memory, so from ATen's grain for elementwise ops (at::internal::GRAIN_SIZE, 32768 elements), as the
+  // eager formula does.
+  const int64_t grain = kNoise ? 16 : std::max<int64_t>(1, int64_t(32768) / kTileElements);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
 #if defined(__x86_64__) && defined(__GNUC__)
     if (isa == CpuIsa::avx512) {
       return detail::noise_tiles_avx512<acc_t, kNoise>(begin, end, numel, step, key_lo, key_hi, philox_tile, epilogue);
