@@ -74,6 +74,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 XDIST=()
 $PY -c 'import xdist' 2>/dev/null && XDIST=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
+# pytest-xdist >= 3.2: idle workers take tests queued on busy ones (the Triton dwconv tests run 30-80 s each).
+$PY -c 'import sys, xdist; sys.exit(tuple(map(int, xdist.__version__.split(".")[:2])) < (3, 2))' 2>/dev/null &&
+    XDIST+=(--dist worksteal)
 
 # want STEP: whether STEPS names it.
 want() { [[ " ${STEPS:-machine build env_info tests benches} " == *" $1 "* ]]; }
