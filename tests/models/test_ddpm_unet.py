@@ -232,26 +232,6 @@ def test_same_weights_same_output_on_torch_and_extension():
         assert_close(model(x, t, backend="cuda"), model(x, t, backend="torch"), torch.float32, "ext vs torch")
 
 
-def test_extension_runs_channels_last_and_returns_the_callers_layout():
-    """Our kernels run the UNet in NHWC memory (see ddpm_unet._run_channels_last); the reference stays NCHW."""
-    model = randomize_(tiny()).eval()
-    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
-    if group_norm_silu_unsupported("cuda", x) is not None:
-        pytest.skip("extension not loaded")
-    layouts = []
-    hook = model.norm_out.register_forward_pre_hook(
-        lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
-    with torch.no_grad():
-        y_ref = model(x, t, backend="torch")
-        y = model(x, t, backend="cuda")
-        y_cl = model(x.contiguous(memory_format=torch.channels_last), t, backend="cuda")
-    hook.remove()
-    assert layouts == [False, True, True]
-    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
-    assert_close(y, y_ref, torch.float32, "NHWC run vs reference")
-    assert torch.equal(y, y_cl)
-
-
 def _norm_out_layouts(model, runs) -> list:
     """For each run() in runs: whether the model's last GroupNorm saw channels_last memory."""
     layouts = []
@@ -262,6 +242,24 @@ def _norm_out_layouts(model, runs) -> list:
             run()
     hook.remove()
     return layouts
+
+
+def test_extension_runs_channels_last_and_returns_the_callers_layout():
+    """Our kernels run the UNet in NHWC memory (see ddpm_unet._run_channels_last); the reference stays NCHW."""
+    model = randomize_(tiny()).eval()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    if group_norm_silu_unsupported("cuda", x) is not None:
+        pytest.skip("extension not loaded")
+    out = {}
+    layouts = _norm_out_layouts(model, [
+        lambda: out.update(ref=model(x, t, backend="torch")),
+        lambda: out.update(y=model(x, t, backend="cuda")),
+        lambda: out.update(cl=model(x.contiguous(memory_format=torch.channels_last), t, backend="cuda"))])
+    y_ref, y, y_cl = out["ref"], out["y"], out["cl"]
+    assert layouts == [False, True, True]
+    assert y.is_contiguous() and y_cl.is_contiguous(memory_format=torch.channels_last)
+    assert_close(y, y_ref, torch.float32, "NHWC run vs reference")
+    assert torch.equal(y, y_cl)
 
 
 def test_layout_knob_forces_either_layout(monkeypatch):
