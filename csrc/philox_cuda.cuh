@@ -5,13 +5,12 @@
 // so a warp covers 32 x 4 contiguous elements per run; load4/store4 move one run with one
 // 4-wide vector access when the pointers are aligned. int64 indexing.
 //
-//   for_each_noise_run<acc_t, kLoadFirst>(numel, key_lo, key_hi, step, make_noise, load, epilogue)
+//   for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, load, epilogue)
 //   load(base) -> in:      the op's inputs at elements base .. base + 3 (those < numel), e.g. a Loaded;
-//                          kLoadFirst: called for the unit's four runs before its noise is made, so
-//                          that the loads are in flight while Philox and Box-Muller run (twice the
-//                          registers: half the resident threads); else just before each run's epilogue.
-//                          With the latter, 16-bit steps reached 43-55% of copy bandwidth on an H100
-//                          and fp32 ones 90%, so the kernels load first for 16-bit dtypes only (untimed)
+//                          called just before each run's epilogue, after the unit's noise is made.
+//                          Loading all four runs first (to overlap the loads with Philox) was tried for
+//                          16-bit dtypes: on an H100 they fell from 43-55% of copy bandwidth to 33-37%
+//                          (benchmarks/results/h100-2026-11-27c; fp32 stays at 88-94% either way)
 //   epilogue(base, in, z): writes elements base .. base + 3; z[q] the noise of element base + q
 //                          (0 when !make_noise)
 //
@@ -42,8 +41,7 @@ bool aligned4(const T* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
 }
 
-// The values of N input tensors at one run's four elements, in their own dtype (16-bit inputs held
-// in half the registers of fp32 ones while the noise is made).
+// The values of N input tensors at one run's four elements, in their own dtype (the epilogue converts).
 template <typename T, int N>
 struct Loaded {
   T v[N][4];
@@ -89,7 +87,7 @@ __device__ __forceinline__ Loaded<T, 3> load3(const T* __restrict__ a, const T* 
   return in;
 }
 
-template <typename acc_t, bool kLoadFirst, typename Load, typename Epilogue>
+template <typename acc_t, typename Load, typename Epilogue>
 __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_lo, uint32_t key_hi, uint32_t step,
                                                    bool make_noise, const Load& load, const Epilogue& epilogue) {
   const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
@@ -97,14 +95,6 @@ __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_l
   for (int64_t unit = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; unit < units; unit += stride) {
     const int64_t tile = unit / kUnitsPerTile;
     const int64_t j0 = (unit % kUnitsPerTile) * kUnitCounters;
-    decltype(load(int64_t{})) in[4];  // the inputs of run k
-    if constexpr (kLoadFirst) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int64_t base = tile * kTileElements + k * kTileCounters + j0;
-        if (base < numel) in[k] = load(base);
-      }
-    }
     acc_t z[4][kUnitCounters];  // [run k][counter q]
 #pragma unroll
     for (int q = 0; q < kUnitCounters; ++q) {
@@ -121,10 +111,7 @@ __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_l
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int64_t base = tile * kTileElements + k * kTileCounters + j0;
-      if (base < numel) {
-        if constexpr (!kLoadFirst) in[k] = load(base);
-        epilogue(base, in[k], z[k]);
-      }
+      if (base < numel) epilogue(base, load(base), z[k]);
     }
   }
 }

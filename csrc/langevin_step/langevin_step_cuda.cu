@@ -34,9 +34,7 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     }
     philox::store4<kVectorized>(out, base, numel, o);
   };
-  // 16-bit inputs are loaded before the noise is made (see philox_cuda.cuh)
-  philox::for_each_noise_run<acc_t, sizeof(scalar_t) == 2>(numel, key_lo, key_hi, step, kNoise == kPhilox, load,
-                                                            epilogue);
+  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise == kPhilox, load, epilogue);
 }
 
 }  // namespace
