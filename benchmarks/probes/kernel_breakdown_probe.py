@@ -9,13 +9,19 @@ kernels inside, for eager and for ours, so that a session can see which kernel t
     ddpm_step     ddpm_step, 256x3x256x256 bf16 (16-bit steps ran at 43-55% of copy bandwidth)
     unet_fwd      DDPMUNet CIFAR-10 forward, batch 128 bf16, NCHW and channels_last inputs, and torch.compile
                   on channels_last (kernel time on the H100: ours 7.2 ms, torch.compile 6.5 ms, eager 16.1 ms)
-Writes DIR/kernel_breakdown.md: per case and provider, the total and the top kernels by device time.
+    dwconv_train  dwconv_bn_swish training forward, 32x192x32x32 bf16 (h100-2026-11-27c: 0.06 ms of kernels
+                  but 0.41 ms per call on the CUDA backend, 0.66 ms on Triton; eager 0.16 ms): the host
+                  time per call and the CPU-side operators that take it
+Writes DIR/kernel_breakdown.md: per case and provider, the host time per call (calls issued back to
+back without a sync), the total and the top kernels by device time, and for the cases that ask for it
+the top CPU-side operators by self CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,21 +38,45 @@ from diffusion_fast.models.ddpm_unet import DDPMUNet  # noqa: E402
 CALLS, TOP = 5, 12
 
 
-def kernels(fn) -> tuple:
-    """(ms per call of all kernels, [(ms per call, calls per call, name)] sorted, largest first)."""
+def host_ms(fn, calls: int = 50) -> float:
+    """Host milliseconds per call of fn issued back to back (the GPU may lag behind; synced after)."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return t / calls * 1e3
+
+
+def kernels(fn, cpu: bool = False) -> tuple:
+    """(ms per call of all kernels, [(ms per call, calls per call, name)] sorted, largest first,
+    and when ``cpu`` the same for CPU-side operators by self CPU time, else [])."""
+    fn()
+    torch.cuda.synchronize()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    with profile(activities=activities) as prof:
         for _ in range(CALLS):
             fn()
         torch.cuda.synchronize()
     per_name: dict = {}
+    per_op: dict = {}
     for e in prof.events():
-        if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
+        if getattr(e, "is_user_annotation", False):
+            continue
+        if e.device_type == DeviceType.CUDA:
             us, n = per_name.get(e.name, (0.0, 0))
             per_name[e.name] = (us + e.device_time_total, n + 1)
-    rows = sorted(((us / 1e3 / CALLS, n / CALLS, name) for name, (us, n) in per_name.items()), reverse=True)
-    return sum(r[0] for r in rows), rows
+        elif cpu and e.device_type == DeviceType.CPU:
+            us, n = per_op.get(e.name, (0.0, 0))
+            per_op[e.name] = (us + e.self_cpu_time_total, n + 1)
+
+    def table(d):
+        return sorted(((us / 1e3 / CALLS, n / CALLS, name) for name, (us, n) in d.items()), reverse=True)
+
+    rows = table(per_name)
+    return sum(r[0] for r in rows), rows, table(per_op)
 
 
 def gns_cases(dev):
@@ -92,6 +122,23 @@ def step_cases(dev):
         yield "ddpm_step bf16", backend, ours
 
 
+def dwconv_cases(dev):
+    c, k = 192, 5
+    x = torch.randn(32, c, 32, 32, device=dev, dtype=torch.bfloat16)
+    w = 0.2 * torch.randn(c, 1, k, k, device=dev, dtype=torch.bfloat16)
+    b, gamma, beta = (0.1 * torch.randn(c, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    rm, rv = torch.zeros(c, device=dev, dtype=torch.bfloat16), torch.ones(c, device=dev, dtype=torch.bfloat16)
+    name = "dwconv_train 32x192x32x32 bf16 fwd"
+    yield name, "eager", lambda: F.silu(F.batch_norm(F.conv2d(x, w, b, padding=k // 2, groups=c), rm, rv, gamma,
+                                                     beta, True, 0.1, 1e-5))
+    for backend in ("cuda", "triton"):
+        def ours(backend=backend):
+            with diffusion_fast.use_backend(backend):
+                return diffusion_fast.dwconv_bn_swish(x, w, b, gamma, beta, rm, rv, training=True)
+
+        yield name, backend, ours
+
+
 def unet_cases(dev):
     for cl in (False, True):
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -128,14 +175,19 @@ def main() -> None:
     dev = torch.device("cuda")
     lines = [f"# Kernel breakdown on {torch.cuda.get_device_name()} (torch {torch.__version__})", "",
              f"Device time per call (ms), {CALLS} calls profiled after one warm-up; top {TOP} kernels.", ""]
-    for cases in (unet_cases, gns_cases, step_cases):  # issue 3's gap first
+    for cases in (dwconv_cases, unet_cases, gns_cases, step_cases):  # the quick host-time case first
         try:
             for case, provider, fn in cases(dev):
-                total, rows = kernels(fn)
-                print(f"{case} {provider}: {total:.4f} ms", flush=True)
-                lines += [f"## {case}: {provider}, {total:.4f} ms in {sum(r[1] for r in rows):.0f} kernels", "",
+                host = host_ms(fn)
+                total, rows, ops = kernels(fn, cpu=cases is dwconv_cases)
+                print(f"{case} {provider}: host {host:.4f} ms, kernels {total:.4f} ms", flush=True)
+                lines += [f"## {case}: {provider}, host {host:.4f} ms per call; kernels {total:.4f} ms in "
+                          f"{sum(r[1] for r in rows):.0f} kernels", "",
                           "| ms | per call | kernel |", "| --: | --: | --- |"]
                 lines += [f"| {ms:.4f} | {n:g} | {name[:140]} |" for ms, n, name in rows[:TOP]] + [""]
+                if ops:
+                    lines += ["| self CPU ms | per call | operator |", "| --: | --: | --- |"]
+                    lines += [f"| {ms:.4f} | {n:g} | {name[:140]} |" for ms, n, name in ops[:TOP]] + [""]
                 (out / "kernel_breakdown.md").write_text("\n".join(lines) + "\n")
         except Exception as exc:  # a failing case must not lose the others' tables
             lines += [f"{cases.__name__} failed: {type(exc).__name__}: {exc}", ""]

@@ -262,11 +262,12 @@ _unsupported = _unsupported_k(3)  # every dtype on our extension, all but float6
 
 
 def _update_running(running_mean, running_var, mean, var, momentum, count) -> None:
-    """nn.BatchNorm2d's update, in place: running = (1 - momentum) * running + momentum * batch stat."""
+    """nn.BatchNorm2d's update, in place: running = (1 - momentum) * running + momentum * batch stat
+    (the variance unbiased), both tensors in one foreach launch."""
     with torch.no_grad():
         unbiased = var * (count / (count - 1))
-        running_mean.mul_(1.0 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        torch._foreach_lerp_([running_mean, running_var],
+                             [mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum)
 
 
 def _prepare(x: Tensor, *params):
