@@ -282,23 +282,31 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-# Measured on an H100 (benchmarks/results/h100-2026-11-26, NVAE cell middle 32x192x64x64 bf16, training):
-# our CUDA kernel ran at 0.53x eager forward and 0.61x fwd+bwd, Triton at 1.19x and 0.21x (both read
-# x once per tap from global memory). Until they beat PyTorch there, "auto" runs PyTorch on GPUs;
-# a forced "cuda" or "triton" still runs ours.
-_AUTO_GPU = ("torch",)
+# GPU "auto", from bench_nvae_cell on an H100 (benchmarks/results/h100-2026-11-27c, training, bf16). Our
+# tiled CUDA kernels (NCHW x, k 3 or 5) beat PyTorch's in kernel time at every NVAE shape (forward 1.4-3.5x
+# eager, forward+backward 1.9-3.3x) with half of eager's peak memory, but each call also costs ~0.3 ms more
+# on the host (more launches and tensor ops), which PyTorch's three kernels hide only on large inputs.
+# Wall-clock, ours won forward+backward from 32x384x32x32 (12.6M elements, 1.45x) and forward alone at
+# 32x192x64x64 (25.2M, 2.10x), and lost below. So on GPUs auto runs ours from these sizes on, else PyTorch;
+# channels-last x (untiled kernels, 0.53x eager on 2026-11-26) and other kernel sizes stay on PyTorch.
+_AUTO_GPU_MIN_NUMEL = {True: 1 << 23, False: 1 << 24}  # needs grad -> smallest x.numel() that runs ours
+_AUTO_GPU_KS = (3, 5)
 
 
-def _auto_order(x: Tensor) -> Optional[tuple]:
-    """Backends "auto" tries for dwconv_bn_swish: PyTorch's on GPUs, the default order elsewhere."""
-    return _AUTO_GPU if x.device.type == "cuda" else None
+def _auto_order(x: Tensor, k: int, needs_grad: bool) -> Optional[tuple]:
+    """Backends "auto" tries for dwconv_bn_swish on x: see above for GPUs; the default order elsewhere."""
+    if x.device.type != "cuda":
+        return None
+    ours = k in _AUTO_GPU_KS and x.is_contiguous() and x.numel() >= _AUTO_GPU_MIN_NUMEL[needs_grad]
+    return ("cuda", "torch") if ours else ("torch",)
 
 
 def _describe_auto() -> dict:
-    return dict(rule="GPU: torch (cuDNN depthwise conv + batch_norm + silu), since our CUDA and Triton kernels "
-                     "were slower than eager on an H100; CPU: cuda (our C++ kernels), then torch. A forced "
-                     "backend still runs ours",
-                source="benchmarks/results/h100-2026-11-26 (bench_nvae_cell)")
+    return dict(rule="GPU: cuda (our tiled kernels) for NCHW x with k 3 or 5 and at least "
+                     f"{_AUTO_GPU_MIN_NUMEL[True]} elements when a backward may follow "
+                     f"({_AUTO_GPU_MIN_NUMEL[False]} for forward only), else torch (cuDNN depthwise conv + "
+                     "batch_norm + silu); CPU: cuda (our C++ kernels), then torch. A forced backend runs ours",
+                source="benchmarks/results/h100-2026-11-27c (bench_nvae_cell)")
 
 
 backends.register_auto_rule("dwconv_bn_swish", _describe_auto)
@@ -317,7 +325,9 @@ def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     fn = "dwconv_bn_swish"
     _check_bn(fn, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, swish)
     _check_conv(fn, x, conv_weight, conv_bias)
-    backend = backends.select(fn, x, _unsupported_k(conv_weight.shape[-1]), auto=_auto_order(x))
+    k = conv_weight.shape[-1]
+    needs_grad = _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias)
+    backend = backends.select(fn, x, _unsupported_k(k), auto=_auto_order(x, k, needs_grad))
     if backend == "torch":
         y = dwconv_bn_swish_ref(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
                                 training=training, momentum=momentum, eps=eps, swish=swish)
@@ -325,8 +335,7 @@ def dwconv_bn_swish(x: Tensor, conv_weight: Tensor, conv_bias: Optional[Tensor],
     x, conv_weight, conv_bias, bn_weight, bn_bias = _prepare(x, conv_weight, conv_bias, bn_weight, bn_bias)
     fwd = getattr(torch.ops.diffusion_fast, OPS[fn][backend] + "_fwd")
     y, mean, var = fwd(x, conv_weight, conv_bias, bn_weight, bn_bias, None if training else running_mean,
-                       None if training else running_var, training, float(eps), swish,
-                       _needs_grad(x, conv_weight, conv_bias, bn_weight, bn_bias))
+                       None if training else running_var, training, float(eps), swish, needs_grad)
     if training and running_mean is not None:
         _update_running(running_mean, running_var, mean, var, float(momentum), x.numel() // x.shape[1])
     return y
