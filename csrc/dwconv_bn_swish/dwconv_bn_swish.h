@@ -10,7 +10,7 @@
 // (C,) of any floating dtype, or undefined. mean, var: (C,) float32 (float64 for float64 x), the statistics
 // y was normalised with: the batch's (biased variance) when training, else copies of the running ones.
 // needs_grad (forward): whether a backward may follow; a hint only, results are the same either way (the
-// CPU channels-last training forward runs the conv once when no backward follows, see fwd_cl).
+// CPU channels-last training forward runs the conv once when no backward follows, see forward_cl).
 // Backward returns grad_x (layout of x) and the grads of conv_weight, conv_bias, bn_weight, bn_bias, each
 // in its input's dtype, or an empty (0,) tensor when that input is absent. grad_y must have x's layout.
 #pragma once

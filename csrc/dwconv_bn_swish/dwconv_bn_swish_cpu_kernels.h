@@ -494,7 +494,7 @@ struct Args {
   const A *cb, *gamma, *beta;  // (C,) or null
   A *mean, *var;               // (C,): written by the training forward, read otherwise
   A *g_w, *g_cb, *g_gamma, *g_beta;  // bwd: (C, K * K), (C,) x 3; g_w and g_cb null without a conv
-  bool z_in_y = false;  // channels-last training fwd, T == A: the statistics pass stores z in y (fwd_cl)
+  bool z_in_y = false;  // channels-last training fwd, T == A: the statistics pass stores z in y (forward_cl)
 };
 
 template <typename T, typename A>
@@ -1039,9 +1039,9 @@ void cl_fwd_units(const Args<T, A>& a, const Bands& bd, const A* wl, const A* bl
   });
 }
 
-// Channels-last backward of channel blocks [t0, t1) (the passes of bwd_tasks).
-template <typename T, typename A>
-void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
+// Channels-last backward of channel blocks [t0, t1) (the passes of bwd_tasks), kernel size kK (== g.K).
+template <typename T, typename A, int kK>
+void bwd_tasks_cl(const Args<T, A>& a, std::integral_constant<int, kK>, int64_t t0, int64_t t1) {
   constexpr int LN = 64 / sizeof(T);
   const Geo& g = a.g;
   const int64_t KK = g.K * g.K, plane = g.HW * LN;
@@ -1061,7 +1061,7 @@ void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
     std::fill(dw.begin(), dw.end(), 0.0);
     const auto rebuild = [&](int64_t n, double* sa_, double* sb_) {
       cl_load_padded<LN>(a.x + g.plane(n, c0), g, cbn, pad.data());
-      with_k(g, [&](auto K) { cl_conv<decltype(K)::value, LN>(g, pad.data(), wl.data(), bl.data(), slot(zs, n)); });
+      cl_conv<kK, LN>(g, pad.data(), wl.data(), bl.data(), slot(zs, n));
       const T* dy = a.dy + g.plane(n, c0);
       a.swish ? cl_dzn<true, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_, a.eb)
               : cl_dzn<false, LN>(g, slot(zs, n), dy, k, cbn, slot(dzns, n), sa_, sb_, a.eb);
@@ -1081,11 +1081,8 @@ void bwd_tasks_cl(const Args<T, A>& a, int64_t t0, int64_t t1) {
       else
         rebuild(n, sa, sb);  // eval: the sums are only outputs, summed in this one pass
       cl_dz<LN>(g, slot(zs, n), slot(dzns, n), k, dzpad.data(), sdz);
-      with_k(g, [&](auto K) {
-        constexpr int kK = decltype(K)::value;
-        cl_conv<kK, LN>(g, dzpad.data(), wf.data(), zero.data(), buf.data());
-        if (a.g_w) cl_wgrad<kK, LN>(g, dzpad.data(), pad.data(), dw.data());
-      });
+      cl_conv<kK, LN>(g, dzpad.data(), wf.data(), zero.data(), buf.data());
+      if (a.g_w) cl_wgrad<kK, LN>(g, dzpad.data(), pad.data(), dw.data());
       cl_store<LN>(g, buf.data(), cbn, a.out + g.plane(n, c0));
     }
     for (int64_t l = 0; l < cbn; ++l) {
@@ -1127,8 +1124,9 @@ DF_MULTIVERSION(bwd_tasks_cl)
 // second is an in-place y = act(sc * y + sh): one conv instead of two, for one more write and read of y.
 // On this CPU that is 30-45% faster, but a backward right after then finds x cold and loses more than
 // that, so fwd_impl sets z_in_y only when no gradient is needed.
-template <typename T, typename A>
-void fwd_cl(const Args<T, A>& a) {
+template <typename T>
+void forward_cl(const Args<T, at::opmath_type<T>>& a) {
+  using A = at::opmath_type<T>;
   constexpr int LN = 64 / sizeof(A);
   const Geo& g = a.g;
   const Bands bd = make_bands(g);
@@ -1170,13 +1168,11 @@ void fwd_cl(const Args<T, A>& a) {
   });
 }
 
-// The forward of one call: y (and, training, the batch mean and biased variance) from a.
+// NCHW forward: y (and, training, the batch mean and biased variance) from a.
 template <typename T>
-void forward(const Args<T, at::opmath_type<T>>& a) {
+void forward_nchw(const Args<T, at::opmath_type<T>>& a) {
   using A = at::opmath_type<T>;
-  if (a.g.cl) {
-    fwd_cl(a);
-  } else if (a.training) {
+  if (a.training) {
     const int64_t cb = fwd_block(a.g);
     at::parallel_for(0, (a.g.C + cb - 1) / cb, 1, [&](int64_t b, int64_t e) { fwd_tasks_isa(a, cb, b, e); });
   } else {
@@ -1187,6 +1183,12 @@ void forward(const Args<T, at::opmath_type<T>>& a) {
   }
 }
 
+// The forward of one call: y (and, training, the batch mean and biased variance) from a.
+template <typename T>
+void forward(const Args<T, at::opmath_type<T>>& a) {
+  a.g.cl ? forward_cl<T>(a) : forward_nchw<T>(a);
+}
+
 // The backward of one call: grad_x and the parameter grads of a, NCHW or channels-last. Grain 1: a task is a
 // whole channel (block) over the batch.
 template <typename T>
@@ -1194,26 +1196,34 @@ void backward_nchw(const Args<T, at::opmath_type<T>>& a) {
   at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_isa(a, b, e); });
 }
 
-template <typename T>
+template <typename T, int kK>
 void backward_cl(const Args<T, at::opmath_type<T>>& a) {
-  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_cl_isa(a, b, e); });
+  const std::integral_constant<int, kK> k;
+  at::parallel_for(0, a.g.tasks(), 1, [&](int64_t b, int64_t e) { bwd_tasks_cl_isa(a, k, b, e); });
 }
 
 template <typename T>
 void backward(const Args<T, at::opmath_type<T>>& a) {
-  a.g.cl ? backward_cl<T>(a) : backward_nchw<T>(a);
+  if (!a.g.cl) return backward_nchw<T>(a);
+  with_k(a.g, [&](auto K) { backward_cl<T, decltype(K)::value>(a); });
 }
 
-// forward<T>, backward_nchw<T> and backward_cl<T> are instantiated one per file, in
-// instances/dwconv_bn_swish_cpu_<entry>_<dtype>.cpp (DF_DWCONV_CPU_INSTANCE(, entry, T)), nowhere else (extern
-// here): compiled for three instruction sets, each takes 13-60 s on a 2-core x86-64 machine (the 16-bit
-// channels-last backwards ~115 s), and a build with more cores compiles the twelve in parallel (one file per
-// dtype took up to 190 s, the GPU machines' build's longest step).
+// forward_nchw<T>, forward_cl<T>, backward_nchw<T> and backward_cl<T, K> are instantiated one per file, in
+// instances/dwconv_bn_swish_cpu_<entry>_<dtype>.cpp (DF_DWCONV_CPU_INSTANCE(, entry, T)) and
+// instances/dwconv_bn_swish_cpu_backward_cl_k<K>_<dtype>.cpp (DF_DWCONV_CPU_CL_BWD_INSTANCE(, T, K)), nowhere
+// else (extern here): each is compiled for three instruction sets, and a build with more cores compiles them in
+// parallel. On a 2-core x86-64 machine they take 13-64 s; one file per dtype took up to 190 s (the GPU machines'
+// build's longest step), the 16-bit channels-last backwards of all kernel sizes in one file 135 s.
 #define DF_DWCONV_CPU_INSTANCE(prefix, entry, T) prefix template void entry<T>(const Args<T, at::opmath_type<T>>& a);
+#define DF_DWCONV_CPU_CL_BWD_INSTANCE(prefix, T, K) \
+  prefix template void backward_cl<T, K>(const Args<T, at::opmath_type<T>>& a);
 #define DF_DWCONV_CPU_EXTERN(T)                      \
-  DF_DWCONV_CPU_INSTANCE(extern, forward, T)       \
+  DF_DWCONV_CPU_INSTANCE(extern, forward_nchw, T)  \
+  DF_DWCONV_CPU_INSTANCE(extern, forward_cl, T)    \
   DF_DWCONV_CPU_INSTANCE(extern, backward_nchw, T) \
-  DF_DWCONV_CPU_INSTANCE(extern, backward_cl, T)
+  DF_DWCONV_CPU_CL_BWD_INSTANCE(extern, T, 1)      \
+  DF_DWCONV_CPU_CL_BWD_INSTANCE(extern, T, 3)      \
+  DF_DWCONV_CPU_CL_BWD_INSTANCE(extern, T, 5)
 DF_DWCONV_CPU_EXTERN(float)
 DF_DWCONV_CPU_EXTERN(double)
 DF_DWCONV_CPU_EXTERN(at::Half)

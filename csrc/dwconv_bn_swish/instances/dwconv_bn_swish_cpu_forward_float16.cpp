@@ -1,6 +1,0 @@
-// The float16 instantiation of the CPU dwconv_bn_swish kernels' forward (dwconv_bn_swish_cpu_kernels.h).
-#include "dwconv_bn_swish/dwconv_bn_swish_cpu_kernels.h"
-
-namespace diffusion_fast::dwconv_cpu {
-DF_DWCONV_CPU_INSTANCE(, forward, at::Half)
-}  // namespace diffusion_fast::dwconv_cpu
