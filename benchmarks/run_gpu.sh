@@ -21,10 +21,11 @@
 #
 # On a lent GPU with 15 minutes in all (about 1.5 of them to start the machine), two calls, the second
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
-# tests" BUDGET_S=540 TEST_CAP_S=230 (the build took 99 s at 11623d6 but 275 s at 120f11d: the CPU
-# dwconv_bn_swish fp16/bf16 files; the suite needs ~230 s in 16 workers); (2) STEPS="benches" with
+# tests" BUDGET_S=540 TEST_CAP_S=230 (the build took 99 s at 11623d6, 275 s at 120f11d and 160 s at e7211f5,
+# each time ended by the CPU dwconv_bn_swish instantiations, since split by layout and kernel size; the
+# whole suite needs ~230 s in 16 workers, or TESTS= the files that changed); (2) STEPS="benches" with
 # BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:1 ddpm:2:--dtypes=bf16:--providers=
-# eager,compile,cuda,ours+nchw,cuda+graph,cuda+cl+graph nvae_cell attention:1:--dtypes=bf16"; PROBES=
+# eager,compile,cuda,cuda+graph nvae_cell attention:1:--dtypes=bf16"; PROBES=
 # benchmarks/probes/kernel_breakdown_probe.py PROBE_CAP_S=90 with STEPS="benches probes" where time is left.
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
@@ -87,7 +88,10 @@ want machine && step machine 60 bash -c "nvidia-smi; $PY -c 'import torch, trito
 ARCH=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>>"$OUT/summary.txt")
 echo "TORCH_CUDA_ARCH_LIST=${ARCH:-unknown}" | tee -a "$OUT/summary.txt"
 export MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=${ARCH:-9.0}
-want build && step build "${BUILD_CAP_S:-300}" $PY -m pip install --no-build-isolation --no-deps --no-index -v -e .
+# Each build line gets the seconds since the build began (ninja's "[k/N]" lines mark a file done): the
+# build's critical path, where the machine's minutes go.
+want build && step build "${BUILD_CAP_S:-300}" bash -o pipefail -c "$PY -m pip install --no-build-isolation \
+    --no-deps --no-index -v -e . 2>&1 | while IFS= read -r l; do echo \"\$SECONDS \$l\"; done"
 want env_info && step env_info 60 $PY -c 'import json, diffusion_fast; print(json.dumps(diffusion_fast.env_info(), indent=1))'
 # The CUDA suite (every backend and dtype on the GPU); the CPU suite is CI's job.
 # The op tests first (the models' build on them), the slowest 30 listed to size later runs.
