@@ -94,6 +94,7 @@ def test_sample_from_a_checkpoint(checkpoint, tmp_path, one_thread, capsys):
     (["sample", "--model", "ddpm-digits"], "untrained config"),
     (["sample", "--model", "README.md"], "cannot be read"),
     (["sample", "--dtype", "fp16", "--device", "cpu"], "fp16"),
+    (["sample", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device"),
     (["train", "--model", "no-such-config"], "unknown model config"),
     (["train", "--data", "/no/such/folder"], "unknown data set"),
     (["train", "--ema", "1.5"], "--ema"),
@@ -174,6 +175,22 @@ def test_score_model_trains_and_samples_by_annealed_langevin(tmp_path, one_threa
     samples = np.load(npz)["samples"]
     assert samples.shape == (3, 8, 8, 1) and samples.std() > 0
     assert cli.main(["sample", "--model", str(path), "--sampler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_is_the_cuda_default_and_samples_alike(checkpoint, tmp_path, capsys):
+    """On a CUDA device the UNet samplers replay a CUDA graph unless --no-cuda-graph; the samples agree."""
+    samples = {}
+    for flag in ("--cuda-graph", "--no-cuda-graph", None):
+        npz = tmp_path / f"{flag}.npz"
+        argv = ["sample", "--model", str(checkpoint), "-n", "4", "--sampler", "ddim", "--steps", "4", "--device",
+                "cuda", "--out", str(tmp_path / "g.png"), "--npz", str(npz), "--no-compare", "--no-progress"]
+        assert cli.main(argv + ([flag] if flag else [])) == 0
+        printed = capsys.readouterr().out
+        assert ("CUDA graph" in printed) == (flag != "--no-cuda-graph"), printed
+        samples[flag] = np.load(npz)["samples"].astype(np.int16)
+    assert np.abs(samples["--cuda-graph"] - samples["--no-cuda-graph"]).max() <= 1  # uint8, to rounding
+    assert (samples[None] == samples["--cuda-graph"]).all()
 
 
 def test_shipped_model_is_the_default_and_reports_its_speed_up(tmp_path, one_thread, capsys):
