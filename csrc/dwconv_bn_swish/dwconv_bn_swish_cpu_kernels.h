@@ -1212,7 +1212,7 @@ void backward(const Args<T, at::opmath_type<T>>& a) {
 // instances/dwconv_bn_swish_cpu_<entry>_<dtype>.cpp (DF_DWCONV_CPU_INSTANCE(, entry, T)) and
 // instances/dwconv_bn_swish_cpu_backward_cl_k<K>_<dtype>.cpp (DF_DWCONV_CPU_CL_BWD_INSTANCE(, T, K)), nowhere
 // else (extern here): each is compiled for three instruction sets, and a build with more cores compiles them in
-// parallel. On a 2-core x86-64 machine they take 13-64 s; one file per dtype took up to 190 s (the GPU machines'
+// parallel. On a 2-core x86-64 machine they take 13-46 s each; one file per dtype took up to 190 s (the GPU machines'
 // build's longest step), the 16-bit channels-last backwards of all kernel sizes in one file 135 s.
 #define DF_DWCONV_CPU_INSTANCE(prefix, entry, T) prefix template void entry<T>(const Args<T, at::opmath_type<T>>& a);
 #define DF_DWCONV_CPU_CL_BWD_INSTANCE(prefix, T, K) \
