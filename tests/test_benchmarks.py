@@ -318,3 +318,18 @@ def test_ddpm_bench_gpu_sampling_providers_build_on_any_module():
     compiled = bench_ddpm.compiled_ours(model)
     _, ours, others = bench_ddpm.sampling_loops({}, model, compiled, 2, "cuda", graphs=False)
     assert callable(ours) and not others
+
+
+def test_attention_sweep_configs_compute_attention():
+    """benchmarks/probes/attention_fwd_sweep.py launches the Triton forward with its own block sizes: q kept
+    whole (chunk >= D) or in chunks, causal or not, every config it would time gives SDPA's result."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+    import attention_fwd_sweep as sweep
+
+    for (b, h, s, d, causal) in [(2, 1, 40, 256, False), (1, 2, 21, 64, True)]:
+        q, k, v = (torch.randn(b, h, s, d) for _ in range(3))
+        ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+        cfgs = sweep.configs(d, quick=False)
+        assert len({c["chunk"] for c in cfgs}) == (2 if d > 128 else 1)
+        for cfg in cfgs[:: len(cfgs) // 3]:  # a few, both chunkings among them at d 256
+            torch.testing.assert_close(sweep.run_config(q, k, v, causal, cfg).double(), ref, atol=2e-5, rtol=1e-5)
