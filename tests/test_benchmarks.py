@@ -320,6 +320,27 @@ def test_ddpm_bench_gpu_sampling_providers_build_on_any_module():
     assert callable(ours) and not others
 
 
+def test_ddpm_bench_gpu_forward_providers_build_and_run_on_the_cpu():
+    """bench_ddpm's GPU-only forward providers are built for any model; those that need no GPU run here and
+    give the main provider's result (``ours+nchw`` is ours with the channels-last rule turned off)."""
+    import bench_ddpm
+    from diffusion_fast.models import DDPMUNet
+
+    model = DDPMUNet.tiny().eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 700])
+
+    def ours(x, t):
+        with torch.no_grad():
+            return model(x, t)
+
+    others = bench_ddpm.gpu_forwards(model, model, ours, torch.float32)
+    assert set(others) == {"eager+cl", "ours+cl", "ours+nchw", "cuda+graph"}
+    fn, context = others["ours+nchw"]
+    with context():
+        torch.testing.assert_close(fn(x, t), ours(x, t))
+    torch.testing.assert_close(others["ours+cl"](x, t), ours(x, t))
+
+
 def test_attention_sweep_configs_compute_attention():
     """benchmarks/probes/attention_fwd_sweep.py launches the Triton forward with its own block sizes: q kept
     whole (chunk >= D) or in chunks, causal or not, every config it would time gives SDPA's result."""
