@@ -70,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="rerun on eager PyTorch and print the speed-up (default: on for the shipped model)")
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="DDPM/DDIM: replay the network from a CUDA graph (default: on for CUDA devices)")
+                   help="image samplers: replay the network from a CUDA graph (default: on for CUDA devices)")
     s.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train", help="train a built-in config on a data set")

@@ -26,7 +26,7 @@ def sample_images(model, ckpt: dict, n: int, *, sampler: str, steps: int, eta: f
                   device: torch.device, dtype: torch.dtype, progress: bool, cuda_graph: bool = False) -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1] from a checkpoint's network: DDPM (ancestral or DDIM) or a
     score model (annealed Langevin dynamics from uniform noise, NCSN Algorithm 1). ``cuda_graph``: the
-    DDPM/DDIM samplers replay the network from a CUDA graph (``sample_ddpm``)."""
+    sampler replays the network from a CUDA graph (``sample_ddpm``)."""
     from diffusion_fast.diffusion.schedules import linear_betas
     from diffusion_fast.samplers import annealed_langevin_dynamics, sample_ddim, sample_ddpm
 
@@ -38,7 +38,8 @@ def sample_images(model, ckpt: dict, n: int, *, sampler: str, steps: int, eta: f
         generator = torch.Generator().manual_seed(seed)
         x = torch.rand(n, *ckpt["data"]["shape"], generator=generator).mul(2).sub(1).to(device=device, dtype=dtype)
         with torch.inference_mode():
-            x = annealed_langevin_dynamics(model, x, model.sigmas, seed=seed, **ckpt["schedule"])
+            x = annealed_langevin_dynamics(model, x, model.sigmas, seed=seed, cuda_graph=cuda_graph,
+                                           **ckpt["schedule"])
         return x.float().clamp(-1, 1)
     betas = linear_betas(**ckpt["schedule"])
     shape = (n, *ckpt["data"]["shape"])
@@ -108,12 +109,12 @@ def cmd_sample(args) -> int:
     n_local = distributed.shard_sizes(args.num_images, ctx.world_size)[ctx.rank]
     seed = distributed.rank_seed(args.seed, ctx.rank)
     run = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=seed, device=ctx.device, dtype=dtype)
-    # CUDA graphs (default on CUDA devices) for the UNet samplers: at batch 1 on an H100 they made DDIM
+    # CUDA graphs (default on CUDA devices) for the image samplers: at batch 1 on an H100 they made DDIM
     # sampling 15.6x eager instead of 1.8x (benchmarks/results/h100-2026-11-27c); the eager comparison runs plain
     graph = ctx.device.type == "cuda" if args.cuda_graph is None else args.cuda_graph
     if graph and ctx.device.type != "cuda":
         raise UsageError(f"--cuda-graph needs a CUDA device, got {ctx.device}")
-    ours = dict(run, cuda_graph=graph) if draw is sample_images and ckpt["kind"] != "ncsnv2" else run
+    ours = dict(run, cuda_graph=graph) if draw is sample_images else run
     show = ctx.is_main and not args.no_progress
     with diffusion_fast.use_backend(args.backend):
         x, seconds = _timed(lambda: draw(model, ckpt, n_local, progress=show, **ours) if n_local else

@@ -168,7 +168,8 @@ def _check_sigmas(sigmas) -> Tensor:
 @torch.no_grad()
 def annealed_langevin_dynamics(model: Callable[[Tensor, Tensor], Tensor], x_init: Tensor, sigmas,
                                *, n_steps_each: int = 5, step_lr: float = 6.2e-6, seed: int = 0,
-                               denoise: bool = True, return_all: bool = False) -> Tensor | list[Tensor]:
+                               denoise: bool = True, return_all: bool = False,
+                               cuda_graph: bool = False) -> Tensor | list[Tensor]:
     """Annealed Langevin dynamics, NCSN Algorithm 1, with NCSNv2's final denoising step.
 
     For each level i = 1..L (``sigmas`` decreasing, a sequence or a tensor): alpha_i =
@@ -181,6 +182,8 @@ def annealed_langevin_dynamics(model: Callable[[Tensor, Tensor], Tensor], x_init
     sizes and the labels are device tables made once and indexed by Python ints (sigmas given on a
     GPU are copied to the host once, up front). Returns the final samples, or with ``return_all``
     the list of the samples after every update (L * T, plus the denoised ones), on x's device.
+    ``cuda_graph`` as in ``sample_ddpm``: the model replayed from a CUDA graph (one graph serves every level,
+    its label being an input tensor).
     """
     fn = "annealed_langevin_dynamics"
     if not isinstance(x_init, Tensor) or not x_init.is_floating_point() or x_init.dim() < 1:
@@ -195,6 +198,7 @@ def annealed_langevin_dynamics(model: Callable[[Tensor, Tensor], Tensor], x_init
     if levels * steps >= 2**32:
         raise ValueError(f"{fn}: len(sigmas) * n_steps_each must stay below 2**32 (the noise stream's step)")
     device = x_init.device
+    model = _denoiser(model, cuda_graph, device)
     alpha_dtype = torch.float64 if x_init.dtype == torch.float64 else torch.float32
     alphas = (step_lr * (table / table[-1]) ** 2).to(dtype=alpha_dtype).to(device, non_blocking=True)
     labels = torch.arange(levels, device=device).unsqueeze(1).expand(levels, x_init.shape[0]).contiguous()
