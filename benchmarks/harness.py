@@ -136,7 +136,12 @@ def parse_args(description: str, argv=None) -> argparse.Namespace:
                    help=f"comma list to run, from {','.join(PROVIDERS)} and the bench's own (default: all available)")
     p.add_argument("--compile-mode", default=None, help='torch.compile mode, e.g. "max-autotune-no-cudagraphs"')
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every provider (cuDNN times its algorithms per "
+                        "shape, as fixed-shape inference does and as max-autotune compiles do)")
     args = p.parse_args(argv)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if args.dtypes is not None:
         names = [d.strip() for d in args.dtypes.split(",")]
         if unknown := [d for d in names if d not in DTYPES]:
@@ -359,7 +364,8 @@ class Harness:
         self.env = dict(
             env_info=env, **self.meta, device=self.device.type, argv=sys.argv, threads=torch.get_num_threads(),
             last_level_cache_bytes=self.llc, copy_gbps=self.copy_gbps, copy_tensor_bytes=copy_bytes,
-            compile_mode=args.compile_mode, quantiles=list(QUANTILES), loadavg=_loadavg(),
+            compile_mode=args.compile_mode, cudnn_benchmark=torch.backends.cudnn.benchmark,
+            quantiles=list(QUANTILES), loadavg=_loadavg(),
             allocator=allocator or "system default (freed memory may be unmapped between calls)",
             timer="torch.utils.benchmark.Timer" if _do_bench(self.device) is None else "triton.testing.do_bench",
         )
@@ -517,7 +523,8 @@ class Harness:
             f"{self.copy_gbps:.1f} GB/s; % same-bytes copy: the time of a copy_ moving the case's bytes over "
             f"this row's. x eager / x compile: speed-up (> 1 is faster). Kernel ms (GPU): the summed device "
             f"time of one call's kernels (profiler), and x eager on it. "
-            f"Memory: {self.env['allocator']}. Load average at start: {self.env['loadavg']}.",
+            f"Memory: {self.env['allocator']}. Load average at start: {self.env['loadavg']}."
+            + (" cuDNN benchmark mode on." if self.env.get("cudnn_benchmark") else ""),
             "",
             "| variant | shape | dtype | mode | provider | median ms | p25-p75 ms | x eager | x compile "
             "| GB/s | % copy BW | % same-bytes copy | TFLOP/s | max abs diff | kernel ms | x eager (kernels) |",

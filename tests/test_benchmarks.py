@@ -354,3 +354,14 @@ def test_attention_sweep_configs_compute_attention():
         assert len({c["chunk"] for c in cfgs}) == (2 if d > 128 else 1)
         for cfg in cfgs[:: len(cfgs) // 3]:  # a few, both chunkings among them at d 256
             torch.testing.assert_close(sweep.run_config(q, k, v, causal, cfg).double(), ref, atol=2e-5, rtol=1e-5)
+
+
+def test_cudnn_benchmark_option_is_set_and_recorded(tmp_path, monkeypatch):
+    """--cudnn-benchmark turns cuDNN's algorithm search on for every provider and says so in the JSON and table."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    args = harness.parse_args("cudnn test", ["--device", "cpu", "--quick", "--cudnn-benchmark", "--out", str(tmp_path)])
+    assert torch.backends.cudnn.benchmark
+    bench = harness.Harness("bench_cudnn", "cudnn", args)
+    bench.finish()
+    assert json.loads((tmp_path / "bench_cudnn.json").read_text())["env"]["cudnn_benchmark"] is True
+    assert "cuDNN benchmark mode on" in (tmp_path / "bench_cudnn.md").read_text()
