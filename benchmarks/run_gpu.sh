@@ -24,8 +24,8 @@
 # tests" BUDGET_S=540 TEST_CAP_S=230 (the build took 99 s at 11623d6, 275 s at 120f11d and 160 s at e7211f5,
 # each time ended by the CPU dwconv_bn_swish instantiations, since split by layout and kernel size; the
 # whole suite needs ~230 s in 16 workers, or TESTS= the files that changed); (2) STEPS="benches" with
-# BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:1 ddpm:2:--dtypes=bf16:--providers=
-# eager,compile,cuda,cuda+graph nvae_cell attention:1:--dtypes=bf16 clip_text"; PROBES="benchmarks/probes/
+# BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:1 ddpm:2:--dtypes=bf16:--cudnn-benchmark:
+# --providers=eager,compile,cuda,cuda+graph nvae_cell attention:1:--dtypes=bf16 clip_text"; PROBES="benchmarks/probes/
 # kernel_breakdown_probe.py benchmarks/probes/attention_fwd_sweep.py" PROBE_CAP_S=160 with STEPS="benches
 # probes" where time is left. bench_clip_text and the diffusers tests need wheels in .whl/ (see README).
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
