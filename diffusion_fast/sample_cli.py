@@ -5,6 +5,7 @@ a scatter plot beside the data) and optionally an ``.npz``; ``--compare`` reruns
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -96,6 +97,19 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
+def _sample_with_fallback(sample, ours: dict, run: dict, forced: bool) -> tuple:
+    """(sample(ours), ours), or where ours asks for a CUDA graph only by default (not ``forced``) and its
+    capture fails (a network that syncs with the host or branches on values), a warning and (sample(run), run)."""
+    try:
+        return sample(ours), ours
+    except RuntimeError as exc:
+        if not ours.get("cuda_graph") or forced:
+            raise
+        warnings.warn(f"sample: CUDA-graph capture failed ({type(exc).__name__}: {str(exc)[:200]}); sampling op by "
+                      "op instead (--no-cuda-graph skips the attempt)", RuntimeWarning, stacklevel=3)
+        return sample(run), run
+
+
 def cmd_sample(args) -> int:
     ctx = distributed.setup(args.device)
     dtype = DTYPES[args.dtype]
@@ -116,9 +130,12 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--cuda-graph needs a CUDA device, got {ctx.device}")
     ours = dict(run, cuda_graph=graph) if draw is sample_images else run
     show = ctx.is_main and not args.no_progress
-    with diffusion_fast.use_backend(args.backend):
-        x, seconds = _timed(lambda: draw(model, ckpt, n_local, progress=show, **ours) if n_local else
-                            torch.empty(0, *ckpt["data"]["shape"], device=ctx.device))
+    def sample(kwargs):
+        with diffusion_fast.use_backend(args.backend):
+            return _timed(lambda: draw(model, ckpt, n_local, progress=show, **kwargs) if n_local else
+                          torch.empty(0, *ckpt["data"]["shape"], device=ctx.device))
+
+    (x, seconds), ours = _sample_with_fallback(sample, ours, run, forced=bool(args.cuda_graph))
     samples = distributed.gather(ctx, x)
     if not ctx.is_main:
         return 0

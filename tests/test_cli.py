@@ -177,6 +177,23 @@ def test_score_model_trains_and_samples_by_annealed_langevin(tmp_path, one_threa
     assert cli.main(["sample", "--model", str(path), "--sampler", "ddim", "--out", str(tmp_path / "x.png")]) == 2
 
 
+def test_a_default_cuda_graph_that_fails_to_capture_falls_back_with_a_warning():
+    """Only a default graph falls back (warned); a failure without a graph, or with --cuda-graph asked for, raises."""
+    from diffusion_fast.sample_cli import _sample_with_fallback
+
+    def sample(kwargs):
+        if kwargs.get("cuda_graph"):
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return "samples"
+
+    run = dict(seed=0)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed.*op by op"):
+        assert _sample_with_fallback(sample, dict(run, cuda_graph=True), run, forced=False) == ("samples", run)
+    with pytest.raises(RuntimeError, match="capturing"):
+        _sample_with_fallback(sample, dict(run, cuda_graph=True), run, forced=True)
+    assert _sample_with_fallback(sample, run, run, forced=False) == ("samples", run)
+
+
 @pytest.mark.cuda
 def test_cuda_graph_is_the_cuda_default_and_samples_alike(checkpoint, tmp_path, capsys):
     """On a CUDA device the UNet samplers replay a CUDA graph unless --no-cuda-graph; the samples agree."""
