@@ -130,6 +130,7 @@ def cmd_sample(args) -> int:
         raise UsageError(f"--cuda-graph needs a CUDA device, got {ctx.device}")
     ours = dict(run, cuda_graph=graph) if draw is sample_images else run
     show = ctx.is_main and not args.no_progress
+
     def sample(kwargs):
         with diffusion_fast.use_backend(args.backend):
             return _timed(lambda: draw(model, ckpt, n_local, progress=show, **kwargs) if n_local else
