@@ -310,8 +310,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float):
-    """-> (out (B, H, Sq, D) contiguous in q's dtype, lse (B, H, Sq) fp32)."""
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                  blocks: dict | None = None):
+    """-> (out (B, H, Sq, D) contiguous in q's dtype, lse (B, H, Sq) fp32). ``blocks`` overrides the table's
+    BLOCK_M, BLOCK_N, BLOCK_D (capped at D_PAD), num_warps, num_stages (benchmarks/probes/attention_fwd_sweep.py)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     out = q.new_empty((B, H, Sq, D))
@@ -319,6 +321,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if out.numel() == 0:
         return out, lse
     cfg = _blocks(_FWD, D, q.dtype)
+    if blocks:
+        cfg.update(blocks, BLOCK_D=min(cfg["D_PAD"], blocks.get("BLOCK_D", cfg["BLOCK_D"])))
     grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
                                 H, Sq, Sk, D, scale * LOG2E, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg)

@@ -5,7 +5,7 @@ best SDPA 0.0130; CLIP 64x8x77x77 hd 64 causal: 0.0177 against 0.0137).
     python3 benchmarks/probes/attention_fwd_sweep.py --out DIR [--budget-s 150] [--quick]
 
 Each config (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D: the head-dim chunk of q kᵀ; BLOCK_D == D_PAD
-keeps q in registers across key tiles) launches ``kernels.attention._attention_fwd_kernel`` directly, is
+keeps q in registers across key tiles) runs ``kernels.attention.attention_fwd(..., blocks=)``, is
 checked against SDPA's math backend (a config that fails to compile, e.g. for shared memory, is listed as
 such) and timed with triton.testing.do_bench (median). Writes DIR/attention_fwd_sweep.md (fastest first,
 with each SDPA backend and the library's current config) and .json. Needs a CUDA device; elsewhere it
@@ -36,23 +36,12 @@ GRID = dict(chunk=(256, 128), BLOCK_M=(128, 64), BLOCK_N=(64, 32, 128), num_warp
 
 
 def run_config(q, k, v, causal: bool, cfg: dict):
-    """out (B, H, S, D) of the Triton forward with block sizes cfg (BLOCK_M, BLOCK_N, num_warps, num_stages,
-    chunk: columns of D per q kᵀ chunk, capped at D_PAD)."""
-    import triton
-
+    """out (B, H, S, D) of the library's Triton forward with block sizes cfg (BLOCK_M, BLOCK_N, num_warps,
+    num_stages, chunk: columns of D per q kᵀ chunk, capped at D_PAD)."""
     from diffusion_fast.kernels import attention as ka
 
-    B, H, S, D = q.shape
-    d_pad = ka._d_pad(D)
-    out = q.new_empty(q.shape)
-    lse = torch.empty((B, H, S), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
-    ka._attention_fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), H, S, S, D,
-                                   ka.LOG2E / math.sqrt(D), CAUSAL=causal, PRECISION="tf32", D_PAD=d_pad,
-                                   BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-                                   BLOCK_D=min(d_pad, cfg["chunk"]), num_warps=cfg["num_warps"],
-                                   num_stages=cfg["num_stages"])
-    return out
+    blocks = {key: val for key, val in cfg.items() if key != "chunk"}
+    return ka.attention_fwd(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]), blocks=dict(blocks, BLOCK_D=cfg["chunk"]))[0]
 
 
 def configs(d: int, quick: bool) -> list:
