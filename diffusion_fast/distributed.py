@@ -31,12 +31,14 @@ def setup(device: str | None = None) -> Context:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    want_cuda = device.startswith("cuda") if device is not None else torch.cuda.is_available()
     if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device here")
     if want_cuda:
         dev = torch.device("cuda", local_rank % torch.cuda.device_count()) if world > 1 else torch.device(
             device or "cuda")
+        if dev.index is None:  # set_device refuses a bare "cuda" (torch 2.11 on the H100, 2026-11-28)
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     else:
         dev = torch.device(device or "cpu")

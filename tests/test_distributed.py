@@ -170,3 +170,19 @@ def test_ncsnv2_ddp_step_equals_the_single_process_step_with_the_ranks_noise(noi
             for k, v in want.items():
                 assert torch.allclose(got[k], v, atol=1e-6, rtol=1e-5), f"rank {rank} {name} {k}"
     assert (model.conv.weight - TinyNet().conv.weight).abs().max() > 1e-3  # the steps moved the weights
+
+
+@pytest.mark.parametrize("device,expected", [(None, "cuda:0"), ("cuda", "cuda:0"), ("cuda:1", "cuda:1")])
+def test_setup_gives_set_device_an_indexed_device(monkeypatch, device, expected):
+    """One process on a GPU machine: torch.cuda.set_device refuses a bare "cuda" (seen on an H100 with torch
+    2.11: the train command failed there), so setup names the current device's index (CUDA stood in for here)."""
+    from diffusion_fast import distributed
+
+    chosen = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(d) if d.index is not None else
+                        pytest.fail(f"set_device got {d}"))
+    ctx = distributed.setup(device)
+    assert chosen == [torch.device(expected)] and ctx.device == torch.device(expected) and ctx.world_size == 1
