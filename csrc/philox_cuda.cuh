@@ -5,9 +5,14 @@
 // so a warp covers 32 x 4 contiguous elements per run; load4/store4 move one run with one
 // 4-wide vector access when the pointers are aligned. int64 indexing.
 //
-//   for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, load, epilogue)
+//   for_each_noise_run<acc_t, kMayNoise>(numel, key_lo, key_hi, step, make_noise, load, epilogue)
+//   kMayNoise:             false for a kernel that never draws noise (make_noise then ignored): it loads all
+//                          four runs before their epilogues (one run at a time left 16-bit given-noise and
+//                          Langevin-denoise steps at 65-81% of copy bandwidth on an H100, where Triton's
+//                          reach 89-91%: benchmarks/results/h100-2026-11-28). A separate instantiation,
+//                          so that the noise path keeps its registers (48 for bf16 DDPM; 80 with both).
 //   load(base) -> in:      the op's inputs at elements base .. base + 3 (those < numel), e.g. a Loaded;
-//                          called just before each run's epilogue, after the unit's noise is made.
+//                          with noise, called just before each run's epilogue, after the unit's noise is made.
 //                          Loading all four runs first (to overlap the loads with Philox) was tried for
 //                          16-bit dtypes: on an H100 they fell from 43-55% of copy bandwidth to 33-37%
 //                          (benchmarks/results/h100-2026-11-27c; fp32 stays at 88-94% either way)
@@ -87,7 +92,7 @@ __device__ __forceinline__ Loaded<T, 3> load3(const T* __restrict__ a, const T* 
   return in;
 }
 
-template <typename acc_t, typename Load, typename Epilogue>
+template <typename acc_t, bool kMayNoise, typename Load, typename Epilogue>
 __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_lo, uint32_t key_hi, uint32_t step,
                                                    bool make_noise, const Load& load, const Epilogue& epilogue) {
   const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
@@ -99,6 +104,19 @@ __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_l
 #pragma unroll
     for (int q = 0; q < kUnitCounters; ++q) {
       z[0][q] = z[1][q] = z[2][q] = z[3][q] = acc_t(0);
+    }
+    if constexpr (!kMayNoise) {  // nothing to hide the loads behind: all four runs' loads in flight at once
+      const int64_t base0 = tile * kTileElements + j0;
+      decltype(load(base0)) in[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (base0 + k * kTileCounters < numel) in[k] = load(base0 + k * kTileCounters);
+      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        if (base0 + k * kTileCounters < numel) epilogue(base0 + k * kTileCounters, in[k], z[k]);
+      }
+      continue;
     }
     if (make_noise) {  // the same in every thread: no divergence
       const uint64_t first = static_cast<uint64_t>(tile) * kTileCounters + j0;

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     }
     philox::store4<kVectorized>(out, base, numel, o);
   };
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise, load, epilogue);
+  philox::for_each_noise_run<acc_t, kNoise>(numel, key_lo, key_hi, step, kNoise, load, epilogue);
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     }
     philox::store4<kVectorized>(out, base, numel, o);
   };
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, kNoise == kPhilox, load, epilogue);
+  philox::for_each_noise_run<acc_t, kNoise == kPhilox>(numel, key_lo, key_hi, step, kNoise == kPhilox, load, epilogue);
 }
 
 }  // namespace

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(philox::kNoiseThreads)
     philox::store4<kVectorized>(out, base, numel, o);
     if (x0_out != nullptr) philox::store4<kVectorized>(x0_out, base, numel, x0);
   };
-  philox::for_each_noise_run<acc_t>(numel, key_lo, key_hi, step, make_noise, load, epilogue);
+  philox::for_each_noise_run<acc_t, !kGivenNoise>(numel, key_lo, key_hi, step, make_noise, load, epilogue);
 }
 
 }  // namespace
