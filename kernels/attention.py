@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffusion_fast.kernels.launch import cdiv, next_power_of_2
+
 __all__ = ["attention_fwd", "attention_bwd"]
 
 LOG2E = math.log2(math.e)
@@ -292,7 +294,7 @@ def _attention_bwd_dq_kernel(
 # Launchers: allocate, pick blocks, launch.
 # ---------------------------------------------------------------------------
 def _d_pad(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _blocks(table: dict, d: int, dtype: torch.dtype) -> dict:
@@ -323,7 +325,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     cfg = _blocks(_FWD, D, q.dtype)
     if blocks:
         cfg.update(blocks, BLOCK_D=min(cfg["D_PAD"], blocks.get("BLOCK_D", cfg["BLOCK_D"])))
-    grid = (triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)
+    grid = (cdiv(Sq, cfg["BLOCK_M"]), B * H)
     _attention_fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
                                 H, Sq, Sk, D, scale * LOG2E, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg)
     return out, lse
@@ -342,14 +344,14 @@ def attention_bwd(grad_out, q, k, v, out, lse, causal: bool, scale: float):
     precision = _precision(q.dtype)
     d_pad = _d_pad(D)
     rows = min(128, _DELTA_TILE // d_pad)  # two [rows, D_PAD] fp32 tiles: 64 registers/thread at 4 warps
-    _attention_bwd_delta_kernel[(triton.cdiv(Sq, rows), B * H)](
+    _attention_bwd_delta_kernel[(cdiv(Sq, rows), B * H)](
         out, grad_out, delta, *grad_out.stride(), H, Sq, D, D_PAD=d_pad, BLOCK_M=rows)
     cfg = _blocks(_BWD_DKDV, D, q.dtype)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg["BLOCK_N"]), B * H)](
+    _attention_bwd_dkdv_kernel[(cdiv(Sk, cfg["BLOCK_N"]), B * H)](
         q, k, v, grad_out, lse, delta, dk, dv, *strides, H, Sq, Sk, D, scale, scale * LOG2E,
         CAUSAL=causal, PRECISION=precision, **cfg)
     cfg = _blocks(_BWD_DQ, D, q.dtype)
-    _attention_bwd_dq_kernel[(triton.cdiv(Sq, cfg["BLOCK_M"]), B * H)](
+    _attention_bwd_dq_kernel[(cdiv(Sq, cfg["BLOCK_M"]), B * H)](
         q, k, v, grad_out, lse, delta, dq, *strides, H, Sq, Sk, D, scale, scale * LOG2E,
         CAUSAL=causal, PRECISION=precision, **cfg)
     return dq, dk, dv

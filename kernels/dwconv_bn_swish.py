@@ -25,12 +25,11 @@ Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math i
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from diffusion_fast.kernels.launch import cdiv, next_power_of_2, target_programs
 from diffusion_fast.ops.group_norm_silu import _like_layout, is_channels_last
 
 __all__ = ["dwconv_bn_swish_fwd", "dwconv_bn_swish_bwd", "bn_swish_fwd", "bn_swish_bwd"]
@@ -331,29 +330,21 @@ def _dwconv_bn_swish_bwd_dx_kernel(
 # ---------------------------------------------------------------------------
 # Launchers: reshape, allocate, launch.
 # ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device: 4 per SM on a GPU, a few under the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _config(x: torch.Tensor, channels_last: bool) -> dict:
     """Tile shape, tiles and the split of the tiles for the reductions; heuristics, no autotuning."""
     N, C, H, W = x.shape
     hw = H * W
     if channels_last:  # channels are the contiguous axis
-        block_c = min(triton.next_power_of_2(C), 64)
-        block_s = min(triton.next_power_of_2(hw), max(1, _TILE // block_c))
+        block_c = min(next_power_of_2(C), 64)
+        block_s = min(next_power_of_2(hw), max(1, _TILE // block_c))
     else:
-        block_s = min(triton.next_power_of_2(hw), 256)
-        block_c = min(triton.next_power_of_2(C), max(1, _TILE // block_s))
-    cblocks = triton.cdiv(C, block_c)
-    tiles = N * triton.cdiv(hw, block_s)
-    split = max(1, min(triton.cdiv(_target_programs(x.device), cblocks), tiles, _MAX_SPLIT))
-    t_per = triton.cdiv(tiles, split)
-    split = triton.cdiv(tiles, t_per)  # no empty split
+        block_s = min(next_power_of_2(hw), 256)
+        block_c = min(next_power_of_2(C), max(1, _TILE // block_s))
+    cblocks = cdiv(C, block_c)
+    tiles = N * cdiv(hw, block_s)
+    split = max(1, min(cdiv(target_programs(x.device), cblocks), tiles, _MAX_SPLIT))
+    t_per = cdiv(tiles, split)
+    split = cdiv(tiles, t_per)  # no empty split
     return dict(CBLOCKS=cblocks, TILES=tiles, SPLIT=split, T_PER=t_per, BLOCK_C=block_c, BLOCK_S=block_s,
                 CHANNELS_LAST=channels_last, num_warps=4 if block_c * block_s >= 1024 else 2)
 
@@ -392,7 +383,7 @@ def _fwd(x, conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_va
             x, w, opt[0], parts[0], parts[1], cnt, TILES=cfg["TILES"], T_PER=cfg["T_PER"], **has, **common)
     _dwconv_bn_swish_fwd_kernel[(cfg["TILES"], cfg["CBLOCKS"])](
         x, y, w, *opt, parts[0], parts[1], cnt, mean, var, SPLIT=split, eps=eps, HAS_GAMMA=bn_weight is not None,
-        HAS_BETA=bn_bias is not None, TRAINING=training, SWISH=swish, SPLIT_P2=triton.next_power_of_2(split),
+        HAS_BETA=bn_bias is not None, TRAINING=training, SWISH=swish, SPLIT_P2=next_power_of_2(split),
         **has, **common)
     return y, mean, var
 
@@ -419,13 +410,13 @@ def _bwd(grad_y, x, conv_weight, conv_bias, bn_weight, bn_bias, mean, var, train
     dz = torch.empty_like(x, dtype=torch.float32)
     _dwconv_bn_swish_bwd_dz_kernel[grid_tiles](
         grad_y, x, dz, w, *opt, mean, var, sums[0], sums[1], SPLIT=split, inv_m=1.0 / (N * H * W), eps=eps,
-        TRAINING=training, SWISH=swish, SPLIT_P2=triton.next_power_of_2(split), **has, **common)
+        TRAINING=training, SWISH=swish, SPLIT_P2=next_power_of_2(split), **has, **common)
     grad_x = torch.empty_like(x)
     part_w = torch.empty((split, k * k, C), device=x.device, dtype=torch.float32)
     part_cb = torch.empty((split, C), device=x.device, dtype=torch.float32)
     _dwconv_bn_swish_bwd_dx_kernel[grid_split](
         dz, x, grad_x, w, part_w, part_cb, TILES=cfg["TILES"], T_PER=cfg["T_PER"], HAS_WEIGHT=has["HAS_WEIGHT"],
-        KK_P2=triton.next_power_of_2(k * k), **common)
+        KK_P2=next_power_of_2(k * k), **common)
     sums = sums.sum(1)
 
     def grad(t, g):  # a fresh contiguous tensor: no view of sums or of part_w's transpose

@@ -34,13 +34,13 @@ Limits: x float16/bfloat16/float32 (float64 goes to another backend); all math i
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from diffusion_fast.kernels.launch import cdiv, next_power_of_2, target_programs
 from diffusion_fast.ops.group_norm_silu import _like_layout, is_channels_last
 
 __all__ = ["group_norm_silu_fwd", "group_norm_silu_bwd"]
@@ -628,31 +628,23 @@ def _group_norm_silu_slab_bwd_kernel(
 # ---------------------------------------------------------------------------
 # Launchers: reshape, allocate, launch.
 # ---------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device: 4 per SM on a GPU, a few under the interpreter."""
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 def _config(x: torch.Tensor, G: int, channels_last: bool) -> dict:
     """Split of each group over S, tile shape and warps; heuristics, no autotuning."""
     N, C = x.shape[:2]
     S, cpg = x.numel() // (N * C), C // G
     # split only when N * G programs leave the device idle, keeping >= one tile per program
-    split = max(1, min(triton.cdiv(_target_programs(x.device), N * G), cpg * S // _TILE))
-    s_per = triton.cdiv(S, split)
+    split = max(1, min(cdiv(target_programs(x.device), N * G), cpg * S // _TILE))
+    s_per = cdiv(S, split)
     if channels_last:  # channels are the contiguous axis
-        block_c = min(triton.next_power_of_2(cpg), _TILE)
-        block_s = min(triton.next_power_of_2(s_per), max(1, _TILE // block_c))
+        block_c = min(next_power_of_2(cpg), _TILE)
+        block_s = min(next_power_of_2(s_per), max(1, _TILE // block_c))
     else:  # spatial is the contiguous axis; rows of channels pad cpg by at most 25%
-        block_s = min(triton.next_power_of_2(s_per), _TILE)
-        block_c = min(triton.next_power_of_2(cpg), max(1, _TILE // block_s))
-        while block_c > 1 and 4 * triton.cdiv(cpg, block_c) * block_c > 5 * cpg:
+        block_s = min(next_power_of_2(s_per), _TILE)
+        block_c = min(next_power_of_2(cpg), max(1, _TILE // block_s))
+        while block_c > 1 and 4 * cdiv(cpg, block_c) * block_c > 5 * cpg:
             block_c //= 2
-    s_per = triton.cdiv(s_per, block_s) * block_s  # whole tiles per split
-    split = triton.cdiv(S, s_per)
+    s_per = cdiv(s_per, block_s) * block_s  # whole tiles per split
+    split = cdiv(S, s_per)
     return dict(S=S, CPG=cpg, S_PER=s_per, SPLIT=split, BLOCK_C=block_c, BLOCK_S=block_s,
                 CHANNELS_LAST=channels_last, num_warps=max(1, min(8, block_c * block_s // 256)))
 
@@ -670,10 +662,10 @@ def _slab_config(x: torch.Tensor, G: int):
     if gb == 1:
         return None
     sc = gb * cpg
-    split = max(1, min(triton.cdiv(_target_programs(x.device), N * (C // sc)), sc * S // _TILE))
-    block_s = min(triton.next_power_of_2(triton.cdiv(S, split)), max(1, _TILE // sc))
-    s_per = triton.cdiv(triton.cdiv(S, split), block_s) * block_s  # whole tiles per split
-    return dict(S=S, CPG=cpg, SC=sc, S_PER=s_per, SPLIT=triton.cdiv(S, s_per), BLOCK_S=block_s,
+    split = max(1, min(cdiv(target_programs(x.device), N * (C // sc)), sc * S // _TILE))
+    block_s = min(next_power_of_2(cdiv(S, split)), max(1, _TILE // sc))
+    s_per = cdiv(cdiv(S, split), block_s) * block_s  # whole tiles per split
+    return dict(S=S, CPG=cpg, SC=sc, S_PER=s_per, SPLIT=cdiv(S, s_per), BLOCK_S=block_s,
                 num_warps=max(1, min(8, sc * block_s // 256)))
 
 
@@ -689,7 +681,7 @@ def _slab_fwd(x, y, mean, rstd, opt, has, G, eps, silu, cfg):
         _group_norm_silu_slab_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"],
                                                  **common)
     _group_norm_silu_slab_fwd_kernel[grid](x, y, *opt, part_mean, part_m2, mean, rstd, eps=eps, SILU=silu,
-                                           SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has,
+                                           SPLIT_P2=next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has,
                                            **common)
 
 
@@ -770,7 +762,7 @@ def group_norm_silu_fwd(x, weight, bias, pre_bias, scale, shift, num_groups: int
         _group_norm_silu_stats_kernel[grid](x, opt[2], part_mean, part_m2, HAS_PRE_BIAS=has["HAS_PRE_BIAS"],
                                             **common)
     _group_norm_silu_fwd_kernel[grid](x, y, *opt, part_mean, part_m2, mean, rstd, eps=eps, SILU=silu,
-                                      SPLIT_P2=triton.next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has, **common)
+                                      SPLIT_P2=next_power_of_2(cfg["SPLIT"]), FUSED=fused, **has, **common)
     return y, mean, rstd
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from diffusion_fast.kernels.launch import cdiv
+
 __all__ = ["philox4x32_10", "tile_normals", "tile_run", "int32_bits", "noise_launch", "TILE_COUNTERS",
            "NOISE_NUM_WARPS"]
 
@@ -137,5 +139,5 @@ def noise_launch(op: str, x: torch.Tensor, seed: int, step: int, **like):
             raise ValueError(f"{op} (triton): {name} must be contiguous with x's shape, dtype and device, got "
                              f"{tuple(t.shape)} {t.dtype} on {t.device}")
     numel = x.numel()
-    grid = (triton.cdiv(numel, 4 * TILE_COUNTERS),) if numel else None
+    grid = (cdiv(numel, 4 * TILE_COUNTERS),) if numel else None
     return grid, (numel, int32_bits(seed), int32_bits(seed >> 32), int32_bits(step))  # >> floors: two's complement

@@ -103,7 +103,7 @@ def test_triton_schedules(backend, device, schedule, layout, case, monkeypatch):
     from diffusion_fast.kernels import group_norm_silu as kernels
 
     monkeypatch.setattr(kernels, "_TILE", 16 if schedule == "split" else 2)
-    monkeypatch.setattr(kernels, "_target_programs", lambda device: 64 if schedule == "split" else 1)
+    monkeypatch.setattr(kernels, "target_programs", lambda device: 64 if schedule == "split" else 1)
     shape, groups = CASES[case]
     x, kw = make_inputs(shape, torch.float32, device, layout, True, True, True)
     cfg = kernels._config(x, groups, layout == "channels_last")
@@ -127,7 +127,7 @@ def test_triton_channels_last_slabs(backend, device, schedule, shape, groups, mo
 
     if schedule == "split":
         monkeypatch.setattr(kernels, "_TILE", 16)
-        monkeypatch.setattr(kernels, "_target_programs", lambda device: 64)
+        monkeypatch.setattr(kernels, "target_programs", lambda device: 64)
     taken = {"fwd": [], "bwd": []}
     for pass_, name in (("fwd", "_slab_fwd"), ("bwd", "_slab_bwd")):
         def spy(*a, f=getattr(kernels, name), p=pass_):
