@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_fast import backends
 from diffusion_fast.backends import check_optional_name, maybe_use_backend
 from diffusion_fast.models import onednn
 from diffusion_fast.models.attention import attention
@@ -101,7 +102,7 @@ class ResidualAttentionBlock(nn.Module):
         quick = isinstance(act, QuickGELU)
         if (rows < onednn.MIN_ROWS or not (quick or isinstance(act, nn.GELU))
                 or onednn.unsupported(x, fc.weight, fc.bias, proj.weight, proj.bias) is not None):
-            return self.mlp(x)
+            return self._mlp_folded(x) if quick else self.mlp(x)
         s = 1.702 if quick else 1.0
 
         def run():
@@ -115,6 +116,21 @@ class ResidualAttentionBlock(nn.Module):
 
         y = onednn.guarded(run)
         return self.mlp(x) if y is None else y
+
+    def _mlp_folded(self, x: Tensor) -> Tensor:
+        """The QuickGELU MLP on ATen (GPUs; CPU inputs oneDNN does not take) with the oneDNN path's folding:
+        c_proj / 1.702 applied to silu(1.702 c_fc(x)), one silu kernel where QuickGELU takes three (mul,
+        sigmoid, mul over the 4x-wide activation), the scaled weights kept between calls (``derived_params``).
+        Only where they can be kept: no autograd through the weights, no torch.compile (which fuses the
+        activation itself), not the eager baseline (backend "torch"); else ``self.mlp``."""
+        fc, proj = self.mlp.c_fc, self.mlp.c_proj
+        params = (fc.weight, fc.bias, proj.weight)
+        if (fc.bias is None or torch.compiler.is_compiling() or backends.current() == "torch"
+                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
+            return self.mlp(x)
+        w_fc, b_fc = derived_params(self, "_fc_folded", params[:2], lambda w, b: (w * 1.702, b * 1.702))
+        w_proj = derived_params(self, "_proj_folded", params[2:], lambda w: w / 1.702)
+        return F.linear(F.silu(F.linear(x, w_fc, b_fc)), w_proj, proj.bias)
 
 
 class CLIPTextEncoder(nn.Module):

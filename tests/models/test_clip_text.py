@@ -418,3 +418,24 @@ def test_clip_loss_bad_inputs():
         clip_loss(t, t, "1")
     with pytest.raises(ValueError, match="init_logit_scale must be a finite number"):
         ContrastiveHead(init_logit_scale=float("inf"))
+
+
+def test_quick_gelu_mlp_folds_its_scale_into_the_weights_outside_autograd():
+    """Off oneDNN (GPUs, few rows) the QuickGELU MLP runs c_proj/1.702 (silu(1.702 c_fc(x))) with the scaled
+    weights kept between calls; with grads, under backend "torch" and for exact GELU it runs the plain MLP."""
+    from diffusion_fast.models.param_cache import cached
+
+    model = randomize_(CLIPTextEncoder.tiny()).eval()
+    block = model.transformer.resblocks[0]
+    x = torch.randn(2, 5, TINY["width"])
+    expected = block.mlp(x)
+    with torch.no_grad():
+        with diffusion_fast.use_backend("torch"):
+            block._mlp(x)
+        assert cached(block, "_fc_folded") is None
+        folded = block._mlp(x)
+    assert cached(block, "_fc_folded") is not None and cached(block, "_proj_folded") is not None
+    torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the kept weights follow an in-place update of the parameters
+        block.mlp.c_fc.weight.mul_(0.5)
+        torch.testing.assert_close(block._mlp(x), block.mlp(x), atol=1e-5, rtol=1e-5)
