@@ -50,7 +50,11 @@ namespace diffusion_fast {
 namespace {
 
 constexpr int kMaxThreads = 512;         // threads per block, at most
-constexpr int kUnrollFwd = 4;            // vectors (of x) a thread loads before it uses them
+// Vectors (of x) a thread loads before it uses them: 4, but 2 for 8-wide (16-bit) vectors, which at 4 took 92
+// registers (bf16): 5 blocks of 128 threads per SM, so DDPM's 32x256x32x32 ran in 1.55 waves at 25% occupancy
+// (ncu, h100-2026-11-28); at 2 it takes 64 (fp16 56, where 4 spilled), 8 blocks, one wave.
+template <int VEC>
+constexpr int kUnrollFwd = VEC >= 8 ? 2 : 4;
 constexpr int kUnrollBwd = 2;            // vectors (of x and of dy) a thread loads before it uses them
 constexpr int64_t kVecsPerThread = 8;    // work per thread aimed at when sizing a block
 constexpr int64_t kMinTileVecs = 1024;   // split path: smallest tile (in vectors) worth a block
@@ -443,19 +447,19 @@ __global__ void __launch_bounds__(kMaxThreads) gns_fwd_kernel(const FwdArgs<T, A
   Welford<A> st{A(0), A(0), A(0)};
   if (a.mode != kPass2) {
     A dp[PV];
-    visit_tile<CL, VEC, kUnrollFwd>(
+    visit_tile<CL, VEC, kUnrollFwd<VEC>>(
         g, lo, hi,
         [&](bool on, int64_t i) {
 #pragma unroll
           for (int k = 0; k < PV; ++k) dp[k] = on ? a.pb.get(nc0 + channel_of<CL, VEC>(i, k), A(0)) - pb0 : A(0);
         },
         [&](const Batch& bt) {
-          V v[kUnrollFwd];
+          V v[kUnrollFwd<VEC>];
 #pragma unroll
-          for (int u = 0; u < kUnrollFwd; ++u)
+          for (int u = 0; u < kUnrollFwd<VEC>; ++u)
             if (u < bt.count) v[u] = load_vec<V>(x + bt.off + u * bt.off_step);
 #pragma unroll
-          for (int u = 0; u < kUnrollFwd; ++u) {
+          for (int u = 0; u < kUnrollFwd<VEC>; ++u) {
             if (u >= bt.count) continue;
             const int64_t idx = bt.idx + u * bt.idx_step;
             if (fused && idx < g.cache_vecs) cache[idx] = v[u];
@@ -493,7 +497,7 @@ __global__ void __launch_bounds__(kMaxThreads) gns_fwd_kernel(const FwdArgs<T, A
 
   // Pass 2: y = act(ca * ((x - x0) - mx) + cb), mx = mean' - (pb - pb0); x from the cache where it is.
   A mx[PV], ca[PV], cb[PV];
-  visit_tile<CL, VEC, kUnrollFwd>(
+  visit_tile<CL, VEC, kUnrollFwd<VEC>>(
       g, lo, hi,
       [&](bool on, int64_t i) {
 #pragma unroll
@@ -506,16 +510,16 @@ __global__ void __launch_bounds__(kMaxThreads) gns_fwd_kernel(const FwdArgs<T, A
         }
       },
       [&](const Batch& bt) {
-        V v[kUnrollFwd];
+        V v[kUnrollFwd<VEC>];
 #pragma unroll
-        for (int u = 0; u < kUnrollFwd; ++u) {
+        for (int u = 0; u < kUnrollFwd<VEC>; ++u) {
           if (u >= bt.count) continue;
           const int64_t idx = bt.idx + u * bt.idx_step;
           v[u] = fused && idx < g.cache_vecs ? cache[idx] : load_vec<V>(x + bt.off + u * bt.off_step);
         }
         with_silu(a.silu, [&](auto silu_c) {
 #pragma unroll
-          for (int u = 0; u < kUnrollFwd; ++u) {
+          for (int u = 0; u < kUnrollFwd<VEC>; ++u) {
             if (u >= bt.count) continue;
             V o;
 #pragma unroll
@@ -1155,7 +1159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cuda(
       constexpr bool CL = decltype(cl_c)::value;
       with_vec<scalar_t>(vec, [&](auto vec_c) {
         constexpr int VEC = decltype(vec_c)::value;
-        const Plan p = make_plan(s, CL, VEC, sizeof(scalar_t), sizeof(A), /*backward=*/false, kUnrollFwd);
+        const Plan p = make_plan(s, CL, VEC, sizeof(scalar_t), sizeof(A), /*backward=*/false, kUnrollFwd<VEC>);
         FwdArgs<scalar_t, A> args{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                                   param_of(w), param_of(b), param_of(pb), param_of(sc), param_of(sh),
                                   mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(), nullptr, p.g,
