@@ -47,17 +47,20 @@ def sample_images(model, ckpt: dict, n: int, *, sampler: str, steps: int, eta: f
     total = betas.numel() if sampler == "ddpm" else steps
     bar = _progress(total, progress, f"{sampler} steps")
     tick = (lambda _: bar.update(1)) if bar is not None else None
-    with torch.inference_mode():
-        if sampler == "ddpm":
-            x = sample_ddpm(model, shape, betas=betas, seed=seed, device=device, dtype=dtype, progress=tick,
-                            cuda_graph=cuda_graph)
-        else:
-            if steps > betas.numel():
-                raise UsageError(f"--steps must be at most {betas.numel()}, got {steps}")
-            x = sample_ddim(model, shape, num_steps=steps, eta=eta, alphas_cumprod=torch.cumprod(1 - betas, 0),
-                            seed=seed, device=device, dtype=dtype, progress=tick, cuda_graph=cuda_graph)
-    if bar is not None:
-        bar.close()
+    try:  # the bar closes also when sampling raises (a failed CUDA-graph capture that the CLI retries op by op)
+        with torch.inference_mode():
+            if sampler == "ddpm":
+                x = sample_ddpm(model, shape, betas=betas, seed=seed, device=device, dtype=dtype, progress=tick,
+                                cuda_graph=cuda_graph)
+            else:
+                if steps > betas.numel():
+                    raise UsageError(f"--steps must be at most {betas.numel()}, got {steps}")
+                x = sample_ddim(model, shape, num_steps=steps, eta=eta,
+                                alphas_cumprod=torch.cumprod(1 - betas, 0), seed=seed, device=device, dtype=dtype,
+                                progress=tick, cuda_graph=cuda_graph)
+    finally:
+        if bar is not None:
+            bar.close()
     return x.float()
 
 

@@ -194,6 +194,35 @@ def test_a_default_cuda_graph_that_fails_to_capture_falls_back_with_a_warning():
     assert _sample_with_fallback(sample, run, run, forced=False) == ("samples", run)
 
 
+def test_a_failed_sampling_run_closes_its_progress_bar(monkeypatch):
+    """The CLI retries a failed default CUDA-graph run op by op: the failed run's bar must not stay on screen."""
+    from diffusion_fast import sample_cli, samplers
+
+    bars = []
+
+    class Bar:
+        def __init__(self, *args):
+            self.closed = False
+            bars.append(self)
+
+        def update(self, n):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    def capture_fails(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(sample_cli, "_progress", lambda *args: Bar(*args))
+    monkeypatch.setattr(samplers, "sample_ddim", capture_fails)
+    ckpt = dict(kind="ddpm", schedule=zoo.PAPER_SCHEDULE, data=dict(shape=[1, 8, 8]))
+    with pytest.raises(RuntimeError, match="capturing"):
+        sample_cli.sample_images(None, ckpt, 2, sampler="ddim", steps=5, eta=0.0, seed=0, device=torch.device("cpu"),
+                                 dtype=torch.float32, progress=True, cuda_graph=True)
+    assert len(bars) == 1 and bars[0].closed
+
+
 @pytest.mark.cuda
 def test_cuda_graph_is_the_cuda_default_and_samples_alike(checkpoint, tmp_path, capsys):
     """On a CUDA device the UNet samplers replay a CUDA graph unless --no-cuda-graph; the samples agree."""
