@@ -121,12 +121,13 @@ class ResidualAttentionBlock(nn.Module):
         """The QuickGELU MLP on ATen (GPUs; CPU inputs oneDNN does not take) with the oneDNN path's folding:
         c_proj / 1.702 applied to silu(1.702 c_fc(x)), one silu kernel where QuickGELU takes three (mul,
         sigmoid, mul over the 4x-wide activation), the scaled weights kept between calls (``derived_params``).
-        Only where they can be kept: no autograd through the weights, no torch.compile (which fuses the
+        Only where they can be kept: no autograd through the MLP (the kept weights may be inference tensors,
+        which autograd cannot save), no torch.compile (which fuses the
         activation itself), not the eager baseline (backend "torch"); else ``self.mlp``."""
         fc, proj = self.mlp.c_fc, self.mlp.c_proj
         params = (fc.weight, fc.bias, proj.weight)
         if (fc.bias is None or torch.compiler.is_compiling() or backends.current() == "torch"
-                or (torch.is_grad_enabled() and any(p.requires_grad for p in params))):
+                or (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)))):
             return self.mlp(x)
         w_fc, b_fc = derived_params(self, "_fc_folded", params[:2], lambda w, b: (w * 1.702, b * 1.702))
         w_proj = derived_params(self, "_proj_folded", params[2:], lambda w: w / 1.702)

@@ -429,13 +429,18 @@ def test_quick_gelu_mlp_folds_its_scale_into_the_weights_outside_autograd():
     block = model.transformer.resblocks[0]
     x = torch.randn(2, 5, TINY["width"])
     expected = block.mlp(x)
-    with torch.no_grad():
+    with torch.inference_mode():  # as the samplers run: the kept weights are inference tensors
         with diffusion_fast.use_backend("torch"):
             block._mlp(x)
         assert cached(block, "_fc_folded") is None
         folded = block._mlp(x)
     assert cached(block, "_fc_folded") is not None and cached(block, "_proj_folded") is not None
     torch.testing.assert_close(folded, expected, atol=1e-5, rtol=1e-5)
+    for p in block.parameters():  # autograd through x alone: the plain MLP, whose weights autograd can save
+        p.requires_grad_(False)
+    x_grad = x.clone().requires_grad_()
+    block._mlp(x_grad).sum().backward()
+    assert x_grad.grad is not None
     with torch.no_grad():  # the kept weights follow an in-place update of the parameters
         block.mlp.c_fc.weight.mul_(0.5)
         torch.testing.assert_close(block._mlp(x), block.mlp(x), atol=1e-5, rtol=1e-5)
