@@ -199,6 +199,22 @@ def test_backward_reaches_every_parameter():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_input_gradient_through_a_frozen_network_after_sampling(layout):
+    """Guidance: sampling (inference_mode) keeps derived weights (the joint q/k/v projection, channels-last
+    conv weights) as inference tensors; a later gradient with respect to the input through the frozen
+    network must not hand them to autograd, which cannot save them."""
+    model = randomize_(tiny()).eval().requires_grad_(False)
+    x, t = torch.randn(2, 3, 8, 8).contiguous(memory_format=layout), torch.tensor([1, 2])
+    with torch.inference_mode():
+        model(x, t)
+    xg = x.clone().requires_grad_()
+    model(xg, t).square().sum().backward()
+    want = x.clone().requires_grad_()
+    model(want, t, backend="torch").square().sum().backward()
+    assert_close(xg.grad, want.grad, torch.float32, "input gradient")
+
+
 # ---------------------------------------------------------------------------
 # backend= switch
 # ---------------------------------------------------------------------------
