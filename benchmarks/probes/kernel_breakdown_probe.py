@@ -12,6 +12,9 @@ kernels inside, for eager and for ours, so that a session can see which kernel t
     dwconv_train  dwconv_bn_swish training forward, 32x192x32x32 bf16 (h100-2026-11-27c: 0.06 ms of kernels
                   but 0.41 ms per call on the CUDA backend, 0.66 ms on Triton; eager 0.16 ms): the host
                   time per call and the CPU-side operators that take it
+    gns_fwd       group_norm_silu forward 32x256x32x32 bf16 NCHW, CUDA and Triton (h100-2026-11-28: Triton's
+                  kernels 0.017 ms, the best, but 0.146 ms per call): host time per call and, for Triton, the
+                  Python functions that take it (cProfile), after the launchers' cdiv fix
 Writes DIR/kernel_breakdown.md: per case and provider, the host time per call (calls issued back to
 back without a sync), the total and the top kernels by device time, and for the cases that ask for it
 the top CPU-side operators by self CPU time.
@@ -103,6 +106,37 @@ def gns_cases(dev):
         yield name, "cuda", ours
 
 
+def gns_fwd_cases(dev):
+    x = torch.randn(32, 256, 32, 32, device=dev, dtype=torch.bfloat16)
+    w, b = torch.randn(256, device=dev, dtype=torch.bfloat16), torch.randn(256, device=dev, dtype=torch.bfloat16)
+    yield "gns_fwd 32x256x32x32 NCHW", "eager", lambda: F.silu(F.group_norm(x, 32, w, b))
+    for backend in ("cuda", "triton"):
+        def ours(backend=backend):
+            with diffusion_fast.use_backend(backend):
+                return diffusion_fast.group_norm_silu(x, 32, w, b)
+
+        yield "gns_fwd 32x256x32x32 NCHW", backend, ours
+
+
+def python_profile(fn, calls: int = 200) -> list:
+    """The top Python functions of ``calls`` calls of fn by own time: [(us per call, name)]."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    rows = sorted(((v[2] / calls * 1e6, f"{k[2]} ({Path(k[0]).name}:{k[1]})") for k, v in stats.items()),
+                  reverse=True)
+    return rows[:TOP]
+
+
 def step_cases(dev):
     x = torch.randn(256, 3, 256, 256, device=dev, dtype=torch.bfloat16)
     eps = torch.randn_like(x)
@@ -175,7 +209,7 @@ def main() -> None:
     dev = torch.device("cuda")
     lines = [f"# Kernel breakdown on {torch.cuda.get_device_name()} (torch {torch.__version__})", "",
              f"Device time per call (ms), {CALLS} calls profiled after one warm-up; top {TOP} kernels.", ""]
-    for cases in (dwconv_cases, unet_cases, gns_cases, step_cases):  # the quick host-time case first
+    for cases in (dwconv_cases, gns_fwd_cases, unet_cases, gns_cases, step_cases):  # quick host-time cases first
         try:
             for case, provider, fn in cases(dev):
                 host = host_ms(fn)
@@ -188,6 +222,9 @@ def main() -> None:
                 if ops:
                     lines += ["| self CPU ms | per call | operator |", "| --: | --: | --- |"]
                     lines += [f"| {ms:.4f} | {n:g} | {name[:140]} |" for ms, n, name in ops[:TOP]] + [""]
+                if cases is gns_fwd_cases and provider == "triton":
+                    lines += ["| own Python us per call | function |", "| --: | --- |"]
+                    lines += [f"| {us:.1f} | {name[:140]} |" for us, name in python_profile(fn)] + [""]
                 (out / "kernel_breakdown.md").write_text("\n".join(lines) + "\n")
         except Exception as exc:  # a failing case must not lose the others' tables
             lines += [f"{cases.__name__} failed: {type(exc).__name__}: {exc}", ""]
