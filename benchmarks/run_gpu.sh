@@ -25,8 +25,8 @@
 # group_norm_silu_cuda.cu; the whole suite needs ~230 s in 16 workers, or TESTS= the files that changed);
 # (2) STEPS="benches" with BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:2:--dtypes=bf16
 # sampler_step:1:--dtypes=bf16 langevin:1:--dtypes=bf16 ddpm:2:--dtypes=bf16:--cudnn-benchmark:--providers=eager,
-# compile,cuda,cuda+graph nvae_cell:1:--dtypes=bf16"; PROBES="benchmarks/probes/attention_fwd_sweep.py" with
-# STEPS="benches probes" where time is left. Probes reserve PROBE_CAP_S each from the benches' time (default
+# compile,cuda,cuda+graph nvae_cell:1:--dtypes=bf16"; PROBES="benchmarks/probes/kernel_breakdown_probe.py
+# benchmarks/probes/attention_fwd_sweep.py" PROBE_CAP_S=100 with STEPS="benches probes" where time is left. Probes reserve PROBE_CAP_S each from the benches' time (default
 # 180): set it to what the probe needs (ncu_probe ~35 s, kernel_breakdown ~90 s, attention_fwd_sweep 80-160 s).
 # bench_clip_text and the diffusers tests need wheels in .whl/ (see README).
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
