@@ -365,3 +365,15 @@ def test_cudnn_benchmark_option_is_set_and_recorded(tmp_path, monkeypatch):
     bench.finish()
     assert json.loads((tmp_path / "bench_cudnn.json").read_text())["env"]["cudnn_benchmark"] is True
     assert "cuDNN benchmark mode on" in (tmp_path / "bench_cudnn.md").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit; on a GPU the probes run for real")
+@pytest.mark.parametrize("probe", sorted(p.name for p in (ROOT / "benchmarks" / "probes").glob("*.py")))
+def test_probes_import_and_exit_cleanly_without_a_gpu(probe, tmp_path):
+    """Each probe runs only on a lent GPU, where a broken import would waste the lease: here it must import
+    everything it needs and exit 0, saying it has nothing to do."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "probes" / probe), "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "nothing" in done.stdout or "no CUDA" in done.stdout, done.stdout[-500:]
