@@ -156,13 +156,13 @@ def step_cases(dev):
         yield "ddpm_step bf16", backend, ours
 
 
-def dwconv_cases(dev):
+def dwconv_cases(dev, hw: int = 32):
     c, k = 192, 5
-    x = torch.randn(32, c, 32, 32, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(32, c, hw, hw, device=dev, dtype=torch.bfloat16)
     w = 0.2 * torch.randn(c, 1, k, k, device=dev, dtype=torch.bfloat16)
     b, gamma, beta = (0.1 * torch.randn(c, device=dev, dtype=torch.bfloat16) for _ in range(3))
     rm, rv = torch.zeros(c, device=dev, dtype=torch.bfloat16), torch.ones(c, device=dev, dtype=torch.bfloat16)
-    name = "dwconv_train 32x192x32x32 bf16 fwd"
+    name = f"dwconv_train 32x192x{hw}x{hw} bf16 fwd"
     yield name, "eager", lambda: F.silu(F.batch_norm(F.conv2d(x, w, b, padding=k // 2, groups=c), rm, rv, gamma,
                                                      beta, True, 0.1, 1e-5))
     for backend in ("cuda", "triton"):

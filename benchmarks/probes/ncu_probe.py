@@ -7,7 +7,8 @@ Cases (bf16, the shapes of the open targets; ours only, eager's kernels are know
     ddpm_step        256x3x256x256, CUDA and Triton (CUDA 0.317 ms, Triton 0.185 ms on the H100: 33% / 57%
                      of copy bandwidth; an instruction-issue bound is suspected for the CUDA kernel)
     gns_fwd          group_norm_silu forward 32x256x32x32 NCHW, CUDA and Triton (kernels 0.024 / 0.017 ms)
-    dwconv_train     dwconv_bn_swish training forward 32x192x64x64, CUDA (stats, finalize, apply: 0.187 ms)
+    dwconv_train     dwconv_bn_swish training forward 32x192x64x64, CUDA and Triton (CUDA: stats, finalize,
+                     apply, 0.187 ms)
     attention_ddpm   attention forward 32x1x256x256 hd 256, CUDA and Triton, and SDPA's flash backend
 The parent process runs ``ncu --profile-from-start off`` over ``--child``, which warms every case up and
 then runs each once between cudaProfilerStart/Stop inside an NVTX range named after it. Writes
@@ -28,46 +29,32 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "SchedulerStats", "WarpStateStats", "ComputeWorkloadAnalysis",
             "MemoryWorkloadAnalysis")
 
 
 def cases(dev):
-    """(name, fn) pairs; fn runs one call of the case."""
+    """(name, fn) pairs; fn runs one call of the case: kernel_breakdown_probe's cases (ours only, eager's
+    kernels are known), the dwconv one at 64x64, and the DDPM-shape attention beside SDPA's flash."""
     import diffusion_fast
+    from kernel_breakdown_probe import dwconv_cases, gns_fwd_cases, step_cases
 
-    bf16 = torch.bfloat16
-    x = torch.randn(256, 3, 256, 256, device=dev, dtype=bf16)
-    eps = torch.randn_like(x)
-    coef = diffusion_fast.ddpm_coefficients(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)).to(dev)
-    g = torch.randn(32, 256, 32, 32, device=dev, dtype=bf16)
-    gw, gb = torch.randn(256, device=dev, dtype=bf16), torch.randn(256, device=dev, dtype=bf16)
-    c, k = 192, 5
-    d = torch.randn(32, c, 64, 64, device=dev, dtype=bf16)
-    w = 0.2 * torch.randn(c, 1, k, k, device=dev, dtype=bf16)
-    b, gamma, beta = (0.1 * torch.randn(c, device=dev, dtype=bf16) for _ in range(3))
-    rm, rv = torch.zeros(c, device=dev, dtype=bf16), torch.ones(c, device=dev, dtype=bf16)
-    q, kk, v = (torch.randn(32, 1, 256, 256, device=dev, dtype=bf16) for _ in range(3))
-
-    def on(backend, fn):
-        def run():
+    for case, provider, fn in (*step_cases(dev), *gns_fwd_cases(dev), *dwconv_cases(dev, hw=64)):
+        if provider != "eager":
+            yield f"{case} {provider}", fn
+    q, k, v = (torch.randn(32, 1, 256, 256, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    for backend in ("cuda", "triton"):
+        def ours(backend=backend):
             with diffusion_fast.use_backend(backend):
-                return fn()
-        return run
+                return diffusion_fast.attention(q, k, v)
 
-    for backend in ("cuda", "triton"):
-        yield f"ddpm_step {backend}", on(backend, lambda: diffusion_fast.ddpm_step(x, eps, coef, 500, seed=1))
-    for backend in ("cuda", "triton"):
-        yield f"gns_fwd {backend}", on(backend, lambda: diffusion_fast.group_norm_silu(g, 32, gw, gb))
-    yield "dwconv_train cuda", on("cuda", lambda: diffusion_fast.dwconv_bn_swish(d, w, b, gamma, beta, rm, rv,
-                                                                                   training=True))
-    for backend in ("cuda", "triton"):
-        yield f"attention_ddpm {backend}", on(backend, lambda: diffusion_fast.attention(q, kk, v))
+        yield f"attention_ddpm {backend}", ours
 
     def flash():
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
-            return F.scaled_dot_product_attention(q, kk, v)
+            return F.scaled_dot_product_attention(q, k, v)
 
     yield "attention_ddpm sdpa_flash", flash
 

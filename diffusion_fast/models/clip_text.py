@@ -121,9 +121,9 @@ class ResidualAttentionBlock(nn.Module):
         """The QuickGELU MLP on ATen (GPUs; CPU inputs oneDNN does not take) with the oneDNN path's folding:
         c_proj / 1.702 applied to silu(1.702 c_fc(x)), one silu kernel where QuickGELU takes three (mul,
         sigmoid, mul over the 4x-wide activation), the scaled weights kept between calls (``derived_params``).
-        Only where they can be kept: no autograd through the MLP (the kept weights may be inference tensors,
-        which autograd cannot save), no torch.compile (which fuses the
-        activation itself), not the eager baseline (backend "torch"); else ``self.mlp``."""
+        Only without autograd through the MLP (as the oneDNN path: gradients stay the plain MLP's), outside
+        torch.compile (which fuses the activation itself) and off the eager baseline (backend "torch");
+        else ``self.mlp``."""
         fc, proj = self.mlp.c_fc, self.mlp.c_proj
         params = (fc.weight, fc.bias, proj.weight)
         if (fc.bias is None or torch.compiler.is_compiling() or backends.current() == "torch"
