@@ -33,6 +33,10 @@
 //     -> mean, var, coef = (sc, sh). Eval: coef_kernel, one thread per channel.
 //   3 apply (grid tiles / PB): reloads the tile, recomputes the conv, y = act(sc z' + sh).
 //   HBM traffic: training x read twice, y written once; eval x read once, y written once.
+//   16-bit x, training (store_z): pass 1 also writes z' - (its tile's mean') into y, and pass 3 is apply_z: y read,
+//     y = act(sc (y + tile mean') + sh) written in place, no conv. x read once, y written twice and read once: one
+//     more write and read of y than above, against 25 fewer FMAs per output (for K = 5), which bound these kernels
+//     at 16 bits (H100, ncu: the stats and apply kernels ran at 20-32% of DRAM bandwidth, FMA- and issue-bound).
 // Backward (the statistics y was normalised with; dy NCHW-contiguous), zhat = (z' - mean') rstd, dzn = act'(zn) dy:
 //   A[c] = sum dzn, B[c] = sum dzn zhat (the grads of beta and gamma); dz = sc dzn + q zhat + r, training
 //   q = -sc B / M, r = -sc A / M (M = N H W), eval q = r = 0; dx = conv(dz, flipped w) with zero padding;
@@ -54,6 +58,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace diffusion_fast {
@@ -99,6 +105,7 @@ template <>
 struct Elem<float> {
   static __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
   static __device__ __forceinline__ float2 load2(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+  static __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
   static __device__ __forceinline__ void store1(float* p, float a) { *p = a; }
   static __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
     *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
@@ -114,6 +121,13 @@ struct Elem16 {  // 16-bit floats: Bits converts the raw bits
     const unsigned int u = __ldg(reinterpret_cast<const unsigned int*>(p));  // element 0 in the low half
     return make_float2(Bits::to_f(static_cast<unsigned short>(u & 0xffffu)),
                        Bits::to_f(static_cast<unsigned short>(u >> 16)));
+  }
+  static __device__ __forceinline__ float4 load4(const T* p) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    return make_float4(Bits::to_f(static_cast<unsigned short>(u.x & 0xffffu)),
+                       Bits::to_f(static_cast<unsigned short>(u.x >> 16)),
+                       Bits::to_f(static_cast<unsigned short>(u.y & 0xffffu)),
+                       Bits::to_f(static_cast<unsigned short>(u.y >> 16)));
   }
   static __device__ __forceinline__ void store1(T* p, float a) {
     *reinterpret_cast<unsigned short*>(p) = Bits::of_f(a);
@@ -302,26 +316,52 @@ __device__ __forceinline__ void store_rows(T* __restrict__ out, const float (&o)
   }
 }
 
+// Loads what store_rows stores: o[i][v] = in[gy0 + i][gx0 + v], 0 outside the plane. Plain loads (not __ldg):
+// apply_z_kernel overwrites what it reads.
+template <class CF, typename T>
+__device__ __forceinline__ void load_rows(const T* in, float (&o)[CF::RY][kV], int gy0, int gx0, const Geo& g) {
+#pragma unroll
+  for (int i = 0; i < CF::RY; ++i) {
+#pragma unroll
+    for (int v = 0; v < kV; ++v) o[i][v] = 0.f;
+    const int gy = gy0 + i;
+    if (gy >= g.H || gx0 >= g.W) continue;
+    const T* row = in + gy * g.W + gx0;
+    if (g.vec_store) {
+      const float4 a = Elem<T>::load4(row);
+      o[i][0] = a.x, o[i][1] = a.y, o[i][2] = a.z, o[i][3] = a.w;
+    } else {
+#pragma unroll
+      for (int v = 0; v < kV; ++v)
+        if (gx0 + v < g.W) o[i][v] = static_cast<float>(row[v]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Kernels.
 // ---------------------------------------------------------------------------
 // Pass 1, grid ceil(tiles / PB): part[0|1|2][tile] = count, mean', M2 of z' over the tile's valid outputs.
-template <class CF, int K, typename T>
+// kStoreZ: also zres[n,c,h,w] = z' - part[1][tile], in T (the tile's mean taken out first, so the rounding to
+// 16 bits is relative to the spread of z', not to |mean'|), for apply_z_kernel.
+template <class CF, int K, typename T, bool kStoreZ>
 __global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict__ x, const float* __restrict__ wt,
-                                                            float* __restrict__ part, Geo g) {
+                                                            float* __restrict__ part, T* __restrict__ zres, Geo g) {
   constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;  // floats of smem per tile
   __shared__ __align__(16) float sm[CF::PB * TS];
   __shared__ float red[3][CF::THREADS / 32];
+  __shared__ float tile_mean[CF::PB];
   const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
   const Tile t = tile_of<CF>(g, p);
   float* s = sm + p * TS;
-  if (t.on) load_tile<CF, K>(x + int64_t(t.plane) * g.H * g.W, s, lt, t.x0, t.y0, g);
+  const int64_t plane_off = int64_t(t.plane) * g.H * g.W;
+  if (t.on) load_tile<CF, K>(x + plane_off, s, lt, t.x0, t.y0, g);
   __syncthreads();
   float n = 0.f, m = 0.f, m2 = 0.f;
+  float acc[CF::RY][kV];
   if (t.on) {
     float w[K * K];
     load_weights<K>(wt, t.c, w);
-    float acc[CF::RY][kV];
     conv_tile<CF, K>(s, w, tx, ty, acc);
     const int ny = min(max(g.H - (t.y0 + ty * CF::RY), 0), CF::RY);  // valid rows, columns of this thread
     const int nx = min(max(g.W - (t.x0 + tx * kV), 0), kV);
@@ -369,6 +409,18 @@ __global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict_
     part[t.id] = n;
     part[g.tiles + t.id] = m;
     part[2 * g.tiles + t.id] = m2;
+  }
+  if constexpr (kStoreZ) {
+    if (lt == 0) tile_mean[p] = m;  // the value stored in part above, for every thread of the tile
+    __syncthreads();
+    if (t.on) {
+      const float shift = tile_mean[p];
+#pragma unroll
+      for (int i = 0; i < CF::RY; ++i)
+#pragma unroll
+        for (int v = 0; v < kV; ++v) acc[i][v] -= shift;
+      store_rows<CF>(zres + plane_off, acc, t.y0 + ty * CF::RY, t.x0 + tx * kV, g);
+    }
   }
 }
 
@@ -429,6 +481,26 @@ __global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict_
 #pragma unroll
     for (int v = 0; v < kV; ++v) acc[i][v] = act(fmaf(sc, acc[i][v], sh), swish);
   store_rows<CF>(y + plane_off, acc, t.y0 + ty * CF::RY, t.x0 + tx * kV, g);
+}
+
+// Pass 3 after a kStoreZ stats pass, in place on y (grid ceil(tiles / PB), the stats pass's threads and outputs):
+// z' = y + part[1][tile], y = act(sc * z' + sh). No conv: one read and one write of y.
+template <class CF, typename T>
+__global__ void __launch_bounds__(CF::THREADS) apply_z_kernel(T* __restrict__ y, const float* __restrict__ part,
+                                                              const float* __restrict__ coef, Geo g, bool swish) {
+  const int p = threadIdx.x / CF::NT, lt = threadIdx.x % CF::NT, tx = lt % CF::TX, ty = lt / CF::TX;
+  const Tile t = tile_of<CF>(g, p);
+  if (!t.on) return;
+  const float shift = __ldg(part + g.tiles + t.id), sc = __ldg(coef + t.c), sh = __ldg(coef + g.C + t.c);
+  T* out = y + int64_t(t.plane) * g.H * g.W;
+  const int gy0 = t.y0 + ty * CF::RY, gx0 = t.x0 + tx * kV;
+  float z[CF::RY][kV];
+  load_rows<CF>(out, z, gy0, gx0, g);
+#pragma unroll
+  for (int i = 0; i < CF::RY; ++i)
+#pragma unroll
+    for (int v = 0; v < kV; ++v) z[i][v] = act(fmaf(sc, z[i][v] + shift, sh), swish);
+  store_rows<CF>(out, z, gy0, gx0, g);
 }
 
 // One thread per channel: coef[0..3][c] = sc, sh, mean', rstd from given statistics (eval: the running ones;
@@ -618,6 +690,18 @@ void launch_coef(const at::Tensor& mean, const at::Tensor& var, const at::Tensor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Whether the training forward keeps z' (less its tile mean) in y between its passes instead of recomputing the
+// conv: for 16-bit x, where the second conv's 25 FMAs per output cost more than a write and a read of y
+// (DIFFUSION_FAST_DWCONV_STORE_Z=0 turns it off, for A/B timing); float32 keeps the conv (twice the bytes). Read once.
+template <typename T>
+bool store_z() {
+  static const bool on = [] {
+    const char* v = std::getenv("DIFFUSION_FAST_DWCONV_STORE_Z");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return sizeof(T) == 2 && on;
+}
+
 template <class CF, int K, typename T>
 void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
          const at::Tensor& beta, at::Tensor& mean, at::Tensor& var, bool training, double eps, bool swish) {
@@ -627,10 +711,17 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
   at::Tensor coef = at::empty({4, g.C}, fopts);  // rows 2, 3: for the backward only
   const unsigned blocks = blocks_of<CF>(g);
   const T* xp = x.const_data_ptr<T>();
+  const bool z_in_y = training && store_z<T>();
+  at::Tensor part;
   if (training) {
-    at::Tensor part = at::empty({3, int64_t(g.tiles)}, fopts);
-    stats_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, w.const_data_ptr<float>(),
-                                                               part.mutable_data_ptr<float>(), g);
+    part = at::empty({3, int64_t(g.tiles)}, fopts);
+    if (z_in_y) {
+      stats_kernel<CF, K, T, true><<<blocks, CF::THREADS, 0, stream>>>(
+          xp, w.const_data_ptr<float>(), part.mutable_data_ptr<float>(), y.mutable_data_ptr<T>(), g);
+    } else {
+      stats_kernel<CF, K, T, false><<<blocks, CF::THREADS, 0, stream>>>(
+          xp, w.const_data_ptr<float>(), part.mutable_data_ptr<float>(), nullptr, g);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finalize_kernel<<<unsigned((g.C + kCoefThreads / 32 - 1) / (kCoefThreads / 32)), kCoefThreads, 0, stream>>>(
         part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
@@ -639,8 +730,13 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
   } else {
     launch_coef(mean, var, cb, gamma, beta, coef, g.C, eps, stream);
   }
-  apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
-                                                             coef.const_data_ptr<float>(), g, swish);
+  if (z_in_y) {
+    apply_z_kernel<CF, T><<<blocks, CF::THREADS, 0, stream>>>(y.mutable_data_ptr<T>(), part.const_data_ptr<float>(),
+                                                              coef.const_data_ptr<float>(), g, swish);
+  } else {
+    apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+                                                               coef.const_data_ptr<float>(), g, swish);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -25,7 +25,10 @@ Passes over activation-sized memory (R = one read, W = one write of an x-sized t
                       bwd: swish 2R+1W, BN 3R+1W, conv dgrad 1R+1W, wgrad 2R          = 8R+3W.
     ours, training    fwd: stats pass (conv recomputed per tile, per-tile partial sums) 1R,
                            apply pass (conv again, normalise, swish) 1R+1W              = 2R+1W,
-                           keeps only x and the (C,) statistics;
+                           keeps only x and the (C,) statistics. The CUDA tiled kernels at 16 bits
+                           (NCHW, k 3/5) conv once instead: stats pass 1R+1W (z' less its tile's
+                           mean, into y), then y normalised in place 1R+1W = 2R+2W, as the second
+                           conv's k*k FMAs per output bound them on GPUs;
                       bwd: sums pass (x, dy -> sum dzn, sum dzn*zhat) 2R, then a pass that
                            rebuilds dz and writes dx and the weight grads 2R+1W         = 4R+1W
                            (the CUDA shared-memory tiled kernels, NCHW x, k 3/5: so, each tile
