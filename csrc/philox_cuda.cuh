@@ -19,13 +19,17 @@
 //   epilogue(base, in, z): writes elements base .. base + 3; z[q] the noise of element base + q
 //                          (0 when !make_noise)
 //
-// launched with noise_launch(numel, seed, step)'s grid, stream and words, kNoiseThreads per block.
+// launched with noise_grid(kernel, numel) blocks of kNoiseThreads, on noise_launch(seed, step)'s stream and words.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "philox.h"
 
@@ -134,26 +138,45 @@ __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_l
   }
 }
 
-// Blocks for numel elements: one thread per unit, at most 2048 resident threads per SM.
-inline dim3 noise_grid(int64_t numel) {
-  const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
-  const int64_t max_blocks =
-      static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * (2048 / kNoiseThreads);
-  return dim3(static_cast<unsigned>(std::min((units + kNoiseThreads - 1) / kNoiseThreads, max_blocks)));
+// Blocks of kNoiseThreads of kernel that fit on one SM of the current device at once (its registers decide:
+// 48 per thread, as the bf16 DDPM step takes, fit 5 blocks, not 2048 / 256 = 8). Asked once per kernel and device.
+inline int resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  auto it = known.find(key);
+  if (it == known.end()) {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kNoiseThreads, 0));
+    it = known.emplace(key, std::max(blocks, 1)).first;
+  }
+  return it->second;
 }
 
-// What every launcher of a for_each_noise_run kernel computes: its grid and stream, and the
+// kernel's grid for numel elements: one thread per unit, at most one full wave of resident blocks, so that the
+// grid-stride loop gives every block the same work at once (8 blocks per SM for 5 resident ran 1.6 waves).
+template <typename Kernel>
+dim3 noise_grid(Kernel kernel, int64_t numel) {
+  const int64_t units = (numel + kTileElements - 1) / kTileElements * kUnitsPerTile;
+  const int64_t wave = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) *
+                       resident_blocks(reinterpret_cast<const void*>(kernel));
+  return dim3(static_cast<unsigned>(std::min((units + kNoiseThreads - 1) / kNoiseThreads, wave)));
+}
+
+// What every launcher of a for_each_noise_run kernel computes besides its grid (noise_grid): its stream, and the
 // kernel's (key_lo, key_hi, step) words from the uint64 seed (stored in an int64) and the step.
 struct NoiseLaunch {
-  dim3 grid;
   cudaStream_t stream;
   uint32_t key_lo, key_hi, step;
 };
 
-inline NoiseLaunch noise_launch(int64_t numel, int64_t seed, int64_t step) {
+inline NoiseLaunch noise_launch(int64_t seed, int64_t step) {
   const uint64_t useed = static_cast<uint64_t>(seed);
-  return {noise_grid(numel), at::cuda::getCurrentCUDAStream(), static_cast<uint32_t>(useed),
-          static_cast<uint32_t>(useed >> 32), static_cast<uint32_t>(step)};
+  return {at::cuda::getCurrentCUDAStream(), static_cast<uint32_t>(useed), static_cast<uint32_t>(useed >> 32),
+          static_cast<uint32_t>(step)};
 }
 
 }  // namespace philox

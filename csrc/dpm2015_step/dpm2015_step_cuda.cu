@@ -46,7 +46,7 @@ at::Tensor dpm2015_step_cuda(const at::Tensor& x, const at::Tensor& z_mu, const 
   const int64_t numel = x.numel();
   if (numel == 0) return out;
   const bool beta_in_memory = beta.has_value() && beta->defined();
-  const auto l = philox::noise_launch(numel, seed, step);
+  const auto l = philox::noise_launch(seed, step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dpm2015_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -56,8 +56,9 @@ at::Tensor dpm2015_step_cuda(const at::Tensor& x, const at::Tensor& z_mu, const 
     const acc_t* bp = beta_in_memory ? beta->data_ptr<acc_t>() : nullptr;
     const bool vec = philox::aligned4(xp) && philox::aligned4(mp) && philox::aligned4(sp) && philox::aligned4(op);
     const auto launch = [&](auto kernel) {
-      kernel<<<l.grid, philox::kNoiseThreads, 0, l.stream>>>(xp, mp, sp, op, bp, static_cast<acc_t>(beta_value),
-                                                             numel, l.key_lo, l.key_hi, l.step);
+      const dim3 grid = philox::noise_grid(kernel, numel);
+      kernel<<<grid, philox::kNoiseThreads, 0, l.stream>>>(xp, mp, sp, op, bp, static_cast<acc_t>(beta_value),
+                                                           numel, l.key_lo, l.key_hi, l.step);
     };
     const auto launch_aligned = [&](auto vectorized, auto scalar) { vec ? launch(vectorized) : launch(scalar); };
     if (add_noise) {

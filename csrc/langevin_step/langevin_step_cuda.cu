@@ -49,7 +49,7 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, cons
   if (numel == 0) return out;
   const bool given = noise.has_value() && noise->defined();
   const bool alpha_in_memory = alpha.has_value() && alpha->defined();
-  const auto l = philox::noise_launch(numel, seed, step);
+  const auto l = philox::noise_launch(seed, step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "langevin_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -59,8 +59,9 @@ at::Tensor langevin_step_cuda(const at::Tensor& x, const at::Tensor& score, cons
     const acc_t* ap = alpha_in_memory ? alpha->data_ptr<acc_t>() : nullptr;
     const bool vec = philox::aligned4(xp) && philox::aligned4(sp) && philox::aligned4(np) && philox::aligned4(op);
     const auto launch = [&](auto kernel) {
-      kernel<<<l.grid, philox::kNoiseThreads, 0, l.stream>>>(xp, sp, np, op, ap, static_cast<acc_t>(alpha_value),
-                                                             numel, l.key_lo, l.key_hi, l.step);
+      const dim3 grid = philox::noise_grid(kernel, numel);
+      kernel<<<grid, philox::kNoiseThreads, 0, l.stream>>>(xp, sp, np, op, ap, static_cast<acc_t>(alpha_value),
+                                                           numel, l.key_lo, l.key_hi, l.step);
     };
     const auto launch_aligned = [&](auto vectorized, auto scalar) { vec ? launch(vectorized) : launch(scalar); };
     if (!add_noise) {

@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const 
   const int64_t numel = x.numel();
   if (numel == 0) return {out, x0};
   const bool given = noise.has_value() && noise->defined();
-  const auto l = philox::noise_launch(numel, seed, step);
+  const auto l = philox::noise_launch(seed, step);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sampler_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -65,8 +65,9 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cuda(const at::Tensor& x, const 
     const bool vec = philox::aligned4(xp) && philox::aligned4(ep) && philox::aligned4(np) && philox::aligned4(op) &&
                      philox::aligned4(x0p);
     const auto launch = [&](auto kernel) {
-      kernel<<<l.grid, philox::kNoiseThreads, 0, l.stream>>>(xp, ep, np, op, x0p, coef.data_ptr<acc_t>(), numel,
-                                                             l.key_lo, l.key_hi, l.step, bound);
+      const dim3 grid = philox::noise_grid(kernel, numel);
+      kernel<<<grid, philox::kNoiseThreads, 0, l.stream>>>(xp, ep, np, op, x0p, coef.data_ptr<acc_t>(), numel,
+                                                           l.key_lo, l.key_hi, l.step, bound);
     };
     if (given) {
       vec ? launch(sampler_step_kernel<scalar_t, acc_t, true, true>)
