@@ -67,7 +67,8 @@ DWBwd dwconv_bn_swish_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, co
 // The shared-memory tiled forward (dwconv_bn_swish_cuda_tiled.cu) that dwconv_bn_swish_fwd_cuda runs, and the
 // backward below that dwconv_bn_swish_bwd_cuda runs, where they support the input: NCHW-contiguous non-empty x of
 // float32/float16/bfloat16, K in {3, 5}, 32-bit tile indexing.
-// w: (C, 1, K, K) and cb, gamma, beta: (C,) or undefined, all float32 contiguous; y: x's shape, contiguous;
+// w: (C, 1, K, K) and cb, gamma, beta: (C,) or undefined, contiguous, each float32/float64/float16/bfloat16 (read
+// as they are: no fp32 copies); y: x's shape, contiguous;
 // mean, var: (C,) float32, written when training, read (the running statistics) when not.
 bool dwconv_bn_swish_tiled_supports(const at::Tensor& x, int64_t K);
 void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb,

@@ -19,6 +19,8 @@
 // dwconv_bn_swish_cuda_tiled.cu instead (x read once per tile, not once per tap; no fp32 dz scratch).
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
+#include "cuda_param.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -35,6 +37,10 @@
 
 namespace diffusion_fast {
 namespace {
+
+using cuda_param::Param;
+using cuda_param::as_input;
+using cuda_param::param_of;
 
 constexpr int kThreads = 256;  // threads per block
 constexpr int kVPT = 4;        // positions per thread in a tile
@@ -95,10 +101,17 @@ struct ConvW {
   A w[K * K];
   A bias;
 
-  __device__ void load(const A* weight, const A* conv_bias, int64_t c, bool flip) {
+  __device__ void load(const Param& weight, const Param& conv_bias, int64_t c, bool flip) {
+    A v[K * K];
+    if (weight.ptr != nullptr) {
+      weight.get_n<K * K>(c * K * K, v);
+    } else {
 #pragma unroll
-    for (int t = 0; t < K * K; ++t) w[t] = weight ? weight[c * K * K + (flip ? K * K - 1 - t : t)] : A(1);
-    bias = conv_bias ? conv_bias[c] : A(0);
+      for (int t = 0; t < K * K; ++t) v[t] = A(1);
+    }
+#pragma unroll
+    for (int t = 0; t < K * K; ++t) w[t] = v[flip ? K * K - 1 - t : t];
+    bias = conv_bias.get<A>(c, A(0));
   }
 };
 
@@ -126,11 +139,11 @@ template <typename A>
 struct Coef {
   A mean, rstd, sc, sh;
 
-  __device__ void load(const A* mean_p, const A* var_p, const A* gamma, const A* beta, int64_t c, A eps) {
+  __device__ void load(const A* mean_p, const A* var_p, const Param& gamma, const Param& beta, int64_t c, A eps) {
     mean = mean_p[c];
     rstd = A(1) / sqrt(var_p[c] + eps);
-    sc = (gamma ? gamma[c] : A(1)) * rstd;
-    sh = (beta ? beta[c] : A(0)) - mean * sc;
+    sc = gamma.get<A>(c, A(1)) * rstd;
+    sh = beta.get<A>(c, A(0)) - mean * sc;
   }
 };
 
@@ -188,8 +201,8 @@ __device__ Welford<A> merge_rows(Welford<A> v, Welford<A>* sm, const Geo& g, con
 // ---------------------------------------------------------------------------
 // grid (SPLIT, C blocks): part[0|1|2][split][c] = mean, M2, count of z over this split's tiles.
 template <int K, typename T, typename A>
-__global__ void __launch_bounds__(kThreads) dwbn_stats_kernel(const T* __restrict__ x, const A* weight,
-                                                              const A* conv_bias, A* part, Geo g) {
+__global__ void __launch_bounds__(kThreads) dwbn_stats_kernel(const T* __restrict__ x, const Param weight,
+                                                              const Param conv_bias, A* part, Geo g) {
   __shared__ Welford<A> sm[kThreads];
   const Lane l = lane_of(g);
   const int64_t split = blockIdx.x;
@@ -236,9 +249,9 @@ __global__ void dwbn_finalize_kernel(const A* part, int64_t split, int64_t C, A*
 // grid (TILES, C blocks): y = act(sc * z + sh).
 template <int K, typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dwbn_fwd_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                            const A* weight, const A* conv_bias, const A* gamma,
-                                                            const A* beta, const A* mean, const A* var, A eps,
-                                                            bool swish, Geo g) {
+                                                            const Param weight, const Param conv_bias,
+                                                            const Param gamma, const Param beta, const A* mean,
+                                                            const A* var, A eps, bool swish, Geo g) {
   const Lane l = lane_of(g);
   if (!l.on) return;
   ConvW<K, A> cw;
@@ -261,9 +274,9 @@ __global__ void __launch_bounds__(kThreads) dwbn_fwd_kernel(const T* __restrict_
 // grid (SPLIT, C blocks): part[0|1][split][c] = sum dzn, sum dzn * zhat over this split's tiles.
 template <int K, typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dwbn_bwd_reduce_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                                                   const A* weight, const A* conv_bias, const A* gamma,
-                                                                   const A* beta, const A* mean, const A* var, A eps,
-                                                                   bool swish, A* part, Geo g) {
+                                                                   const Param weight, const Param conv_bias,
+                                                                   const Param gamma, const Param beta, const A* mean,
+                                                                   const A* var, A eps, bool swish, A* part, Geo g) {
   __shared__ A sm[kThreads];
   const Lane l = lane_of(g);
   const int64_t split = blockIdx.x;
@@ -301,10 +314,11 @@ __global__ void __launch_bounds__(kThreads) dwbn_bwd_reduce_kernel(const T* __re
 // grid (TILES, C blocks): dz = sc * dzn + q * zhat + r; training: q = -sc B / M, r = -sc A / M (sums (2, C)).
 template <int K, typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dwbn_bwd_dz_kernel(const T* __restrict__ dy, const T* __restrict__ x,
-                                                               A* __restrict__ dz, const A* weight, const A* conv_bias,
-                                                               const A* gamma, const A* beta, const A* mean,
-                                                               const A* var, const A* sums, A eps, bool training,
-                                                               bool swish, Geo g) {
+                                                               A* __restrict__ dz, const Param weight,
+                                                               const Param conv_bias, const Param gamma,
+                                                               const Param beta, const A* mean, const A* var,
+                                                               const A* sums, A eps, bool training, bool swish,
+                                                               Geo g) {
   const Lane l = lane_of(g);
   if (!l.on) return;
   ConvW<K, A> cw;
@@ -332,12 +346,12 @@ __global__ void __launch_bounds__(kThreads) dwbn_bwd_dz_kernel(const T* __restri
 // for i < K*K, and sum dz for i = K*K (when weight is given).
 template <int K, typename T, typename A>
 __global__ void __launch_bounds__(kThreads) dwbn_bwd_dx_kernel(const A* __restrict__ dz, const T* __restrict__ x,
-                                                               T* __restrict__ dx, const A* weight, A* part, Geo g) {
+                                                               T* __restrict__ dx, const Param weight, A* part, Geo g) {
   __shared__ A sm[kThreads];
   const Lane l = lane_of(g);
   const int64_t split = blockIdx.x;
   ConvW<K, A> flipped;
-  if (l.on) flipped.load(weight, nullptr, l.c, true);
+  if (l.on) flipped.load(weight, Param{nullptr, 0}, l.c, true);
   A dw[K * K + 1];
 #pragma unroll
   for (int i = 0; i <= K * K; ++i) dw[i] = A(0);
@@ -352,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) dwbn_bwd_dx_kernel(const A* __restri
       if (s >= g.HW) break;
       const int64_t h = s / g.W, w = s % g.W, o = base + offset(g, l.c, h, w);
       dx[o] = static_cast<T>(conv_at<K>(dz + base, flipped, g, l.c, h, w));
-      if (weight == nullptr) continue;
+      if (weight.ptr == nullptr) continue;
       const A d = dz[o];
       dw[K * K] += d;
 #pragma unroll
@@ -367,7 +381,7 @@ __global__ void __launch_bounds__(kThreads) dwbn_bwd_dx_kernel(const A* __restri
       }
     }
   }
-  if (weight == nullptr) return;  // uniform over the block: no thread waits in sum_rows
+  if (weight.ptr == nullptr) return;  // uniform over the block: no thread waits in sum_rows
 #pragma unroll
   for (int i = 0; i <= K * K; ++i) {
     const A s = sum_rows(dw[i], sm, g, l);
@@ -380,14 +394,6 @@ __global__ void __launch_bounds__(kThreads) dwbn_bwd_dx_kernel(const A* __restri
 // ---------------------------------------------------------------------------
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-at::Tensor to_acc(const OptTensor& t, at::ScalarType acc) {
-  return present(t) ? t->to(acc).contiguous() : at::Tensor();
-}
-
-template <typename A>
-const A* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<A>() : nullptr;
-}
 
 Geo make_geo(const DWConvBNShape& s) {
   Geo g{};
@@ -441,9 +447,10 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
   at::Tensor mean = training ? at::empty({s.C}, x.options().dtype(acc)) : running_mean->to(acc, false, true);
   at::Tensor var = training ? at::empty({s.C}, x.options().dtype(acc)) : running_var->to(acc, false, true);
   if (x.numel() == 0) return {y, training ? mean.fill_(NAN) : mean, training ? var.fill_(NAN) : var};
-  const at::Tensor w = to_acc(conv_weight, acc), cb = to_acc(conv_bias, acc);
-  const at::Tensor gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
-  if (present(conv_weight) && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K)) {
+  // The parameters as they are (the kernels convert on load), float32 copies only of exotic dtypes.
+  const at::Tensor w = as_input(conv_weight), cb = as_input(conv_bias);
+  const at::Tensor gamma = as_input(bn_weight), beta = as_input(bn_bias);
+  if (w.defined() && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K)) {
     dwconv_bn_swish_fwd_cuda_tiled(x, w, cb, gamma, beta, y, mean, var, training, eps, swish);
     return {y, mean, var};
   }
@@ -456,15 +463,15 @@ Fwd fwd_impl(const at::Tensor& x, const OptTensor& conv_weight, const OptTensor&
       if (training) {
         at::Tensor part = at::empty({3, g.split, s.C}, x.options().dtype(acc));
         dwbn_stats_kernel<K, scalar_t, A><<<grid_of(g, g.split), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(cb), part.mutable_data_ptr<A>(), g);
+            x.const_data_ptr<scalar_t>(), param_of(w), param_of(cb), part.mutable_data_ptr<A>(), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         dwbn_finalize_kernel<A><<<unsigned((s.C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
             part.const_data_ptr<A>(), g.split, s.C, mean.mutable_data_ptr<A>(), var.mutable_data_ptr<A>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       dwbn_fwd_kernel<K, scalar_t, A><<<grid_of(g, g.tiles), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), ptr_or_null<A>(w), ptr_or_null<A>(cb),
-          ptr_or_null<A>(gamma), ptr_or_null<A>(beta), mean.const_data_ptr<A>(), var.const_data_ptr<A>(),
+          x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), param_of(w), param_of(cb),
+          param_of(gamma), param_of(beta), mean.const_data_ptr<A>(), var.const_data_ptr<A>(),
           static_cast<A>(eps), swish, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -495,8 +502,8 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
     return {grad_x, grad_as(conv_weight, at::zeros({s.C * KK}, acc_opts)), grad_as(conv_bias, zc),
             grad_as(bn_weight, zc), grad_as(bn_bias, zc)};
   }
-  const at::Tensor w = to_acc(conv_weight, acc), cb = to_acc(conv_bias, acc);
-  const at::Tensor gamma = to_acc(bn_weight, acc), beta = to_acc(bn_bias, acc);
+  const at::Tensor w = as_input(conv_weight), cb = as_input(conv_bias);  // as in fwd_impl
+  const at::Tensor gamma = as_input(bn_weight), beta = as_input(bn_bias);
   const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
   if (conv && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K) && grad_y.is_contiguous()) {
     const auto [sums, gw] = dwconv_bn_swish_bwd_cuda_tiled(grad_y, x, w, cb, gamma, beta, mean_c, var_c, training,
@@ -514,8 +521,8 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
     using A = at::opmath_type<scalar_t>;
     with_k(s.K, [&](auto k_c) {
       constexpr int K = decltype(k_c)::value;
-      const A *wp = ptr_or_null<A>(w), *cbp = ptr_or_null<A>(cb), *gp = ptr_or_null<A>(gamma),
-              *bp = ptr_or_null<A>(beta), *mp = mean_c.const_data_ptr<A>(), *vp = var_c.const_data_ptr<A>();
+      const Param wp = param_of(w), cbp = param_of(cb), gp = param_of(gamma), bp = param_of(beta);
+      const A *mp = mean_c.const_data_ptr<A>(), *vp = var_c.const_data_ptr<A>();
       dwbn_bwd_reduce_kernel<K, scalar_t, A><<<grid_of(g, g.split), kThreads, 0, stream>>>(
           grad_y.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), wp, cbp, gp, bp, mp, vp,
           static_cast<A>(eps), swish, part.mutable_data_ptr<A>(), g);

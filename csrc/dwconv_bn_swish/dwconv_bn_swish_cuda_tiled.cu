@@ -51,6 +51,8 @@
 //   dz, and read x and dz once per tap from L1/L2). Redundant work: dz over the halo, (TH+2R)(TW+4)/(TH TW) of it.
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
 
+#include "cuda_param.cuh"
+
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
@@ -65,6 +67,9 @@
 namespace diffusion_fast {
 namespace dwconv_tiled {
 namespace {
+
+using cuda_param::Param;
+using cuda_param::param_of;
 
 constexpr int kV = 4;  // adjacent outputs per thread along w
 
@@ -227,9 +232,8 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ xp, float* __res
 }
 
 template <int K>
-__device__ __forceinline__ void load_weights(const float* __restrict__ wt, int c, float (&w)[K * K]) {
-#pragma unroll
-  for (int t = 0; t < K * K; ++t) w[t] = __ldg(wt + c * (K * K) + t);
+__device__ __forceinline__ void load_weights(const Param& wt, int c, float (&w)[K * K]) {
+  wt.get_n<K * K>(int64_t(c) * (K * K), w);
 }
 
 // acc[i][v] = z' at output (ty*RY + i, 4*tx + v) of the tile, from smem s: input row ty*RY + i + ii, window
@@ -345,7 +349,7 @@ __device__ __forceinline__ void load_rows(const T* in, float (&o)[CF::RY][kV], i
 // kStoreZ: also zres[n,c,h,w] = z' - part[1][tile], in T (the tile's mean taken out first, so the rounding to
 // 16 bits is relative to the spread of z', not to |mean'|), for apply_z_kernel.
 template <class CF, int K, typename T, bool kStoreZ>
-__global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict__ x, const float* __restrict__ wt,
+__global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict__ x, const Param wt,
                                                             float* __restrict__ part, T* __restrict__ zres, Geo g) {
   constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;  // floats of smem per tile
   __shared__ __align__(16) float sm[CF::PB * TS];
@@ -425,8 +429,7 @@ __global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict_
 }
 
 // Pass 2, one warp per channel: mean, var (C,), coef[0|1][c] = sc, sh. Optional vectors may be null.
-__global__ void finalize_kernel(const float* __restrict__ part, const float* __restrict__ cb,
-                                const float* __restrict__ gamma, const float* __restrict__ beta,
+__global__ void finalize_kernel(const float* __restrict__ part, const Param cb, const Param gamma, const Param beta,
                                 float* __restrict__ mean, float* __restrict__ var, float* __restrict__ coef, Geo g,
                                 double eps) {
   const int c = int(blockIdx.x) * int(blockDim.x / 32) + int(threadIdx.x / 32), lane = threadIdx.x % 32;
@@ -444,11 +447,11 @@ __global__ void finalize_kernel(const float* __restrict__ part, const float* __r
     chan_merge(n, m, m2, nb, mb, m2b);
   }
   if (lane == 0) {
-    const double v = m2 / n, sc = (gamma ? double(gamma[c]) : 1.0) / sqrt(v + eps);
-    mean[c] = float(m + (cb ? double(cb[c]) : 0.0));
+    const double v = m2 / n, sc = gamma.get<double>(c, 1.0) / sqrt(v + eps);
+    mean[c] = float(m + cb.get<double>(c, 0.0));
     var[c] = float(v);
     coef[c] = float(sc);
-    coef[g.C + c] = float((beta ? double(beta[c]) : 0.0) - m * sc);
+    coef[g.C + c] = float(beta.get<double>(c, 0.0) - m * sc);
   }
 }
 
@@ -460,7 +463,7 @@ __device__ __forceinline__ float act(float z, bool swish) {
 // Pass 3, grid ceil(tiles / PB): y = act(sc * z' + sh) in x's dtype.
 template <class CF, int K, typename T>
 __global__ void __launch_bounds__(CF::THREADS) apply_kernel(const T* __restrict__ x, T* __restrict__ y,
-                                                            const float* __restrict__ wt,
+                                                            const Param wt,
                                                             const float* __restrict__ coef, Geo g, bool swish) {
   constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;
   __shared__ __align__(16) float sm[CF::PB * TS];
@@ -506,14 +509,14 @@ __global__ void __launch_bounds__(CF::THREADS) apply_z_kernel(T* __restrict__ y,
 // One thread per channel: coef[0..3][c] = sc, sh, mean', rstd from given statistics (eval: the running ones;
 // backward: those the forward normalised with). Optional vectors may be null.
 __global__ void coef_kernel(const float* __restrict__ mean, const float* __restrict__ var,
-                            const float* __restrict__ cb, const float* __restrict__ gamma,
-                            const float* __restrict__ beta, float* __restrict__ coef, int C, double eps) {
+                            const Param cb, const Param gamma, const Param beta, float* __restrict__ coef, int C,
+                            double eps) {
   const int c = int(blockIdx.x * blockDim.x + threadIdx.x);
   if (c >= C) return;
-  const double rstd = 1.0 / sqrt(double(var[c]) + eps), sc = (gamma ? double(gamma[c]) : 1.0) * rstd;
-  const double mean_conv = double(mean[c]) - (cb ? double(cb[c]) : 0.0);  // mean' of z' = z - cb
+  const double rstd = 1.0 / sqrt(double(var[c]) + eps), sc = gamma.get<double>(c, 1.0) * rstd;
+  const double mean_conv = double(mean[c]) - cb.get<double>(c, 0.0);  // mean' of z' = z - cb
   coef[c] = float(sc);
-  coef[C + c] = float((beta ? double(beta[c]) : 0.0) - mean_conv * sc);
+  coef[C + c] = float(beta.get<double>(c, 0.0) - mean_conv * sc);
   coef[2 * C + c] = float(mean_conv);
   coef[3 * C + c] = float(rstd);
 }
@@ -537,7 +540,7 @@ __device__ __forceinline__ BwdCoef bwd_coef(const float* __restrict__ coef, int 
 // dzn = act'(sc z' + sh) dy, zhat = (z' - mean') rstd. dy: NCHW-contiguous like x.
 template <class CF, int K, typename T>
 __global__ void __launch_bounds__(CF::THREADS) bwd_sums_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                                               const float* __restrict__ wt,
+                                                               const Param wt,
                                                                const float* __restrict__ coef,
                                                                float* __restrict__ part, Geo g, bool swish) {
   constexpr int R = K / 2, TS = (CF::TH + 2 * R) * CF::P;
@@ -583,7 +586,7 @@ __global__ void __launch_bounds__(CF::THREADS) bwd_sums_kernel(const T* __restri
 //   over the tile's valid outputs.
 template <class CF, int K, typename T>
 __global__ void __launch_bounds__(CF::THREADS) bwd_dx_kernel(const T* __restrict__ x, const T* __restrict__ dy,
-                                                             T* __restrict__ dx, const float* __restrict__ wt,
+                                                             T* __restrict__ dx, const Param wt,
                                                              const float* __restrict__ coef,
                                                              const float* __restrict__ sums,
                                                              float* __restrict__ part_w, Geo g, float inv_m,
@@ -658,8 +661,6 @@ __global__ void __launch_bounds__(CF::THREADS) bwd_dx_kernel(const T* __restrict
   }
 }
 
-const float* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr<float>() : nullptr; }
-
 // The geometry of x for config CF; out: the tensor written (vector stores where its alignment allows).
 template <class CF, typename T>
 Geo geo_of(const at::Tensor& x, const at::Tensor& out) {
@@ -685,8 +686,8 @@ constexpr int kCoefThreads = 256;
 void launch_coef(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& cb, const at::Tensor& gamma,
                  const at::Tensor& beta, at::Tensor& coef, int C, double eps, cudaStream_t stream) {
   coef_kernel<<<unsigned((C + kCoefThreads - 1) / kCoefThreads), kCoefThreads, 0, stream>>>(
-      mean.const_data_ptr<float>(), var.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma),
-      ptr_or_null(beta), coef.mutable_data_ptr<float>(), C, eps);
+      mean.const_data_ptr<float>(), var.const_data_ptr<float>(), param_of(cb), param_of(gamma),
+      param_of(beta), coef.mutable_data_ptr<float>(), C, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -717,14 +718,14 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
     part = at::empty({3, int64_t(g.tiles)}, fopts);
     if (z_in_y) {
       stats_kernel<CF, K, T, true><<<blocks, CF::THREADS, 0, stream>>>(
-          xp, w.const_data_ptr<float>(), part.mutable_data_ptr<float>(), y.mutable_data_ptr<T>(), g);
+          xp, param_of(w), part.mutable_data_ptr<float>(), y.mutable_data_ptr<T>(), g);
     } else {
       stats_kernel<CF, K, T, false><<<blocks, CF::THREADS, 0, stream>>>(
-          xp, w.const_data_ptr<float>(), part.mutable_data_ptr<float>(), nullptr, g);
+          xp, param_of(w), part.mutable_data_ptr<float>(), nullptr, g);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     finalize_kernel<<<unsigned((g.C + kCoefThreads / 32 - 1) / (kCoefThreads / 32)), kCoefThreads, 0, stream>>>(
-        part.const_data_ptr<float>(), ptr_or_null(cb), ptr_or_null(gamma), ptr_or_null(beta),
+        part.const_data_ptr<float>(), param_of(cb), param_of(gamma), param_of(beta),
         mean.mutable_data_ptr<float>(), var.mutable_data_ptr<float>(), coef.mutable_data_ptr<float>(), g, eps);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
@@ -734,7 +735,7 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
     apply_z_kernel<CF, T><<<blocks, CF::THREADS, 0, stream>>>(y.mutable_data_ptr<T>(), part.const_data_ptr<float>(),
                                                               coef.const_data_ptr<float>(), g, swish);
   } else {
-    apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+    apply_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(xp, y.mutable_data_ptr<T>(), param_of(w),
                                                                coef.const_data_ptr<float>(), g, swish);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -754,14 +755,14 @@ void run_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const at
   const unsigned blocks = blocks_of<CF>(g);
   at::Tensor part = at::empty({int64_t(g.tiles), 2}, fopts);  // tile = (n * C + c) * tiles_plane + t
   bwd_sums_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(x.const_data_ptr<T>(), dy.const_data_ptr<T>(),
-                                                                w.const_data_ptr<float>(), coef.const_data_ptr<float>(),
+                                                                param_of(w), coef.const_data_ptr<float>(),
                                                                 part.mutable_data_ptr<float>(), g, swish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   sums = part.view({g.N, g.C, g.tiles_plane, 2}).sum(at::IntArrayRef{0, 2});  // (C, 2), a fixed order
   at::Tensor part_w = at::empty({int64_t(g.tiles), KK + 1}, fopts);
   const float inv_m = float(1.0 / (double(g.N) * g.H * g.W));
   bwd_dx_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(
-      x.const_data_ptr<T>(), dy.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), w.const_data_ptr<float>(),
+      x.const_data_ptr<T>(), dy.const_data_ptr<T>(), dx.mutable_data_ptr<T>(), param_of(w),
       coef.const_data_ptr<float>(), sums.const_data_ptr<float>(), part_w.mutable_data_ptr<float>(), g, inv_m, training,
       swish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -810,8 +811,8 @@ void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, co
                                     at::Tensor& var, bool training, double eps, bool swish) {
   using namespace dwconv_tiled;
   const int64_t K = w.size(-1);
-  TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && y.is_contiguous() && w.scalar_type() == at::kFloat &&
-                  mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat,
+  TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && y.is_contiguous() && mean.scalar_type() == at::kFloat &&
+                  var.scalar_type() == at::kFloat,
               "dwconv_bn_swish_fwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
   const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
   with_dtype(x, [&](auto t) {
@@ -828,8 +829,8 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
   using namespace dwconv_tiled;
   const int64_t K = w.size(-1);
   TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && grad_y.is_contiguous() && grad_x.is_contiguous() &&
-                  w.scalar_type() == at::kFloat && mean.scalar_type() == at::kFloat &&
-                  var.scalar_type() == at::kFloat && mean.is_contiguous() && var.is_contiguous(),
+                  mean.scalar_type() == at::kFloat && var.scalar_type() == at::kFloat && mean.is_contiguous() &&
+                  var.is_contiguous(),
               "dwconv_bn_swish_bwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
   const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
   at::Tensor sums, gw;

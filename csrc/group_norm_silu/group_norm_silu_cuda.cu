@@ -31,6 +31,8 @@
 // Statistics and sums are fp32 (fp64 for fp64 x); mean/rstd are (N, G) in that type.
 #include "group_norm_silu/group_norm_silu.h"
 
+#include "cuda_param.cuh"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,6 +50,12 @@
 
 namespace diffusion_fast {
 namespace {
+
+using cuda_param::OutParam;
+using cuda_param::Param;
+using cuda_param::as_input;
+using cuda_param::out_of;
+using cuda_param::param_of;
 
 constexpr int kMaxThreads = 512;         // threads per block, at most
 // Vectors (of x) a thread loads before it uses them: 4, but 2 for 8-wide (16-bit) vectors, which at 4 took 92
@@ -68,42 +76,6 @@ enum Mode : int { kFused = 0, kPass1 = 1, kPass2 = 2 };
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
-};
-
-// An optional small tensor ((C,) or (N, C), contiguous) of any float dtype, read as A; null when absent.
-enum Kind : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-struct Param {
-  const void* ptr;
-  int kind;
-
-  template <typename A>
-  __device__ __forceinline__ A get(int64_t i, A absent) const {
-    if (ptr == nullptr) return absent;
-    switch (kind) {
-      case kF64: return static_cast<A>(static_cast<const double*>(ptr)[i]);
-      case kF16: return static_cast<A>(static_cast<float>(static_cast<const at::Half*>(ptr)[i]));
-      case kBF16: return static_cast<A>(static_cast<float>(static_cast<const at::BFloat16*>(ptr)[i]));
-      default: return static_cast<A>(static_cast<const float*>(ptr)[i]);
-    }
-  }
-};
-
-// A gradient output ((C,) or (N, C), contiguous) of any float dtype; writes are dropped when null.
-struct OutParam {
-  void* ptr;
-  int kind;
-
-  template <typename A>
-  __device__ __forceinline__ void set(int64_t i, A v) const {
-    if (ptr == nullptr) return;
-    switch (kind) {
-      case kF64: static_cast<double*>(ptr)[i] = static_cast<double>(v); break;
-      case kF16: static_cast<at::Half*>(ptr)[i] = static_cast<at::Half>(static_cast<float>(v)); break;
-      case kBF16: static_cast<at::BFloat16*>(ptr)[i] = static_cast<at::BFloat16>(static_cast<float>(v)); break;
-      default: static_cast<float*>(ptr)[i] = static_cast<float>(v); break;
-    }
-  }
 };
 
 // Where a group's vectors are, and how a block walks them (see the top of the file).
@@ -877,33 +849,6 @@ int64_t pow2_ceil(int64_t v) {  // smallest power of two >= v (v clamped to [1, 
   return p;
 }
 
-bool kernel_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-int kind_of(at::ScalarType t) {
-  switch (t) {
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    case at::kBFloat16: return kBF16;
-    default: return kF32;
-  }
-}
-
-// Optional inputs as the kernels read them (float32 copies of exotic float dtypes, e.g. float8).
-at::Tensor as_input(const OptTensor& t) {
-  if (!t.has_value() || !t->defined()) return at::Tensor();
-  return kernel_dtype(t->scalar_type()) ? t->contiguous() : t->to(at::kFloat).contiguous();
-}
-
-Param param_of(const at::Tensor& t) {
-  return t.defined() ? Param{t.const_data_ptr(), kind_of(t.scalar_type())} : Param{nullptr, kF32};
-}
-
-OutParam out_of(const at::Tensor& t) {
-  return t.defined() ? OutParam{t.data_ptr(), kind_of(t.scalar_type())} : OutParam{nullptr, kF32};
-}
-
 struct Plan {
   Geom g;
   int threads;
@@ -1213,7 +1158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const bool need_p = pb.defined();
   // Kernel-side outputs: the grads themselves, or float32 buffers for exotic dtypes (copied back below).
   const auto kernel_out = [](const at::Tensor& t) {
-    return t.numel() > 0 && !kernel_dtype(t.scalar_type()) ? at::empty(t.sizes(), t.options().dtype(at::kFloat)) : t;
+    const bool exotic = t.numel() > 0 && !cuda_param::kernel_dtype(t.scalar_type());
+    return exotic ? at::empty(t.sizes(), t.options().dtype(at::kFloat)) : t;
   };
   at::Tensor kw = present(weight) ? kernel_out(gw) : at::Tensor(), kb = present(bias) ? kernel_out(gb) : at::Tensor();
   at::Tensor kpb = present(pre_bias) ? kernel_out(gpb) : at::Tensor();
