@@ -8,6 +8,11 @@ inputs in, replays, and returns the static output. A denoiser's t is an input te
 graph serves every timestep of a sampling loop; the fused step op stays outside the graph (its
 timestep and seed are kernel arguments).
 
+The warm-up calls before a capture run with cuDNN's benchmark mode on (``cudnn_benchmark=True``, the
+default): cuDNN times its algorithms for each convolution of those fixed shapes, as
+``torch.compile(mode="max-autotune")`` times its candidates, and the graph replays the winners. The
+global flag is restored after the capture, so nothing else runs differently.
+
 Limits (PyTorch's for any CUDA graph): the model must not synchronise with the host or branch
 on tensor values, and the returned tensor is overwritten by the next call — consume or clone it
 first (the samplers do). Inference only (run under ``torch.no_grad()``).
@@ -28,12 +33,16 @@ WARMUP_CALLS = 3  # on a side stream before capture, as PyTorch's CUDA-graph not
 
 class GraphedModel:
     """``GraphedModel(model)(*inputs)`` == ``model(*inputs)`` for CUDA tensors on one device, e.g.
-    a denoiser's x: (B, ...) and t: (B,)."""
+    a denoiser's x: (B, ...) and t: (B,). ``cudnn_benchmark``: autotune the convolutions while
+    capturing (module doc)."""
 
-    def __init__(self, model: Callable[..., Tensor]):
+    def __init__(self, model: Callable[..., Tensor], *, cudnn_benchmark: bool = True):
         if not callable(model):
             raise TypeError(f"GraphedModel: model must be callable, got {type(model).__name__}")
+        if not isinstance(cudnn_benchmark, bool):
+            raise TypeError(f"GraphedModel: cudnn_benchmark must be a bool, got {type(cudnn_benchmark).__name__}")
         self.model = model
+        self.cudnn_benchmark = cudnn_benchmark
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, Tuple[Tensor, ...], Tensor]] = {}
 
     def __call__(self, *inputs: Tensor) -> Tensor:
@@ -59,13 +68,18 @@ class GraphedModel:
         device = inputs[0].device
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up: cuDNN/cuBLAS/Triton pick and compile their kernels
-            for _ in range(WARMUP_CALLS):
-                self.model(*static_inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = self.model(*static_inputs)
+        was_benchmark = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark or was_benchmark
+        try:
+            with torch.cuda.stream(side):  # warm-up: cuDNN (timing, in benchmark mode)/cuBLAS/Triton pick kernels
+                for _ in range(WARMUP_CALLS):
+                    self.model(*static_inputs)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # the same shapes: cuDNN finds its timed choices in its cache
+                static_out = self.model(*static_inputs)
+        finally:
+            torch.backends.cudnn.benchmark = was_benchmark
         return graph, static_inputs, static_out
 
 

@@ -16,6 +16,8 @@ def test_bad_input_is_named():
         g(torch.zeros(1), 1)
     with pytest.raises(ValueError, match="CUDA tensors on one device, got \\['cpu'\\]"):
         g(torch.zeros(1), torch.zeros(1))
+    with pytest.raises(TypeError, match="cudnn_benchmark must be a bool, got int"):
+        GraphedModel(lambda x: x, cudnn_benchmark=1)
 
 
 @pytest.mark.cuda
@@ -36,3 +38,25 @@ def test_any_number_of_inputs_replays_the_model():
             torch.testing.assert_close(one(tokens).clone(), w[tokens].sum(1).tanh())
             torch.testing.assert_close(two(x, t).clone(), (x @ w) * t[:, None].float())
     assert len(one._graphs) == 1 and len(two._graphs) == 1
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cudnn_benchmark", [True, False])
+def test_capture_autotunes_convolutions_and_restores_the_flag(cudnn_benchmark):
+    """The warm-up and capture run in cuDNN's benchmark mode (unless cudnn_benchmark=False); the global flag is
+    what it was before, after the capture; the replay equals the eager conv."""
+    seen = []
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1).cuda()
+
+    def model(x):
+        seen.append(torch.backends.cudnn.benchmark)
+        return conv(x)
+
+    graph = GraphedModel(model, cudnn_benchmark=cudnn_benchmark)
+    x = torch.randn(2, 8, 12, 12, device="cuda")
+    before = torch.backends.cudnn.benchmark
+    with torch.no_grad():
+        out = graph(x).clone()
+        torch.testing.assert_close(out, conv(x))
+    assert torch.backends.cudnn.benchmark == before
+    assert seen and all(flag == (cudnn_benchmark or before) for flag in seen)
