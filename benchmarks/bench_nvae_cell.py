@@ -14,7 +14,9 @@ Shapes (B, 6C, H, W): B in {32, 64}; 6C in {192, 384, 768} (C = 32, 64, 128); H 
 wider channels at coarser scales as in NVAE's hierarchy.
 
 Bytes counted (E = B*6C*H*W elements of s bytes; parameters ignored): what our kernels' passes move,
-fwd train 3*E*s (x read twice: the statistics pass, then the output pass; y written once), fwd eval
+fwd train 3*E*s (x read twice: the statistics pass, then the output pass; y written once; the CUDA
+kernels at 16 bits move 4*E*s: x read once, the conv kept in y, y read and written again; the
+"cuda+conv_twice" rows time them without that, as the float32 ones run), fwd eval
 2*E*s, fwd+bwd train 3*E*s + 5*E*s (backward: x and dy read twice, dx written; Triton and CUDA also
 write and read an fp32 dz scratch: +8*E bytes, not counted). The C++ CPU kernels keep a channel's
 conv output in cache, so their second reads mostly come from cache: GB/s is effective bandwidth.
@@ -241,7 +243,9 @@ def main(argv=None) -> None:
                 variant, shape, dtype, mode, make_args(shape, dtype, bench.device, channels_last),
                 nbytes(shape, dtype, mode, variant), extra={"kernel_size": K, "eps": EPS, "momentum": MOMENTUM},
             )
-            bench.run(case, eager, ours, _unsupported)
+            conv_twice = bench.device.type == "cuda" and variant == "train" and dtype != torch.float32
+            bench.run(case, eager, ours, _unsupported, others={"cuda+conv_twice": (ours, cuda_conv_twice)}
+                      if conv_twice else None)
         if bench.device.type == "cuda" and not variant.startswith("eval"):
             memory += record_memory(bench, variant, shape, dtype, eager, ours)
             write_memory(bench, memory)
@@ -251,6 +255,14 @@ def main(argv=None) -> None:
             case, eager, ours = cell_case(bench, variant, shape, dtype, mode)
             bench.run(case, eager, ours, _unsupported)
     bench.finish()
+
+
+@contextlib.contextmanager
+def cuda_conv_twice():
+    """Our CUDA backend with its 16-bit training forward recomputing the conv in the second pass
+    (DIFFUSION_FAST_DWCONV_STORE_Z=0, read per call), not reading it back from y, the default."""
+    with harness.env_var("DIFFUSION_FAST_DWCONV_STORE_Z", "0"), diffusion_fast.use_backend("cuda"):
+        yield
 
 
 if __name__ == "__main__":

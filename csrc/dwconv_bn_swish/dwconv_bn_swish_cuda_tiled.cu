@@ -693,14 +693,12 @@ void launch_coef(const at::Tensor& mean, const at::Tensor& var, const at::Tensor
 
 // Whether the training forward keeps z' (less its tile mean) in y between its passes instead of recomputing the
 // conv: for 16-bit x, where the second conv's 25 FMAs per output cost more than a write and a read of y
-// (DIFFUSION_FAST_DWCONV_STORE_Z=0 turns it off, for A/B timing); float32 keeps the conv (twice the bytes). Read once.
+// (DIFFUSION_FAST_DWCONV_STORE_Z=0 turns it off, read per call: bench_nvae_cell's "cuda+conv_twice" times both);
+// float32 keeps the conv (twice the bytes).
 template <typename T>
 bool store_z() {
-  static const bool on = [] {
-    const char* v = std::getenv("DIFFUSION_FAST_DWCONV_STORE_Z");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return sizeof(T) == 2 && on;
+  const char* v = std::getenv("DIFFUSION_FAST_DWCONV_STORE_Z");
+  return sizeof(T) == 2 && (v == nullptr || std::string(v) != "0");
 }
 
 template <class CF, int K, typename T>
