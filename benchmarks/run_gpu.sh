@@ -23,11 +23,16 @@
 # at once while the machine is warm (it goes back 30 s after a call): (1) STEPS="machine build env_info
 # tests" BUDGET_S=540 TEST_CAP_S=230 (the build took 99-275 s, 152 s at 5482b3f, ended by nvcc on
 # group_norm_silu_cuda.cu; the whole suite needs ~230 s in 16 workers, or TESTS= the files that changed);
-# (2) STEPS="benches" with BUDGET_S=<what is left minus a minute>, e.g. BENCHES="group_norm_silu:2:--dtypes=bf16
-# sampler_step:1:--dtypes=bf16 langevin:1:--dtypes=bf16 ddpm:2:--dtypes=bf16:--cudnn-benchmark:--providers=eager,
-# compile,cuda,cuda+graph nvae_cell:1:--dtypes=bf16"; PROBES="benchmarks/probes/kernel_breakdown_probe.py
-# benchmarks/probes/attention_fwd_sweep.py" PROBE_CAP_S=100 with STEPS="benches probes" where time is left. Probes reserve PROBE_CAP_S each from the benches' time (default
-# 180): set it to what the probe needs (ncu_probe ~35 s, kernel_breakdown ~90 s, attention_fwd_sweep 80-160 s).
+# (2) STEPS="benches probes" with BUDGET_S=<what is left minus a minute>. Next lease (untimed since
+# h100-2026-11-28: the dwconv 16-bit forward that keeps the conv in y, parameters read in their dtype, the
+# one-wave noise grids, cuDNN autotuning in graph capture, the GN forward unroll, the QuickGELU folding):
+# TESTS="tests/ops/test_dwconv_bn_swish_tiled.py tests/ops/test_dwconv_bn_swish.py tests/ops/test_sampler_steps.py
+# tests/ops/test_langevin_step.py tests/ops/test_group_norm_silu.py tests/test_cuda_graphs.py tests/test_samplers.py
+# tests/test_cli.py tests/models/test_clip_text.py"; BENCHES="nvae_cell:2:--dtypes=bf16 sampler_step:1:--dtypes=bf16
+# group_norm_silu:1:--dtypes=bf16 ddpm:2:--dtypes=bf16:--compile-mode=max-autotune:--providers=eager,compile,cuda+graph
+# clip_text:1" PROBES="benchmarks/probes/kernel_breakdown_probe.py" PROBE_CAP_S=90 (attention_fwd_sweep next). Probes
+# reserve PROBE_CAP_S each from the benches' time (default 180): set it to what the probe needs (ncu_probe ~35 s,
+# kernel_breakdown ~90 s, attention_fwd_sweep 80-160 s).
 # bench_clip_text and the diffusers tests need wheels in .whl/ (see README).
 # Each torch.compile case costs 5-40 s there (bench_ddpm compiles the CIFAR-10 UNet per case: ~40 s).
 set -u -o pipefail
