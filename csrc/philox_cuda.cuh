@@ -110,15 +110,16 @@ __device__ __forceinline__ void for_each_noise_run(int64_t numel, uint32_t key_l
       z[0][q] = z[1][q] = z[2][q] = z[3][q] = acc_t(0);
     }
     if constexpr (!kMayNoise) {  // nothing to hide the loads behind: all four runs' loads in flight at once
-      const int64_t base0 = tile * kTileElements + j0;
-      decltype(load(base0)) in[4];
+      int64_t base[4];
+      decltype(load(0)) in[4];
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (base0 + k * kTileCounters < numel) in[k] = load(base0 + k * kTileCounters);
+        base[k] = tile * kTileElements + k * kTileCounters + j0;
+        if (base[k] < numel) in[k] = load(base[k]);
       }
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        if (base0 + k * kTileCounters < numel) epilogue(base0 + k * kTileCounters, in[k], z[k]);
+        if (base[k] < numel) epilogue(base[k], in[k], z[k]);
       }
       continue;
     }
