@@ -369,6 +369,30 @@ def load_outputs(src, g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
     return o
 
 
+def channel_sums(part, g: Geo):
+    """channel_sums_kernel: one warp per channel, lane l summing the (n, t) partials j = l, l + 32, ... of rows
+    part[(n * C + c) * tiles_plane + t], then an xor tree; (C, Q). Checks that each partial is summed exactly once."""
+    Q = part.shape[1]
+    out = np.empty((g.C, Q))
+    used = np.zeros(g.tiles, dtype=int)
+    J = g.N * g.tiles_plane
+    for c in range(g.C):
+        lanes = [np.zeros(Q) for _ in range(32)]
+        for lane in range(32):
+            for j in range(lane, J, 32):
+                b = j // g.tiles_plane
+                row = (b * g.C + c) * g.tiles_plane + (j - b * g.tiles_plane)
+                lanes[lane] = lanes[lane] + part[row]
+                used[row] += 1
+        o = 16
+        while o > 0:
+            lanes = [lanes[ln] + lanes[ln ^ o] for ln in range(32)]
+            o >>= 1
+        out[c] = lanes[0]
+    assert (used == 1).all(), "each tile's partial is summed exactly once"
+    return out
+
+
 def emulate_bwd(x, dy, w, cb, gamma, beta, mean, var, eps, swish, training, pair_load=None, vec_store=None):
     """The backward kernels (bwd_sums, bwd_dx) on x, dy (N, C, H, W) float64 with the statistics the forward
     normalised with. Returns dx, sums (C, 2) = (sum dzn, sum dzn zhat), gw (C, K*K + 1) as run_bwd would."""
@@ -411,7 +435,7 @@ def emulate_bwd(x, dy, w, cb, gamma, beta, mean, var, eps, swish, training, pair
             assert np.isnan(part[t["id"]]).all(), "each tile's partial is written once"
             part[t["id"]] = tot
     assert np.isfinite(part).all()
-    sums = part.reshape(N, C, g.tiles_plane, 2).sum(axis=(0, 2))
+    sums = channel_sums(part, g)
     # ---- bwd_dx ----
     inv_m = 1.0 / (N * H * W)
     dx = np.full(N * C * HW, np.nan)
@@ -469,7 +493,7 @@ def emulate_bwd(x, dy, w, cb, gamma, beta, mean, var, eps, swish, training, pair
             assert np.isnan(part_w[t["id"]]).all()
             part_w[t["id"]] = tot
     assert (dx_writes == 1).all(), "each dx element is written exactly once"
-    gw = part_w.reshape(N, C, g.tiles_plane, KK + 1).sum(axis=(0, 2))
+    gw = channel_sums(part_w, g)
     return dx.reshape(x.shape), sums, gw
 
 

@@ -74,12 +74,16 @@ bool dwconv_bn_swish_tiled_supports(const at::Tensor& x, int64_t K);
 void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb,
                                     const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& y, at::Tensor& mean,
                                     at::Tensor& var, bool training, double eps, bool swish);
-// Its backward (same inputs; grad_y and grad_x contiguous): writes grad_x, returns sums (C, 2) = (sum dzn,
-// sum dzn * zhat), the grads of bn_bias and bn_weight, and gw (C, K*K + 1) = (conv-weight grad, conv-bias grad).
-std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish,
-    at::Tensor& grad_x);
+// Its backward (same inputs; grad_y and grad_x contiguous): writes grad_x and each defined tensor of grads
+// (contiguous, float32/float64/float16/bfloat16, shaped like its parameter): the grads of conv_weight, conv_bias,
+// bn_weight (sum dzn * zhat) and bn_bias (sum dzn).
+struct ParamGrads {
+  at::Tensor w, cb, gamma, beta;
+};
+void dwconv_bn_swish_bwd_cuda_tiled(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                                    const at::Tensor& cb, const at::Tensor& gamma, const at::Tensor& beta,
+                                    const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+                                    bool swish, at::Tensor& grad_x, const ParamGrads& grads);
 Fwd bn_swish_fwd_cuda(const at::Tensor& x, const OptTensor& bn_weight, const OptTensor& bn_bias,
                       const OptTensor& running_mean, const OptTensor& running_var, bool training, double eps,
                       bool swish, bool needs_grad);

@@ -506,10 +506,21 @@ DWBwd bwd_impl(const at::Tensor& grad_y, const at::Tensor& x, const OptTensor& c
   const at::Tensor gamma = as_input(bn_weight), beta = as_input(bn_bias);
   const at::Tensor mean_c = mean.contiguous(), var_c = var.contiguous();
   if (conv && tiled_enabled() && dwconv_bn_swish_tiled_supports(x, s.K) && grad_y.is_contiguous()) {
-    const auto [sums, gw] = dwconv_bn_swish_bwd_cuda_tiled(grad_y, x, w, cb, gamma, beta, mean_c, var_c, training,
-                                                           eps, swish, grad_x);  // sums (C, 2), gw (C, KK + 1)
-    return {grad_x, grad_as(conv_weight, gw.narrow(1, 0, KK)), grad_as(conv_bias, gw.select(1, KK)),
-            grad_as(bn_weight, sums.select(1, 1)), grad_as(bn_bias, sums.select(1, 0))};
+    // The kernels write the grads in the parameters' dtypes (float32 buffers for exotic ones, copied below).
+    const auto grad_of = [&](const OptTensor& t) {
+      if (!present(t)) return at::empty({0}, x.options());
+      return at::empty(t->sizes(), t->options().dtype(cuda_param::kernel_dtype(t->scalar_type()) ? t->scalar_type()
+                                                                                                    : at::kFloat));
+    };
+    const ParamGrads g{grad_of(conv_weight), grad_of(conv_bias), grad_of(bn_weight), grad_of(bn_bias)};
+    const auto defined = [](const at::Tensor& t) { return t.numel() > 0 ? t : at::Tensor(); };
+    dwconv_bn_swish_bwd_cuda_tiled(grad_y, x, w, cb, gamma, beta, mean_c, var_c, training, eps, swish, grad_x,
+                                   {defined(g.w), defined(g.cb), defined(g.gamma), defined(g.beta)});
+    const auto as_param = [&](const OptTensor& t, const at::Tensor& v) {
+      return present(t) && v.scalar_type() != t->scalar_type() ? v.to(t->scalar_type()) : v;
+    };
+    return {grad_x, as_param(conv_weight, g.w), as_param(conv_bias, g.cb), as_param(bn_weight, g.gamma),
+            as_param(bn_bias, g.beta)};
   }
   const Geo g = make_geo(s);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

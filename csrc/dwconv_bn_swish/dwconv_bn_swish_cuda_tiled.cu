@@ -43,10 +43,10 @@
 //   dw[c][i][j] = sum dz[h][w] x[h+i-R][w+j-R], dcb = sum dz.
 //   coef (one thread per channel): sc, sh, mean', rstd.
 //   1 sums (grid tiles / PB): the stats pass's tile and conv, dy read per output -> part[tile] = (A, B) partials;
-//     ATen sums each channel's tiles (a fixed order) -> sums (C, 2).
+//     channel_sums_kernel sums each channel's tiles (a fixed order) -> sums (C, 2), and the bn grads.
 //   2 dx (grid tiles / PB): smem X = x over the tile + 2R halo (rows TH + 4R, pitch TW + 8, left halo 4 for both
 //     K); dz over the tile + R halo into smem D, laid out as the forward's conv input (so conv_tile with flipped
-//     weights gives dx), 0 outside the plane; per tile the dw and dcb partials -> ATen sums them per channel.
+//     weights gives dx), 0 outside the plane; per tile the dw and dcb partials -> channel_sums_kernel: the conv grads.
 //   HBM traffic: x read twice, dy read twice, dx written once (the untiled kernels also write and read an fp32
 //   dz, and read x and dz once per tap from L1/L2). Redundant work: dz over the halo, (TH+2R)(TW+4)/(TH TW) of it.
 #include "dwconv_bn_swish/dwconv_bn_swish.h"
@@ -68,7 +68,9 @@ namespace diffusion_fast {
 namespace dwconv_tiled {
 namespace {
 
+using cuda_param::OutParam;
 using cuda_param::Param;
+using cuda_param::out_of;
 using cuda_param::param_of;
 
 constexpr int kV = 4;  // adjacent outputs per thread along w
@@ -428,6 +430,41 @@ __global__ void __launch_bounds__(CF::THREADS) stats_kernel(const T* __restrict_
   }
 }
 
+// One warp per channel c: the sums over (n, t) of the per-tile partials part[((n * C + c) * tiles_plane + t) * Q + q],
+// q < Q, in fp64 and a fixed order (lanes stride over (n, t), then an xor tree): deterministic. Lane 0 writes them to
+// dense[c * Q + q] (fp32; skipped when null) and, in the grads' own dtypes, q < Q0 to lo[c * Q0 + q] and q >= Q0 to
+// hi[c * (Q - Q0) + q - Q0] (dropped where null): the backward's parameter grads without ATen sums and casts.
+template <int Q, int Q0>
+__global__ void channel_sums_kernel(const float* __restrict__ part, Geo g, float* __restrict__ dense,
+                                    const OutParam lo, const OutParam hi) {
+  const int c = int(blockIdx.x) * int(blockDim.x / 32) + int(threadIdx.x / 32), lane = threadIdx.x % 32;
+  if (c >= g.C) return;  // the whole warp
+  double acc[Q];
+#pragma unroll
+  for (int q = 0; q < Q; ++q) acc[q] = 0.0;
+  const int J = g.N * g.tiles_plane;
+  for (int j = lane; j < J; j += 32) {
+    const int b = j / g.tiles_plane;
+    const float* row = part + (int64_t(b * g.C + c) * g.tiles_plane + (j - b * g.tiles_plane)) * Q;
+#pragma unroll
+    for (int q = 0; q < Q; ++q) acc[q] += double(row[q]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+    for (int q = 0; q < Q; ++q) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+  if (lane != 0) return;
+#pragma unroll
+  for (int q = 0; q < Q; ++q) {
+    if (dense != nullptr) dense[c * Q + q] = float(acc[q]);
+    if (q < Q0) {
+      lo.set(int64_t(c) * Q0 + q, acc[q]);
+    } else {
+      hi.set(int64_t(c) * (Q - Q0) + (q - Q0), acc[q]);
+    }
+  }
+}
+
 // Pass 2, one warp per channel: mean, var (C,), coef[0|1][c] = sc, sh. Optional vectors may be null.
 __global__ void finalize_kernel(const float* __restrict__ part, const Param cb, const Param gamma, const Param beta,
                                 float* __restrict__ mean, float* __restrict__ var, float* __restrict__ coef, Geo g,
@@ -739,11 +776,12 @@ void run(const at::Tensor& x, at::Tensor& y, const at::Tensor& w, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Backward: dx, sums (C, 2) = (sum dzn, sum dzn zhat), gw (C, K*K + 1) = (conv-weight grad, conv-bias grad).
+// Backward: dx, and the parameter grads (each undefined or contiguous in its parameter's kernel dtype): sum dzn ->
+// g_beta, sum dzn zhat -> g_gamma, the conv-weight grad -> g_w, the conv-bias grad -> g_cb.
 template <class CF, int K, typename T>
 void run_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const at::Tensor& w, const at::Tensor& cb,
              const at::Tensor& gamma, const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var,
-             bool training, double eps, bool swish, at::Tensor& sums, at::Tensor& gw) {
+             bool training, double eps, bool swish, const ParamGrads& grads) {
   constexpr int KK = K * K;
   const Geo g = geo_of<CF, T>(x, dx);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -756,7 +794,11 @@ void run_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const at
                                                                 param_of(w), coef.const_data_ptr<float>(),
                                                                 part.mutable_data_ptr<float>(), g, swish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  sums = part.view({g.N, g.C, g.tiles_plane, 2}).sum(at::IntArrayRef{0, 2});  // (C, 2), a fixed order
+  at::Tensor sums = at::empty({g.C, 2}, fopts);  // (sum dzn, sum dzn zhat) per channel, for bwd_dx_kernel
+  const unsigned sum_blocks = unsigned((g.C + kCoefThreads / 32 - 1) / (kCoefThreads / 32));
+  channel_sums_kernel<2, 1><<<sum_blocks, kCoefThreads, 0, stream>>>(
+      part.const_data_ptr<float>(), g, sums.mutable_data_ptr<float>(), out_of(grads.beta), out_of(grads.gamma));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   at::Tensor part_w = at::empty({int64_t(g.tiles), KK + 1}, fopts);
   const float inv_m = float(1.0 / (double(g.N) * g.H * g.W));
   bwd_dx_kernel<CF, K, T><<<blocks, CF::THREADS, 0, stream>>>(
@@ -764,7 +806,9 @@ void run_bwd(const at::Tensor& dy, const at::Tensor& x, at::Tensor& dx, const at
       coef.const_data_ptr<float>(), sums.const_data_ptr<float>(), part_w.mutable_data_ptr<float>(), g, inv_m, training,
       swish);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  gw = part_w.view({g.N, g.C, g.tiles_plane, KK + 1}).sum(at::IntArrayRef{0, 2});  // (C, KK + 1)
+  channel_sums_kernel<KK + 1, KK><<<sum_blocks, kCoefThreads, 0, stream>>>(part_w.const_data_ptr<float>(), g, nullptr,
+                                                                          out_of(grads.w), out_of(grads.cb));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Calls f(CF{}, integral_constant<int, K>{}) with the tile config for W: L for W > 16, M for 8 < W <= 16, S else.
@@ -820,10 +864,10 @@ void dwconv_bn_swish_fwd_cuda_tiled(const at::Tensor& x, const at::Tensor& w, co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w, const at::Tensor& cb, const at::Tensor& gamma,
-    const at::Tensor& beta, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool swish,
-    at::Tensor& grad_x) {
+void dwconv_bn_swish_bwd_cuda_tiled(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                                    const at::Tensor& cb, const at::Tensor& gamma, const at::Tensor& beta,
+                                    const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+                                    bool swish, at::Tensor& grad_x, const ParamGrads& grads) {
   using namespace dwconv_tiled;
   const int64_t K = w.size(-1);
   TORCH_CHECK(dwconv_bn_swish_tiled_supports(x, K) && grad_y.is_contiguous() && grad_x.is_contiguous() &&
@@ -831,14 +875,15 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_swish_bwd_cuda_tiled(
                   var.is_contiguous(),
               "dwconv_bn_swish_bwd_cuda_tiled: unsupported input (caller must check dwconv_bn_swish_tiled_supports)");
   const at::Tensor wk = w.reshape({x.size(1), K * K}).contiguous();
-  at::Tensor sums, gw;
+  for (const at::Tensor* t : {&grads.w, &grads.cb, &grads.gamma, &grads.beta})
+    TORCH_CHECK(!t->defined() || (t->is_contiguous() && cuda_param::kernel_dtype(t->scalar_type())),
+                "dwconv_bn_swish_bwd_cuda_tiled: parameter grads must be contiguous, of a kernel dtype");
   with_dtype(x, [&](auto t) {
     with_cfg(K, x.size(3), [&](auto cf, auto k) {
       run_bwd<decltype(cf), decltype(k)::value, decltype(t)>(grad_y, x, grad_x, wk, cb, gamma, beta, mean, var,
-                                                             training, eps, swish, sums, gw);
+                                                             training, eps, swish, grads);
     });
   });
-  return {sums, gw};
 }
 
 }  // namespace diffusion_fast
