@@ -377,3 +377,27 @@ def test_probes_import_and_exit_cleanly_without_a_gpu(probe, tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nothing" in done.stdout or "no CUDA" in done.stdout, done.stdout[-500:]
+
+
+def test_kernel_breakdown_sorts_kernels_by_kind():
+    """kernel_breakdown_probe's UNet tables sum kernels by kind from their names (cuDNN, cuBLAS, ours, ATen,
+    inductor's Triton kernels)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "probes"))
+    import kernel_breakdown_probe as probe
+
+    kinds = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16>(...)": "copy",
+        "ampere_bf16_s16816gemm_bf16_128x64_ldg8_f2f_stages_64x3_tn": "gemm",
+        "void diffusion_fast::(anonymous namespace)::gns_fwd_cl_slab_kernel<c10::BFloat16, float, 8>(...)": "norm",
+        "triton_red_fused_native_group_norm_silu_3": "norm",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>(...)":
+            "elementwise",
+        "triton_poi_fused_add_cat_0": "elementwise",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>": "concatenation",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<256, 64, 64, 4>>(...)": "attention",
+        "something_else": "other",
+    }
+    assert {name: probe.kind_of(name) for name in kinds} == kinds
+    rows = [(1.0, 2, "conv_a"), (0.5, 1, "conv_b"), (0.25, 3, "triton_poi_fused_add_0")]
+    assert probe.by_kind(rows) == [(1.5, 3, "convolution"), (0.25, 3, "elementwise")]
