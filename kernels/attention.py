@@ -20,6 +20,11 @@ dV) stay resident. With D_PAD <= 128 (one chunk) the program's fixed tiles are l
 
 Kernels (grid axis 1: batch * head; axis 0: query or key tiles):
     _attention_fwd_kernel        (cdiv(Sq, BLOCK_M), B*H)  O, lse
+    _attention_fwd_tma_kernel    the same, q, k and v read through TMA tensor descriptors (Hopper's bulk
+                                 asynchronous copies: no per-element addresses, masks or registers for the
+                                 loads); 16-bit inputs with D a power of two, q resident. Only where a caller
+                                 asks (``blocks={"TMA": True}``): benchmarks/probes/attention_fwd_sweep.py
+                                 times it against the pointer kernel, which stays the default until then.
     _attention_bwd_delta_kernel  (cdiv(Sq, BLOCK_M), B*H)  delta = rowsum(dO * O)
     _attention_bwd_dkdv_kernel   (cdiv(Sk, BLOCK_N), B*H)  dK, dV: loop over query tiles
     _attention_bwd_dq_kernel     (cdiv(Sq, BLOCK_M), B*H)  dQ: loop over key tiles
@@ -157,6 +162,49 @@ def _attention_fwd_kernel(
     row = bh.to(tl.int64) * SEQ_Q + offs_m
     out_mask = (offs_m[:, None] < SEQ_Q) & (offs_d[None, :] < D)
     tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < SEQ_Q)
+
+
+@triton.jit
+def _attention_fwd_tma_kernel(
+    q_desc, k_desc, v_desc,  # TMA descriptors of (B, H, S, D) q, k, v (16-bit), blocks [1, 1, BLOCK_M | BLOCK_N, D]
+    out_ptr,  # (B, H, Sq, D) out, q's dtype, contiguous
+    lse_ptr,  # (B, H, Sq) out, fp32, contiguous
+    H, SEQ_Q, SEQ_K, qk_scale,
+    CAUSAL: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """_attention_fwd_kernel with D == D_PAD == BLOCK_D, its tiles loaded by TMA (rows past S read as 0)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    q = q_desc.load([b, h, pid_m * BLOCK_M, 0]).reshape([BLOCK_M, D])
+    hi = SEQ_K
+    if CAUSAL:
+        hi = tl.minimum(SEQ_K, (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = k_desc.load([b, h, n0, 0]).reshape([BLOCK_N, D])
+        s = tl.dot(q, tl.trans(k))
+        s = tl.where(_valid(offs_m[:, None], offs_n[None, :], SEQ_Q, SEQ_K, CAUSAL), s * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.where(offs_m < SEQ_Q, m_new, 0.0)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, h, n0, 0]).reshape([BLOCK_N, D])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    l_i = tl.where(offs_m < SEQ_Q, l_i, 1.0)
+    out = acc / l_i[:, None]
+    row = bh.to(tl.int64) * SEQ_Q + offs_m
+    offs_d = tl.arange(0, D)
+    tl.store(out_ptr + row[:, None] * D + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < SEQ_Q)
     tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < SEQ_Q)
 
 
@@ -315,7 +363,8 @@ def _precision(dtype: torch.dtype) -> str:
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                   blocks: dict | None = None):
     """-> (out (B, H, Sq, D) contiguous in q's dtype, lse (B, H, Sq) fp32). ``blocks`` overrides the table's
-    BLOCK_M, BLOCK_N, BLOCK_D (capped at D_PAD), num_warps, num_stages (benchmarks/probes/attention_fwd_sweep.py)."""
+    BLOCK_M, BLOCK_N, BLOCK_D (capped at D_PAD), num_warps, num_stages, and TMA=True runs
+    _attention_fwd_tma_kernel where ``tma_unsupported`` allows (benchmarks/probes/attention_fwd_sweep.py)."""
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     out = q.new_empty((B, H, Sq, D))
@@ -326,9 +375,37 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if blocks:
         cfg.update(blocks, BLOCK_D=min(cfg["D_PAD"], blocks.get("BLOCK_D", cfg["BLOCK_D"])))
     grid = (cdiv(Sq, cfg["BLOCK_M"]), B * H)
+    if cfg.pop("TMA", False):
+        if (why := tma_unsupported(q, k, v, cfg)) is not None:
+            raise ValueError(f"attention_fwd: TMA=True: {why}")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t, rows):
+            return TensorDescriptor.from_tensor(t, [1, 1, rows, D])
+
+        _attention_fwd_tma_kernel[grid](
+            desc(q, cfg["BLOCK_M"]), desc(k, cfg["BLOCK_N"]), desc(v, cfg["BLOCK_N"]), out, lse, H, Sq, Sk,
+            scale * LOG2E, CAUSAL=causal, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out, lse
     _attention_fwd_kernel[grid](q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(),
                                 H, Sq, Sk, D, scale * LOG2E, CAUSAL=causal, PRECISION=_precision(q.dtype), **cfg)
     return out, lse
+
+
+def tma_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: dict):
+    """Why _attention_fwd_tma_kernel cannot run q, k, v with block sizes cfg (None when it can): TMA wants 16-bit
+    elements here, the head dim a power of two held whole (D == D_PAD == BLOCK_D), 16-byte aligned bases and
+    strides, and the head dim contiguous."""
+    D = q.shape[-1]
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"16-bit inputs only, got {q.dtype}"
+    if D != cfg["D_PAD"] or cfg["BLOCK_D"] != D:
+        return f"head dim {D} must be a power of two >= 16 held whole (D_PAD {cfg['D_PAD']}, BLOCK_D {cfg['BLOCK_D']})"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+            return f"{name} needs a contiguous head dim and 16-byte aligned base and strides, got strides {t.stride()}"
+    return None
 
 
 def attention_bwd(grad_out, q, k, v, out, lse, causal: bool, scale: float):

@@ -5,13 +5,14 @@ best SDPA 0.0130; CLIP 64x8x77x77 hd 64 causal: 0.0177 against 0.0137).
     python3 benchmarks/probes/attention_fwd_sweep.py --out DIR [--budget-s 150] [--quick]
 
 Each config (BLOCK_M, BLOCK_N, num_warps, num_stages, BLOCK_D: the head-dim chunk of q kᵀ; BLOCK_D == D_PAD
-keeps q in registers across key tiles) runs ``kernels.attention.attention_fwd(..., blocks=)``, is
-checked against SDPA's math backend (a config that fails to compile, e.g. for shared memory, is listed as
-such) and timed by its kernels' device time (torch.profiler, ``harness.kernel_ms``: on the lent machines the
-host's launch cost exceeds these kernels, and do_bench's wall-clock median, also recorded, measured it in
-h100-2026-11-28's sweep) and by triton.testing.do_bench (median). Writes DIR/attention_fwd_sweep.md (fastest first,
-with each SDPA backend and the library's current config) and .json. Needs a CUDA device; elsewhere it
-exits 0. ``run_config`` also runs under TRITON_INTERPRET=1 on CPU tensors (the tests use it).
+keeps q in registers across key tiles; tma: q, k, v loaded through TMA descriptors) runs
+``kernels.attention.attention_fwd(..., blocks=)``, is checked against SDPA's math backend (a config that
+fails to compile, e.g. for shared memory, is listed as such) and timed by its kernels' device time
+(torch.profiler, ``harness.kernel_ms``: on the lent machines the host's launch cost exceeds these kernels,
+and do_bench's wall-clock median, also recorded, measured it in h100-2026-11-28's sweep) and by
+triton.testing.do_bench (median). Writes DIR/attention_fwd_sweep.md (fastest first, with each SDPA backend
+and the library's current config) and .json. Needs a CUDA device; elsewhere it exits 0. ``run_config`` also
+runs under TRITON_INTERPRET=1 on CPU tensors (the tests use it).
 """
 
 from __future__ import annotations
@@ -37,22 +38,25 @@ CASES = {"ddpm_cifar10": (32, 1, 256, 256, False), "ddpm_cifar10_b128": (128, 1,
 # Tried in this order (the first keys vary slowest), the likelier winners first: q kept in registers, and the
 # small tiles that did best in h100-2026-11-28's (wall-clock) sweep; 128 x 128 tiles at chunk 256 overflow
 # shared memory.
-GRID = dict(chunk=(256, 128), BLOCK_M=(64, 32, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(3, 2))
+GRID = dict(chunk=(256, 128), BLOCK_M=(64, 32, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_stages=(3, 2),
+            tma=(True, False))  # tma: q, k, v through TMA descriptors (ka._attention_fwd_tma_kernel), q resident only
 
 
 def run_config(q, k, v, causal: bool, cfg: dict):
     """out (B, H, S, D) of the library's Triton forward with block sizes cfg (BLOCK_M, BLOCK_N, num_warps,
-    num_stages, chunk: columns of D per q kᵀ chunk, capped at D_PAD)."""
+    num_stages, chunk: columns of D per q kᵀ chunk, capped at D_PAD; tma: the TMA-descriptor kernel)."""
     from diffusion_fast.kernels import attention as ka
 
-    blocks = {key: val for key, val in cfg.items() if key != "chunk"}
-    return ka.attention_fwd(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]), blocks=dict(blocks, BLOCK_D=cfg["chunk"]))[0]
+    blocks = {key: val for key, val in cfg.items() if key not in ("chunk", "tma")}
+    blocks.update(BLOCK_D=cfg["chunk"], TMA=cfg.get("tma", False))
+    return ka.attention_fwd(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]), blocks=blocks)[0]
 
 
 def configs(d: int, quick: bool) -> list:
     keys = list(GRID)
     grid = [dict(zip(keys, vals)) for vals in itertools.product(*GRID.values())]
     grid = [c for c in grid if c["chunk"] <= max(128, d)]  # chunk 256 only where D_PAD reaches it
+    grid = [c for c in grid if not c["tma"] or c["chunk"] >= d]  # the TMA kernel keeps q whole
     return grid[:4] if quick else grid
 
 
@@ -119,12 +123,13 @@ def main() -> None:
     lines = [f"# Triton attention forward sweep on {torch.cuda.get_device_name()} (torch {torch.__version__})", ""]
     for name in names:
         lines += [f"## {name}: {CASES[name]} (B, H, S, D, causal), bf16", "",
-                  "| provider | BLOCK_M | BLOCK_N | warps | stages | chunk | kernel ms | wall ms | TFLOP/s | max err |",
-                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+                  "| provider | BLOCK_M | BLOCK_N | warps | stages | chunk | tma | kernel ms | wall ms | TFLOP/s "
+                  "| max err |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         done = sorted((r for r in rows if r["case"] == name and "ms" in r), key=lambda r: r["ms"])
         for r in done:
             c = r["cfg"] or {}
-            cells = [c.get(k, "") for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "chunk")]
+            cells = [c.get(k, "") for k in ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "chunk", "tma")]
             lines.append(f"| {r['provider']} | " + " | ".join(map(str, cells)) +
                          f" | {r['ms']:.4f} | {r['wall_ms']:.4f} | {r['tflops']:.0f} | {r['max_err']:.1e} |")
         failed = [r for r in rows if r["case"] == name and "error" in r]

@@ -156,6 +156,41 @@ def test_small_blocks_many_tiles(monkeypatch, device, shape, dtype):
     check_against_reference("triton", q, k, v, shape[-1], dtype)
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("b,h,sq,sk,d,causal,layout", [
+    (2, 3, 21, 21, 64, True, "packed qkv"),  # CLIP-like strided views, ragged tails, causal
+    (1, 1, 40, 40, 256, False, "contiguous"),  # DDPM's head dim, q whole
+    (1, 2, 9, 33, 128, True, "contiguous"),  # Sq < Sk, causal
+], ids=["hd64-packed-causal", "hd256", "hd128-sq<sk-causal"])
+def test_tma_forward_kernel(device, b, h, sq, sk, d, causal, layout):
+    """The TMA-descriptor forward (kernels/attention.py, run where asked: the sweep probe) against the float64
+    reference, blocks of 16 so that its loops run several times; and its refusals of what TMA cannot take."""
+    import math
+
+    from diffusion_fast.kernels import attention as kernels
+
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16  # the interpreter's bf16 arithmetic is wrong
+    if layout == "packed qkv":
+        q, k, v = torch.randn(b, sq, 3, h, d, device=device).to(dtype).permute(2, 0, 3, 1, 4)
+    else:
+        q = torch.randn(b, h, sq, d, device=device).to(dtype)
+        k, v = (torch.randn(b, h, sk, d, device=device).to(dtype) for _ in range(2))
+    require_backend("triton", "attention", q, _unsupported)
+    blocks = dict(TMA=True, BLOCK_M=16, BLOCK_N=16, BLOCK_D=d, num_warps=4, num_stages=2)
+    out, lse = kernels.attention_fwd(q, k, v, causal, 1 / math.sqrt(d), blocks=blocks)
+    expected = attention_ref(q.double(), k.double(), v.double(), causal=causal)
+    assert_close(out, expected, dtype, "out (TMA)")
+    _, lse_ptr = kernels.attention_fwd(q, k, v, causal, 1 / math.sqrt(d))
+    torch.testing.assert_close(lse, lse_ptr, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="16-bit inputs only"):
+        kernels.attention_fwd(q.float(), k.float(), v.float(), causal, 0.1, blocks=blocks)
+    with pytest.raises(ValueError, match="held whole"):
+        kernels.attention_fwd(q, k, v, causal, 0.1, blocks=dict(blocks, BLOCK_D=16))
+    shifted = torch.empty(q.numel() + 1, dtype=dtype, device=device)[1:].view(q.shape).copy_(q)  # base 2 B off
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        kernels.attention_fwd(shifted, k, v, causal, 0.1, blocks=blocks)
+
+
 @pytest.mark.parametrize("backend", ["cuda", "torch"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_gradcheck(backend, causal):
