@@ -28,7 +28,7 @@
 # one-wave noise grids, cuDNN autotuning in graph capture, the GN forward unroll, the QuickGELU folding):
 # TESTS="tests/ops/test_dwconv_bn_swish_tiled.py tests/ops/test_dwconv_bn_swish.py tests/ops/test_sampler_steps.py
 # tests/ops/test_langevin_step.py tests/ops/test_dpm2015_step.py tests/ops/test_group_norm_silu.py tests/test_cuda_graphs.py
-# tests/test_samplers.py tests/test_cli.py tests/models/test_clip_text.py"; BENCHES="nvae_cell:2:--dtypes=bf16 sampler_step:1:--dtypes=bf16
+# tests/test_samplers.py tests/test_cli.py tests/models/test_clip_text.py tests/ops/test_attention.py"; BENCHES="nvae_cell:2:--dtypes=bf16 sampler_step:1:--dtypes=bf16
 # group_norm_silu:1:--dtypes=bf16 ddpm:2:--dtypes=bf16:--compile-mode=max-autotune:--providers=eager,compile,cuda+graph"
 # PROBES="benchmarks/probes/attention_fwd_sweep.py benchmarks/probes/kernel_breakdown_probe.py" PROBE_CAP_S=100 (the
 # sweep now also tries the TMA forward; clip_text, with wheels staged, if time is left). Probes
