@@ -332,39 +332,33 @@ def act_grad(z, dy, swish):
     return dy * sg * (1.0 + z * (1.0 - sg))
 
 
-def store_outputs(out, writes, acc, g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
-    """The apply / dx kernels' stores of one thread's RY x 4 outputs (vector or scalar), counting writes."""
+def thread_slots(g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
+    """store_rows' / load_rows' addressing of one thread's RY x 4 outputs at rows gy0.., columns gx0.. of the plane
+    at base: (i, v, flat index) of each output inside the plane, checking the vector accesses' alignment."""
     for i in range(cf.RY):
         gy = gy0 + i
         if gy >= g.H or gx0 >= g.W:
             break
         row = base + gy * g.W + gx0
         if g.vec_store:
-            assert row % 4 == 0 and gx0 + 3 < g.W, "vector store aligned and inside the row"
-            out[row:row + 4] = acc[i]
-            writes[row:row + 4] += 1
-        else:
-            for v in range(KV):
-                if gx0 + v < g.W:
-                    out[row + v] = acc[i][v]
-                    writes[row + v] += 1
+            assert row % 4 == 0 and gx0 + 3 < g.W, "vector access aligned and inside the row"
+        for v in range(KV):
+            if gx0 + v < g.W:
+                yield i, v, row + v
+
+
+def store_outputs(out, writes, acc, g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
+    """The apply / dx kernels' stores of one thread's RY x 4 outputs (vector or scalar), counting writes."""
+    for i, v, e in thread_slots(g, cf, base, gy0, gx0):
+        out[e] = acc[i][v]
+        writes[e] += 1
 
 
 def load_outputs(src, g: Geo, cf: Cfg, base: int, gy0: int, gx0: int):
     """load_rows: a thread's RY x 4 values of the plane at base (vector or scalar loads), 0 outside the plane."""
     o = np.zeros((cf.RY, KV))
-    for i in range(cf.RY):
-        gy = gy0 + i
-        if gy >= g.H or gx0 >= g.W:
-            continue
-        row = base + gy * g.W + gx0
-        if g.vec_store:
-            assert row % 4 == 0 and gx0 + 3 < g.W, "vector load aligned and inside the row"
-            o[i] = src[row:row + 4]
-        else:
-            for v in range(KV):
-                if gx0 + v < g.W:
-                    o[i][v] = src[row + v]
+    for i, v, e in thread_slots(g, cf, base, gy0, gx0):
+        o[i][v] = src[e]
     assert np.isfinite(o).all(), "a load reads only what the stats pass wrote"
     return o
 
