@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace diffusion_fast {
 namespace cuda_param {
@@ -43,7 +44,13 @@ struct Param {
   template <int N, typename S, typename A>
   static __device__ __forceinline__ void load_n(const S* p, A (&out)[N]) {
 #pragma unroll
-    for (int t = 0; t < N; ++t) out[t] = static_cast<A>(static_cast<float>(p[t]));
+    for (int t = 0; t < N; ++t) {
+      if constexpr (std::is_floating_point_v<S>) {
+        out[t] = static_cast<A>(p[t]);  // float64 stays exact for float64 kernels
+      } else {
+        out[t] = static_cast<A>(static_cast<float>(p[t]));  // 16-bit: through float
+      }
+    }
   }
 };
 
